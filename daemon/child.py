@@ -1,0 +1,126 @@
+"""What the worker and validator child processes share, and how they are called.
+
+Protocol: the supervisor writes a JSON request file and runs
+``python -m daemon.worker REQUEST`` (or ``daemon.validate``). The child writes a
+JSON result file (path given in the request) atomically and exits with a code
+from :mod:`daemon.exitcodes`. A child that dies without a result (killed,
+segfault, out of memory) is a transient failure by definition.
+
+This module imports neither TensorFlow nor NumPy at import time, so the
+supervisor can use :func:`run_child_command` and :func:`read_result`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon import exitcodes
+from daemon.publish import write_json_atomic
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ChildFailure(Exception):
+    """A failure the child reports; ``permanent`` says whether retrying can help."""
+
+    def __init__(self, reason: str, message: str, *, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.permanent = permanent
+
+
+def child_command(module: str, request: Path) -> list[str]:
+    """The argv that runs a child module with the same interpreter as the supervisor."""
+    return [sys.executable, "-m", module, str(request)]
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """The child's result, or None if it died before writing one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --- inside a child ---------------------------------------------------------
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux).
+
+    Without this a SIGKILLed supervisor would leave its TensorFlow children
+    running and writing into the base path. The getppid check closes the race
+    where the parent died before prctl ran.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(exitcodes.TRANSIENT_FAILURE)
+
+
+def prepare_tensorflow_env(allow_gpu: bool) -> None:
+    """Environment to set *before* importing TensorFlow.
+
+    Hiding the GPUs is the default because the trainer owns them: an exporter
+    that grabs GPU memory can make the training job fail with out-of-memory.
+    """
+    if not allow_gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def load_request(argv: Sequence[str]) -> dict[str, Any]:
+    if len(argv) != 2:
+        print(f"usage: python -m {argv[0]} REQUEST.json", file=sys.stderr)
+        raise SystemExit(exitcodes.SOFTWARE)
+    data = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def finish(result_path: Path, result: Mapping[str, Any]) -> int:
+    """Write the result file and return the exit code that goes with it."""
+    write_json_atomic(result_path, result)
+    if result.get("ok"):
+        return exitcodes.OK
+    return exitcodes.PERMANENT_FAILURE if result.get("permanent") else exitcodes.TRANSIENT_FAILURE
+
+
+def failure(reason: str, message: str, *, permanent: bool) -> dict[str, Any]:
+    return {"ok": False, "reason": reason, "error": message, "permanent": permanent}
+
+
+def synth_input(key: str, dtype: str, shape: Sequence[int | None]) -> Any:
+    """A deterministic input for one signature input (unknown dimensions = 1).
+
+    Seeded from the input's name so the exporter and the validator, in
+    different processes, can regenerate the same array.
+    """
+    import numpy as np
+
+    dims = tuple(1 if d is None or d < 0 else int(d) for d in shape)
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+    rng = np.random.default_rng(seed)
+    if dtype == "string":
+        return np.full(dims, b"ckpt-exporter", dtype=object)
+    if dtype == "bool":
+        return rng.random(dims) > 0.5
+    np_dtype = np.dtype("float32" if dtype == "bfloat16" else dtype)
+    if np_dtype.kind == "f":
+        return rng.standard_normal(dims).astype(np_dtype)
+    if np_dtype.kind in "iu":
+        return rng.integers(0, 10, size=dims).astype(np_dtype)
+    raise ValueError(f"cannot synthesise an input of dtype {dtype}")

@@ -1,0 +1,328 @@
+"""Configuration: one TOML file, a ``[daemon]`` table and ``[[models]]`` tables.
+
+Contract: :func:`load_config` returns a fully validated, immutable
+:class:`Config` or raises :class:`ConfigError` listing *every* problem, each
+naming the file and the key (``models[1].keep_versions``) and saying what is
+expected. Relative paths are resolved against the config file's folder, so a
+config means the same thing whatever the working directory.
+
+Validation is hand-written rather than a schema library: the schema is small,
+and this keeps the supervisor's dependency set to what the product needs.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+BUILDER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+EXPORT_POLICIES = ("latest", "all")
+VERSION_POLICIES = ("increment", "step")
+# dtypes a synthesised signature input may have (tf.dtypes names).
+DTYPES = (
+    "float16", "bfloat16", "float32", "float64",
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "bool", "string",
+)  # fmt: skip
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9725"
+
+
+class ConfigError(Exception):
+    """The config is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(
+            f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """One serving input for builders that do not provide a serving function."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    log_format: str = "auto"
+    log_level: str = "info"
+    rescan_interval_seconds: float = 30.0
+    export_timeout_seconds: float = 1800.0
+    concurrency: int = 1
+    allow_gpu: bool = False
+    keep_failed: int = 3
+    retry_backoff_seconds: float = 30.0
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        if not self.metrics_address:
+            return None
+        host, _, port = self.metrics_address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    checkpoint_dir: Path
+    base_path: Path
+    builder: str
+    source: str = "tf_checkpoint"
+    python_path: tuple[Path, ...] = ()
+    checkpoint_key: str = "model"
+    export_policy: str = "latest"
+    version_policy: str = "increment"
+    keep_versions: int = 5
+    min_interval_seconds: float = 0.0
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    signature: tuple[InputSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path | None
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    models: tuple[ModelConfig, ...] = ()
+
+
+# --- the schema -------------------------------------------------------------
+
+Check = Callable[[Any], str | None]  # returns a problem description or None
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def _address(v: Any) -> str | None:
+    if v == "":
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return 'must be "host:port" (for example "127.0.0.1:9725"), or "" to disable'
+    return None
+
+
+def _name(v: Any) -> str | None:
+    return None if NAME_RE.match(v) else "must match [A-Za-z0-9._-]+ (TF Serving model name)"
+
+
+def _builder(v: Any) -> str | None:
+    if BUILDER_RE.match(v):
+        return None
+    return 'must be "module:function", for example "mytrainer.model:build_model"'
+
+
+def _nonempty(v: Any) -> str | None:
+    return None if v else "must not be empty"
+
+
+# key -> (python type(s), default or REQUIRED, extra check)
+REQUIRED = object()
+_Schema = dict[str, tuple[tuple[type, ...], Any, Check | None]]
+
+DAEMON_SCHEMA: _Schema = {
+    "metrics_address": ((str,), DaemonConfig.metrics_address, _address),
+    "log_format": ((str,), DaemonConfig.log_format, _one_of(*LOG_FORMATS)),
+    "log_level": ((str,), DaemonConfig.log_level, _one_of(*LOG_LEVELS)),
+    "rescan_interval_seconds": ((int, float), DaemonConfig.rescan_interval_seconds, _positive),
+    "export_timeout_seconds": ((int, float), DaemonConfig.export_timeout_seconds, _positive),
+    "concurrency": ((int,), DaemonConfig.concurrency, _positive),
+    "allow_gpu": ((bool,), DaemonConfig.allow_gpu, None),
+    "keep_failed": ((int,), DaemonConfig.keep_failed, _non_negative),
+    "retry_backoff_seconds": ((int, float), DaemonConfig.retry_backoff_seconds, _positive),
+}
+
+MODEL_SCHEMA: _Schema = {
+    "name": ((str,), REQUIRED, _name),
+    "checkpoint_dir": ((str,), REQUIRED, _nonempty),
+    "base_path": ((str,), REQUIRED, _nonempty),
+    "source": ((str,), ModelConfig.source, _one_of("tf_checkpoint")),
+    "builder": ((str,), REQUIRED, _builder),
+    "python_path": ((list,), [], None),
+    "checkpoint_key": ((str,), ModelConfig.checkpoint_key, _nonempty),
+    "export_policy": ((str,), ModelConfig.export_policy, _one_of(*EXPORT_POLICIES)),
+    "version_policy": ((str,), ModelConfig.version_policy, _one_of(*VERSION_POLICIES)),
+    "keep_versions": ((int,), ModelConfig.keep_versions, _non_negative),
+    "min_interval_seconds": ((int, float), ModelConfig.min_interval_seconds, _non_negative),
+    "rtol": ((int, float), ModelConfig.rtol, _non_negative),
+    "atol": ((int, float), ModelConfig.atol, _non_negative),
+    "signature": ((dict,), {}, None),
+}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {
+        str: "a string", int: "an integer", float: "a number", bool: "true or false",
+        list: "a list", dict: "a table",
+    }  # fmt: skip
+    return " or ".join(names[t] for t in types if not (t is int and float in types))
+
+
+def _apply_schema(
+    table: Mapping[str, Any], schema: _Schema, where: str, problems: list[str]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in table:
+        if key not in schema:
+            problems.append(
+                f"{where}.{key}: unknown key; known keys are {', '.join(sorted(schema))}"
+            )
+    for key, (types, default, check) in schema.items():
+        if key not in table:
+            if default is REQUIRED:
+                problems.append(f"{where}.{key}: missing (required)")
+            else:
+                out[key] = default
+            continue
+        value = table[key]
+        # bool is a subclass of int in Python; TOML true is not a number.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            problems.append(
+                f"{where}.{key}: must be {_type_name(types)}, got {type(value).__name__} "
+                f"{value!r}"
+            )
+            continue
+        problem = check(value) if check else None
+        if problem:
+            problems.append(f"{where}.{key}: {problem} (got {value!r})")
+            continue
+        out[key] = value
+    return out
+
+
+def _parse_signature(table: Mapping[str, Any], where: str, problems: list[str]) -> list[InputSpec]:
+    specs: list[InputSpec] = []
+    for key in table:
+        if key != "inputs":
+            problems.append(f"{where}.{key}: unknown key; known keys are inputs")
+    inputs = table.get("inputs", {})
+    if not isinstance(inputs, dict):
+        problems.append(f"{where}.inputs: must be a table of name = {{ dtype, shape }}")
+        return specs
+    for name, spec in inputs.items():
+        w = f"{where}.inputs.{name}"
+        if not isinstance(spec, dict):
+            problems.append(f'{w}: must be a table like {{ dtype = "float32", shape = [-1, 4] }}')
+            continue
+        for k in spec:
+            if k not in ("dtype", "shape"):
+                problems.append(f"{w}.{k}: unknown key; known keys are dtype, shape")
+        dtype = spec.get("dtype")
+        if dtype not in DTYPES:
+            problems.append(f"{w}.dtype: must be one of {', '.join(DTYPES)} (got {dtype!r})")
+            continue
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape
+        ):
+            problems.append(
+                f"{w}.shape: must be a list of integers, -1 for an unknown size (got {shape!r})"
+            )
+            continue
+        specs.append(InputSpec(name, dtype, tuple(None if d == -1 else d for d in shape)))
+    return specs
+
+
+def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
+    """Validate parsed TOML ``data``; relative paths resolve against ``root``."""
+    problems: list[str] = []
+    for key in data:
+        if key not in ("daemon", "models"):
+            problems.append(f"{key}: unknown top-level key; expected [daemon] and [[models]]")
+    daemon_table = data.get("daemon", {})
+    if not isinstance(daemon_table, dict):
+        problems.append("daemon: must be a table ([daemon])")
+        daemon_table = {}
+    daemon = DaemonConfig(**_apply_schema(daemon_table, DAEMON_SCHEMA, "daemon", problems))
+
+    models_raw = data.get("models", [])
+    if not isinstance(models_raw, list) or not all(isinstance(m, dict) for m in models_raw):
+        problems.append("models: must be an array of tables ([[models]])")
+        models_raw = []
+    if not models_raw:
+        problems.append("models: no [[models]] table; add one per watched model")
+
+    def resolve(p: str) -> Path:
+        path = Path(p).expanduser()
+        return (path if path.is_absolute() else root / path).resolve()
+
+    models: list[ModelConfig] = []
+    for i, table in enumerate(models_raw):
+        where = f"models[{i}]"
+        if isinstance(table.get("name"), str):
+            where += f" ({table['name']})"
+        values = _apply_schema(table, MODEL_SCHEMA, where, problems)
+        if len(values) != len(MODEL_SCHEMA):
+            continue  # a required key is missing or invalid: reported already
+        pp = values["python_path"]
+        if not all(isinstance(x, str) for x in pp):
+            problems.append(f"{where}.python_path: must be a list of folder paths (strings)")
+            continue
+        sig = _parse_signature(values["signature"], f"{where}.signature", problems)
+        values.update(
+            checkpoint_dir=resolve(values["checkpoint_dir"]),
+            base_path=resolve(values["base_path"]),
+            python_path=tuple(resolve(x) for x in pp),
+            signature=tuple(sig),
+            min_interval_seconds=float(values["min_interval_seconds"]),
+            rtol=float(values["rtol"]),
+            atol=float(values["atol"]),
+        )
+        m = ModelConfig(**values)
+        if m.checkpoint_dir == m.base_path:
+            problems.append(f"{where}.base_path: must differ from checkpoint_dir")
+        models.append(m)
+
+    seen_names: dict[str, int] = {}
+    seen_bases: dict[Path, str] = {}
+    for m in models:
+        if m.name in seen_names:
+            problems.append(f"models: name {m.name!r} is used twice; names must be unique")
+        seen_names[m.name] = 1
+        if m.base_path in seen_bases:
+            problems.append(
+                f"models ({m.name}).base_path: {m.base_path} is also the base path of "
+                f"{seen_bases[m.base_path]!r}; each model needs its own base path"
+            )
+        seen_bases[m.base_path] = m.name
+
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(path=None, daemon=daemon, models=tuple(models))
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the TOML file at ``path``."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found; pass --config PATH"]) from None
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read: {e.strerror}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), [f"not valid TOML: {e}"]) from None
+    cfg = parse_config(data, str(path), path.resolve().parent)
+    return Config(path=path.resolve(), daemon=cfg.daemon, models=cfg.models)

@@ -1,0 +1,203 @@
+"""The TensorFlow Serving base path: version names, listing, next version, retention.
+
+TF Serving's filesystem source lists the children of ``--model_base_path`` and
+treats a child as a version when ``absl::SimpleAtoi`` parses its *whole* name
+as an int64. :func:`parse_version` reproduces exactly that rule so that the
+version this daemon picks is the one the server will see, whatever else lies in
+the folder (``001``, ``+7``, `` 12``, ``-5`` count; ``1e3``, ``0x10``, ``.tmp``
+do not).
+
+Everything here is pure or read-only except :func:`read_metadata` (reads a
+file); the writes live in :mod:`daemon.publish`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+#: absl::ascii_isspace: the six ASCII whitespace characters.
+_ASCII_SPACE = " \t\n\v\f\r"
+
+#: Where a published version records what it was made from.
+METADATA_RELPATH = Path("assets.extra") / "ckpt_exporter.json"
+
+#: The daemon's private folder inside a base path. Its name does not parse as
+#: an integer, so TF Serving never takes it for a version.
+STATE_DIRNAME = ".ckpt-exporter"
+
+#: Prefix of the temporary export folders created inside a base path.
+TEMP_PREFIX = ".ckpt-exporter-tmp-"
+
+
+def parse_version(name: str) -> int | None:
+    """Return the version TF Serving reads from a child named ``name``, or None.
+
+    Contract: identical to ``absl::SimpleAtoi(name, &int64)`` as used by TF
+    Serving's ``FileSystemStoragePathSource``: optional surrounding ASCII
+    whitespace, one optional ``+`` or ``-``, then one or more decimal digits
+    (ASCII only), and the value must fit in an int64.
+    """
+    text = name.strip(_ASCII_SPACE)
+    if text[:1] in ("+", "-"):
+        sign = -1 if text[0] == "-" else 1
+        digits = text[1:]
+    else:
+        sign, digits = 1, text
+    # str.isdigit() accepts non-ASCII digits (e.g. Arabic-Indic); absl does not.
+    if not digits or not all("0" <= c <= "9" for c in digits):
+        return None
+    value = sign * int(digits)
+    if value < INT64_MIN or value > INT64_MAX:
+        return None
+    return value
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the temporary folders this daemon creates in a base path."""
+    return name.startswith(TEMP_PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionEntry:
+    """One child of a base path that TF Serving would take as a version."""
+
+    name: str
+    version: int
+    is_dir: bool
+
+
+def list_versions(names: Iterable[tuple[str, bool]]) -> list[VersionEntry]:
+    """Every entry that TF Serving counts as a version, sorted by version.
+
+    ``names`` holds ``(child name, is a directory)``. Files count too: the
+    server parses names without looking at what they are, so a file named
+    ``7`` still occupies version 7.
+    """
+    out = []
+    for name, is_dir in names:
+        v = parse_version(name)
+        if v is not None:
+            out.append(VersionEntry(name=name, version=v, is_dir=is_dir))
+    out.sort(key=lambda e: (e.version, e.name))
+    return out
+
+
+def scan_base_path(base_path: Path) -> list[VersionEntry]:
+    """List the versions present in ``base_path`` (empty if it does not exist)."""
+    try:
+        with os.scandir(base_path) as it:
+            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    except FileNotFoundError:
+        return []
+    return list_versions(children)
+
+
+class VersionError(Exception):
+    """A version cannot be chosen; the message says why and what to do."""
+
+
+def next_version(existing: Iterable[int]) -> int:
+    """The next integer version: highest existing plus one, and at least 1.
+
+    Raises :class:`VersionError` when the highest version is already int64 max.
+    """
+    highest = max(existing, default=0)
+    if highest >= INT64_MAX:
+        raise VersionError(
+            f"version {highest} is the largest TF Serving accepts; remove it to continue"
+        )
+    return max(highest + 1, 1)
+
+
+def step_version(step: int | None, existing: Iterable[int]) -> int:
+    """The version for ``version_policy = "step"``: the step itself.
+
+    Refuses (VersionError) a step that is missing, not positive, or not higher
+    than every existing version, because TF Serving ignores a lower number that
+    appears later and a number must never be reused.
+    """
+    if step is None:
+        raise VersionError(
+            'version_policy = "step" needs a step, but the checkpoint name has no -N suffix'
+        )
+    if step < 1 or step > INT64_MAX:
+        raise VersionError(f"step {step} is not a usable version number (1..{INT64_MAX})")
+    highest = max(existing, default=None)
+    if highest is not None and step <= highest:
+        raise VersionError(
+            f"step {step} is not above the highest version {highest} already in the "
+            'base path; refusing to go backwards (use version_policy = "increment" '
+            "if the trainer restarts its step count)"
+        )
+    return step
+
+
+def plan_retention(owned: Iterable[int], keep: int, protected: Iterable[int] = ()) -> list[int]:
+    """Versions to delete so that only the newest ``keep`` owned versions remain.
+
+    ``owned`` are the versions this daemon published (never anything else);
+    ``keep <= 0`` keeps everything; ``protected`` versions are never returned.
+    Returned oldest first.
+    """
+    if keep <= 0:
+        return []
+    ordered = sorted(set(owned))
+    doomed = ordered[:-keep] if len(ordered) > keep else []
+    prot = set(protected)
+    return [v for v in doomed if v not in prot]
+
+
+def read_metadata(version_dir: Path) -> dict[str, Any] | None:
+    """The metadata this daemon wrote into a version, or None if absent or unreadable."""
+    try:
+        data = json.loads((version_dir / METADATA_RELPATH).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """A version published by this daemon for one model, read back from disk."""
+
+    version: int
+    path: Path
+    metadata: Mapping[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.metadata.get("checkpoint", {}).get("fingerprint", ""))
+
+    @property
+    def written_ns(self) -> int:
+        return int(self.metadata.get("checkpoint", {}).get("written_ns", 0))
+
+    @property
+    def step(self) -> int | None:
+        step = self.metadata.get("checkpoint", {}).get("step")
+        return int(step) if step is not None else None
+
+
+def published_versions(base_path: Path, model: str) -> list[Published]:
+    """The versions in ``base_path`` that this daemon published for ``model``.
+
+    Ownership is proven by the metadata file; a version without it (made by
+    hand or by another tool) is never returned, so it is never deleted.
+    """
+    out = []
+    for entry in scan_base_path(base_path):
+        if not entry.is_dir:
+            continue
+        path = base_path / entry.name
+        meta = read_metadata(path)
+        if meta and meta.get("tool") == "ckpt-exporter" and meta.get("model") == model:
+            out.append(Published(version=entry.version, path=path, metadata=meta))
+    return out
