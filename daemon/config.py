@@ -27,9 +27,19 @@ EXPORT_POLICIES = ("latest", "all")
 VERSION_POLICIES = ("increment", "step")
 # dtypes a synthesised signature input may have (tf.dtypes names).
 DTYPES = (
-    "float16", "bfloat16", "float32", "float64",
-    "int8", "int16", "int32", "int64", "uint8", "uint16", "bool", "string",
-)  # fmt: skip
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "bool",
+    "string",
+)
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9725"
 
 
@@ -39,9 +49,7 @@ class ConfigError(Exception):
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
         self.problems = problems
-        super().__init__(
-            f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+        super().__init__(f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +61,7 @@ class InputSpec:
     shape: tuple[int | None, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: the schema reads the class attributes as defaults
 class DaemonConfig:
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     log_format: str = "auto"
@@ -73,7 +81,7 @@ class DaemonConfig:
         return host.strip("[]"), int(port)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: the schema reads the class attributes as defaults
 class ModelConfig:
     name: str
     checkpoint_dir: Path
@@ -174,9 +182,13 @@ MODEL_SCHEMA: _Schema = {
 
 def _type_name(types: tuple[type, ...]) -> str:
     names = {
-        str: "a string", int: "an integer", float: "a number", bool: "true or false",
-        list: "a list", dict: "a table",
-    }  # fmt: skip
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }
     return " or ".join(names[t] for t in types if not (t is int and float in types))
 
 
@@ -200,8 +212,7 @@ def _apply_schema(
         # bool is a subclass of int in Python; TOML true is not a number.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             problems.append(
-                f"{where}.{key}: must be {_type_name(types)}, got {type(value).__name__} "
-                f"{value!r}"
+                f"{where}.{key}: must be {_type_name(types)}, got {type(value).__name__} {value!r}"
             )
             continue
         problem = check(value) if check else None

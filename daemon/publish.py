@@ -127,7 +127,7 @@ def remove_stale_temps(base_path: Path) -> list[Path]:
     kept. Our own PID counts as gone only for folders we did not create in
     this process's lifetime, which a fresh start guarantees.
     """
-    removed = []
+    removed: list[Path] = []
     try:
         children = list(base_path.iterdir())
     except FileNotFoundError:

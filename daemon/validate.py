@@ -118,32 +118,41 @@ def _run_signature(
         expected = {k[4:] for k in reference if k.startswith("out/")}
         if expected != set(out):
             return dict(
-                entry, ok=False, reason="output_mismatch",
+                entry,
+                ok=False,
+                reason="output_mismatch",
                 error=f"outputs {sorted(out)} differ from the exporter's {sorted(expected)}",
-            )  # fmt: skip
+            )
         worst = 0.0
         for k, v in out.items():
             ref = reference[f"out/{k}"]
             arr = np.asarray(v)
             if arr.shape != ref.shape:
                 return dict(
-                    entry, ok=False, reason="output_mismatch",
+                    entry,
+                    ok=False,
+                    reason="output_mismatch",
                     error=f"output {k!r} has shape {arr.shape}, the exporter's {ref.shape}",
-                )  # fmt: skip
+                )
             if arr.dtype.kind in "fc":
                 diff = float(np.max(np.abs(arr - ref))) if arr.size else 0.0
                 worst = max(worst, diff)
                 if not np.allclose(arr, ref, rtol=rtol, atol=atol):
                     return dict(
-                        entry, ok=False, reason="output_mismatch", max_abs_diff=diff,
+                        entry,
+                        ok=False,
+                        reason="output_mismatch",
+                        max_abs_diff=diff,
                         error=f"output {k!r} differs from the exporter's by up to {diff:.3g} "
                         f"(rtol={rtol}, atol={atol})",
-                    )  # fmt: skip
+                    )
             elif not np.array_equal(arr, ref):
                 return dict(
-                    entry, ok=False, reason="output_mismatch",
+                    entry,
+                    ok=False,
+                    reason="output_mismatch",
                     error=f"output {k!r} differs from the exporter's",
-                )  # fmt: skip
+                )
         entry["max_abs_diff"] = worst
     return dict(entry, ok=True)
 

@@ -45,8 +45,8 @@ def _import_builder(spec: str, python_path: list[str]) -> Any:
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise child.ChildFailure(
-            "builder_import", f"builder {spec!r}: module {module_name!r} has no function "
-            f"{func_name!r}"
+            "builder_import",
+            f"builder {spec!r}: module {module_name!r} has no function {func_name!r}",
         )
     return fn
 
@@ -135,8 +135,8 @@ def _input_specs(obj: Any, signature: list[dict[str, Any]]) -> list[Any]:
             name = name.split(":")[0].replace("/", "_")
             specs.append(tf.TensorSpec(tuple(t.shape), tf.dtypes.as_dtype(t.dtype), name=name))
         return specs
-    fn = getattr(obj, "__call__", None)
-    sig = getattr(fn, "input_signature", None)
+    # A tf.Module whose __call__ is a tf.function with an input_signature.
+    sig = getattr(type(obj).__dict__.get("__call__"), "input_signature", None)
     if sig:
         return list(sig)
     raise child.ChildFailure(

@@ -145,7 +145,7 @@ class TFCheckpointSource:
         except FileNotFoundError:
             result.incomplete.append(prefix)
             return None
-        files = tuple(directory / n for n, _ in shard_stats) + (directory / index.name,)
+        files = (*tuple(directory / n for n, _ in shard_stats), directory / index.name)
         written_ns = max([st_index.st_mtime_ns] + [s.st_mtime_ns for _, s in shard_stats])
         try:
             fp = self._fingerprint(

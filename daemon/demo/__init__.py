@@ -1,0 +1,1 @@
+"""A self-contained demo: a tiny training job and the daemon running beside it."""

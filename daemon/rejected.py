@@ -1,0 +1,38 @@
+"""The record of checkpoints that failed for good, kept in the base path's state folder.
+
+``rejected.json`` maps a checkpoint fingerprint to why it was rejected, so a
+restart does not retry a checkpoint that cannot succeed. It is bounded: the
+oldest entries are forgotten past :data:`LIMIT`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from daemon.publish import state_dir, write_json_atomic
+
+LIMIT = 1000
+
+
+def rejected_path(base_path: Path) -> Path:
+    return state_dir(base_path) / "rejected.json"
+
+
+def read_rejected(base_path: Path) -> dict[str, dict[str, Any]]:
+    """The rejected checkpoints of the model published in ``base_path`` ({} if none)."""
+    try:
+        data = json.loads(rejected_path(base_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_rejected(base_path: Path, rejected: dict[str, dict[str, Any]]) -> None:
+    """Persist ``rejected`` atomically, trimming it to the newest :data:`LIMIT` entries."""
+    if len(rejected) > LIMIT:
+        newest = sorted(rejected.items(), key=lambda kv: kv[1].get("at", 0))[-LIMIT:]
+        rejected.clear()
+        rejected.update(newest)
+    write_json_atomic(rejected_path(base_path), rejected)

@@ -1,0 +1,792 @@
+"""The supervisor: the main loop, signals, and the jobs that carry checkpoints.
+
+Shape (after gunicorn's arbiter): signal handlers and watcher threads only put
+a message on a queue; the main loop alone reads the disk, starts children,
+publishes and updates metrics. The supervisor never imports TensorFlow, so it
+starts fast and a crash in TensorFlow code cannot take it down.
+
+One checkpoint's journey is a :class:`Job` with phases:
+
+``pin`` (hard-link into staging) -> ``export`` (worker child) -> ``validate``
+(validator child) -> ``publish`` (lock, version, fsync, rename) -> retention.
+
+A job that fails is classified: *permanent* (the checkpoint or model is bad:
+recorded in ``rejected.json`` and never retried) or *transient* (timeout,
+crash, resources: retried with exponential backoff). Its export folder is
+moved aside for inspection, never published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__, child, exitcodes, systemd
+from daemon.config import Config, ModelConfig
+from daemon.metrics import Metrics
+from daemon.pin import CheckpointVanished, pin_checkpoint
+from daemon.planner import History, Plan, plan
+from daemon.publish import (
+    BasePathLock,
+    move_aside,
+    new_temp_dir,
+    publish,
+    remove_stale_temps,
+    remove_version,
+    state_dir,
+    write_json_atomic,
+)
+from daemon.rejected import read_rejected, write_rejected
+from daemon.sources import SOURCES, Checkpoint, ScanResult, Source
+from daemon.versions import (
+    Published,
+    VersionError,
+    next_version,
+    plan_retention,
+    published_versions,
+    step_version,
+)
+from daemon.watch import Watcher
+
+#: Longest wait between retries of a transient failure.
+MAX_BACKOFF_SECONDS = 3600.0
+#: How long a child gets after SIGTERM before SIGKILL on shutdown.
+CHILD_KILL_GRACE_SECONDS = 5.0
+
+
+@dataclass
+class Job:
+    """One checkpoint on its way to becoming a version."""
+
+    model: ModelState
+    ckpt: Checkpoint
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    phase: str = "pin"
+    staging: Path | None = None
+    temp_dir: Path | None = None
+    pinned: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    deadline: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    phase_started: float = field(default_factory=time.monotonic)
+    durations: dict[str, float] = field(default_factory=dict)
+    export_result: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    lock_wait_logged: bool = False
+    done: bool = False
+
+    @property
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "model": self.model.cfg.name,
+            "checkpoint": str(self.ckpt.prefix),
+            "step": self.ckpt.step,
+            "job": self.id,
+        }
+
+
+@dataclass
+class ModelState:
+    """What the supervisor knows about one model; rebuilt from disk at start."""
+
+    cfg: ModelConfig
+    source: Source
+    published: list[Published] = field(default_factory=list)
+    rejected: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retry_at: dict[str, float] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    last_publish_time: float | None = None
+    job: Job | None = None
+    dirty: bool = True
+    wait_until: float | None = None
+    last_plan: Plan | None = None
+    last_scan: ScanResult | None = None
+    reported: set[str] = field(default_factory=set)  # problems already logged once
+
+    def history(self) -> History:
+        return History(
+            published_fingerprints=frozenset(p.fingerprint for p in self.published),
+            watermark_ns=max((p.written_ns for p in self.published), default=0),
+            rejected=frozenset(self.rejected),
+            retry_at=dict(self.retry_at),
+            last_publish_time=self.last_publish_time,
+        )
+
+
+class Supervisor:
+    """Runs the daemon for one :class:`Config`. Call :meth:`run` from the main thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        log: Any,
+        *,
+        metrics: Metrics | None = None,
+        force_polling: bool = False,
+        on_published: Callable[[str, int, Path, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.metrics = metrics or Metrics()
+        self.queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.models: dict[str, ModelState] = {}
+        for m in config.models:
+            self.models[m.name] = ModelState(cfg=m, source=SOURCES[m.source]())
+        self.watcher = Watcher(self._hint, log, force_polling=force_polling)
+        self.stopping = False
+        self.metrics_port: int | None = None
+        self.on_published = on_published
+        self._next_rescan = 0.0
+        self._last_status = ""
+
+    # --- messages from other threads and signal handlers --------------------
+
+    def _hint(self, model: str) -> None:
+        self.queue.put(("hint", model))
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # SimpleQueue.put is reentrant, so it is safe inside a signal handler.
+        self.queue.put(("signal", signum))
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    # --- start-up -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Rebuild state from disk, clean up after a crash, start watching and serving."""
+        for st in self.models.values():
+            self.metrics.init_model(st.cfg.name)
+            self._load_state(st)
+        hp = self.config.daemon.metrics_host_port
+        if hp is not None:
+            self.metrics_port = self.metrics.serve(*hp)
+            self.log.info("metrics_listening", address=f"{hp[0]}:{self.metrics_port}")
+        self.watcher.start()
+        self.watcher.sync({n: s.cfg.checkpoint_dir for n, s in self.models.items()})
+        self.log.info(
+            "started",
+            version=__version__,
+            models=sorted(self.models),
+            watch_backend=self.watcher.backend,
+            pid=os.getpid(),
+            config=str(self.config.path) if self.config.path else None,
+        )
+        systemd.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _load_state(self, st: ModelState) -> None:
+        base = st.cfg.base_path
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            for p in remove_stale_temps(base):
+                self.log.info("removed_stale_temp_dir", model=st.cfg.name, path=str(p))
+            staging = state_dir(base) / "staging"
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError as e:
+            self._report_once(
+                st,
+                "base_path",
+                "base_path_unusable",
+                path=str(base),
+                error=str(e),
+                hint="create it and make it writable by the daemon",
+            )
+        st.rejected = read_rejected(base)
+        self._refresh_published(st)
+        if st.published:
+            newest = max(st.published, key=lambda p: p.version)
+            st.last_publish_time = float(newest.metadata.get("published_at", 0)) or None
+
+    def _refresh_published(self, st: ModelState) -> None:
+        st.published = published_versions(st.cfg.base_path, st.cfg.name)
+        name = st.cfg.name
+        self.metrics.versions_on_disk.labels(name).set(len(st.published))
+        if st.published:
+            newest = max(st.published, key=lambda p: p.version)
+            self.metrics.latest_version.labels(name).set(newest.version)
+            if newest.step is not None:
+                self.metrics.latest_step.labels(name).set(newest.step)
+
+    # --- the main loop ------------------------------------------------------
+
+    def run(self, *, until: Callable[[], bool] | None = None) -> int:
+        """Run until stopped by a signal (or ``until()`` turns true); returns the exit code."""
+        self.start()
+        try:
+            while not self.stopping:
+                self._tick()
+                if until is not None and until():
+                    break
+        finally:
+            self.shutdown()
+        return exitcodes.OK
+
+    def export_once(self, model: str, prefix: Path | None = None) -> tuple[int, str]:
+        """Run one checkpoint through the same pipeline now, without watching.
+
+        ``prefix`` defaults to the newest complete checkpoint. Returns an exit
+        code and a one-line summary. A checkpoint already published is not
+        exported again (exit 0).
+        """
+        st = self.models[model]
+        self.metrics.init_model(model)
+        self._load_state(st)
+        scan = st.source.scan(st.cfg.checkpoint_dir)
+        if not scan.directory_exists:
+            return exitcodes.PERMANENT_FAILURE, f"{st.cfg.checkpoint_dir} does not exist"
+        if prefix is None:
+            if not scan.checkpoints:
+                return exitcodes.PERMANENT_FAILURE, (
+                    f"no complete checkpoint in {st.cfg.checkpoint_dir}"
+                )
+            ckpt = scan.checkpoints[-1]
+        else:
+            found = [c for c in scan.checkpoints if c.prefix == prefix.resolve()]
+            if not found:
+                return exitcodes.PERMANENT_FAILURE, (
+                    f"{prefix} is not a complete checkpoint in {st.cfg.checkpoint_dir} "
+                    f"(complete: {', '.join(c.name for c in scan.checkpoints) or 'none'})"
+                )
+            ckpt = found[0]
+        done = [p for p in st.published if p.fingerprint == ckpt.fingerprint]
+        if done:
+            return exitcodes.OK, f"{ckpt.name} is already published as version {done[0].version}"
+        published: list[int] = []
+        previous = self.on_published
+        self.on_published = lambda _m, v, _p, _r: published.append(v)
+        try:
+            self._start_job(st, ckpt)
+            job = st.job
+            while job is not None and not job.done and not self.stopping:
+                with contextlib.suppress(queue.Empty):
+                    self._handle(self.queue.get(timeout=1.0))
+                self._advance(job)
+        finally:
+            self.on_published = previous
+            if st.job is not None:
+                self.shutdown()
+        if published:
+            return exitcodes.OK, f"{ckpt.name} published as version {published[0]}"
+        return exitcodes.PERMANENT_FAILURE, f"{ckpt.name} was not published (see the log)"
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        timeout = max(0.0, min(self._next_wake(now) - now, 1.0))
+        try:
+            msg = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            msg = None
+        # Drain everything that arrived, so a burst of events costs one scan.
+        while msg is not None:
+            self._handle(msg)
+            try:
+                msg = self.queue.get_nowait()
+            except queue.Empty:
+                msg = None
+        if self.stopping:
+            return
+        now = time.monotonic()
+        if now >= self._next_rescan:
+            self._next_rescan = now + self.config.daemon.rescan_interval_seconds
+            for st in self.models.values():
+                st.dirty = True
+            self.watcher.sync({n: s.cfg.checkpoint_dir for n, s in self.models.items()})
+        for st in self.models.values():
+            if st.job is not None:
+                self._advance(st.job)
+        for st in self.models.values():
+            if st.wait_until is not None and time.time() >= st.wait_until:
+                st.dirty = True
+            if st.dirty:
+                self._scan_and_plan(st)
+        self._update_status()
+
+    def _next_wake(self, now: float) -> float:
+        wake = self._next_rescan
+        for st in self.models.values():
+            if st.job is not None:
+                # Poll running jobs (deadline, lock retry) at least every second.
+                wake = min(wake, now + 1.0, st.job.deadline or wake)
+            if st.wait_until is not None:
+                wake = min(wake, now + max(0.0, st.wait_until - time.time()))
+        return wake
+
+    def _handle(self, msg: tuple[str, Any]) -> None:
+        kind, value = msg
+        if kind == "signal":
+            self.log.info("stop_requested", signal=signal.Signals(value).name)
+            self.stopping = True
+        elif kind == "hint":
+            st = self.models.get(value)
+            if st is not None:
+                st.dirty = True
+        elif kind == "child":
+            pass  # the job is advanced right after the queue is drained
+
+    # --- scanning and planning ----------------------------------------------
+
+    def _scan_and_plan(self, st: ModelState) -> None:
+        st.dirty = False
+        st.wait_until = None
+        name = st.cfg.name
+        try:
+            result = st.source.scan(st.cfg.checkpoint_dir)
+        except OSError as e:
+            self._report_once(
+                st, "scan", "scan_failed", path=str(st.cfg.checkpoint_dir), error=str(e)
+            )
+            return
+        st.reported.discard("scan")
+        if not result.directory_exists:
+            self._report_once(
+                st,
+                "missing_dir",
+                "waiting_for_checkpoint_dir",
+                path=str(st.cfg.checkpoint_dir),
+                level="info",
+            )
+        else:
+            st.reported.discard("missing_dir")
+        for problem in result.problems:
+            self._report_once(st, problem, "checkpoint_problem", problem=problem)
+        st.last_scan = result
+        busy = {st.job.ckpt.fingerprint} if st.job else set()
+        decision = plan(
+            result.checkpoints,
+            st.history(),
+            export_policy=st.cfg.export_policy,
+            min_interval_seconds=st.cfg.min_interval_seconds,
+            now=time.time(),
+            busy=busy,
+        )
+        st.last_plan = decision
+        running = 1 if st.job else 0
+        self.metrics.pending.labels(name).set(decision.pending + running)
+        st.wait_until = decision.wait_until
+        if decision.next is None or st.job is not None or self.stopping:
+            return
+        if self._running_jobs() >= self.config.daemon.concurrency:
+            st.dirty = True  # look again when a slot frees up
+            return
+        if decision.superseded:
+            self.log.info(
+                "checkpoints_superseded",
+                model=name,
+                count=len(decision.superseded),
+                newest=decision.next.name,
+                policy="latest",
+            )
+        self._start_job(st, decision.next)
+
+    def _running_jobs(self) -> int:
+        return sum(1 for s in self.models.values() if s.job is not None)
+
+    # --- the job pipeline ---------------------------------------------------
+
+    def _start_job(self, st: ModelState, ckpt: Checkpoint) -> None:
+        job = Job(model=st, ckpt=ckpt)
+        log = self.log.bind(**job.log_fields)
+        base = st.cfg.base_path
+        try:
+            job.staging = state_dir(base) / "staging" / job.id
+            job.pinned, method = pin_checkpoint(ckpt, job.staging)
+        except CheckpointVanished as e:
+            log.info("checkpoint_vanished", detail=str(e))
+            self._cleanup(job)
+            st.dirty = True
+            return
+        except OSError as e:
+            self._cleanup(job)
+            self._fail(job, "pin_failed", f"cannot pin into {job.staging}: {e}", permanent=False)
+            return
+        self._phase_done(job, "pin")
+        log.info("export_started", pinned_by=method)
+        st.job = job
+        try:
+            job.temp_dir = new_temp_dir(base)
+        except OSError as e:
+            self._fail(
+                job, "temp_dir_failed", f"cannot create a folder in {base}: {e}", permanent=False
+            )
+            return
+        request = {
+            "builder": st.cfg.builder,
+            "python_path": [str(p) for p in st.cfg.python_path],
+            "checkpoint_key": st.cfg.checkpoint_key,
+            "checkpoint": str(job.pinned),
+            "export_dir": str(job.temp_dir),
+            "reference": str(job.staging / "reference.npz"),
+            "allow_gpu": self.config.daemon.allow_gpu,
+            "signature": [
+                {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in st.cfg.signature
+            ],
+        }
+        self._spawn(job, "export", "daemon.worker", request)
+
+    def _spawn(self, job: Job, phase: str, module: str, request: dict[str, Any]) -> None:
+        assert job.staging is not None
+        request = dict(
+            request, parent_pid=os.getpid(), result=str(job.staging / f"{phase}.result.json")
+        )
+        req_path = job.staging / f"{phase}.request.json"
+        write_json_atomic(req_path, request)
+        log_path = job.staging / f"{phase}.log"
+        with log_path.open("wb") as out:
+            # A session of its own: Ctrl-C in a terminal reaches only the
+            # supervisor, which then stops the child deliberately.
+            job.proc = subprocess.Popen(
+                child.child_command(module, req_path),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        job.phase = phase
+        job.phase_started = time.monotonic()
+        job.deadline = job.phase_started + self.config.daemon.export_timeout_seconds
+        proc, job_id = job.proc, job.id
+
+        def wait_and_tell() -> None:
+            # A thread per child only waits and enqueues; the main loop reacts.
+            proc.wait()
+            self.queue.put(("child", job_id))
+
+        threading.Thread(target=wait_and_tell, name=f"wait-{phase}-{job.id}", daemon=True).start()
+
+    def _advance(self, job: Job) -> None:
+        """Move ``job`` forward if its current phase has finished."""
+        if job.phase == "publish":
+            self._publish(job)
+            return
+        assert job.proc is not None
+        if job.proc.poll() is None:
+            if time.monotonic() > job.deadline:
+                _kill_group(job.proc)
+                timeout = self.config.daemon.export_timeout_seconds
+                self._fail(
+                    job,
+                    "timeout",
+                    f"{job.phase} did not finish within {timeout:g} s (export_timeout_seconds)",
+                    permanent=False,
+                )
+            return
+        assert job.staging is not None
+        result = child.read_result(job.staging / f"{job.phase}.result.json")
+        if result is None:
+            code = job.proc.returncode
+            how = (
+                f"was killed by {signal.Signals(-code).name}"
+                if code < 0
+                else f"exited with status {code} without a result"
+            )
+            self._fail(
+                job,
+                "child_crashed",
+                f"the {job.phase} process {how}; its output is in the log above",
+                permanent=False,
+                output=_tail(job.staging / f"{job.phase}.log"),
+            )
+            return
+        if not result.get("ok"):
+            self._fail(
+                job,
+                str(result.get("reason", "unknown")),
+                str(result.get("error")),
+                permanent=bool(result.get("permanent")),
+                output=_tail(job.staging / f"{job.phase}.log"),
+            )
+            return
+        self._phase_done(job, job.phase)
+        if job.phase == "export":
+            job.export_result = result
+            self.log.info(
+                "exported",
+                **job.log_fields,
+                seconds=round(job.durations["export"], 3),
+                variables=result.get("variables"),
+            )
+            assert job.temp_dir is not None
+            self._spawn(
+                job,
+                "validate",
+                "daemon.validate",
+                {
+                    "saved_model": str(job.temp_dir),
+                    "reference": str(job.staging / "reference.npz"),
+                    "rtol": job.model.cfg.rtol,
+                    "atol": job.model.cfg.atol,
+                },
+            )
+        elif job.phase == "validate":
+            job.validation = result
+            self.log.info(
+                "validated",
+                **job.log_fields,
+                seconds=round(job.durations["validate"], 3),
+                signatures=_signature_summary(result),
+            )
+            job.phase = "publish"
+            job.phase_started = time.monotonic()
+            job.proc = None
+            self._publish(job)
+
+    def _publish(self, job: Job) -> None:
+        st, cfg = job.model, job.model.cfg
+        lock = BasePathLock(cfg.base_path)
+        if not lock.try_acquire():
+            if not job.lock_wait_logged:
+                self.log.warning(
+                    "waiting_for_lock",
+                    **job.log_fields,
+                    lock=str(lock.path),
+                    held_by_pid=lock.holder(),
+                )
+                job.lock_wait_logged = True
+            return  # try again on the next tick
+        assert job.temp_dir is not None
+        with lock:
+            choose: Callable[[list[int]], int]
+            if cfg.version_policy == "step":
+                step = job.ckpt.step
+
+                def choose(existing: list[int]) -> int:
+                    return step_version(step, existing)
+            else:
+                choose = next_version
+            try:
+                version, path = publish(job.temp_dir, cfg.base_path, choose, self._metadata(job))
+            except VersionError as e:
+                self._fail(job, "version_refused", str(e), permanent=True)
+                return
+            except OSError as e:
+                self._fail(job, "publish_failed", f"{type(e).__name__}: {e}", permanent=False)
+                return
+        job.temp_dir = None  # it is the version now
+        self._phase_done(job, "publish")
+        st.last_publish_time = time.time()
+        st.attempts.pop(job.ckpt.fingerprint, None)
+        st.retry_at.pop(job.ckpt.fingerprint, None)
+        latency = max(0.0, time.time() - job.ckpt.written_ns / 1e9)
+        self.metrics.exports.labels(cfg.name, "published").inc()
+        self.metrics.latency.labels(cfg.name).observe(latency)
+        self.metrics.last_publish.labels(cfg.name).set(st.last_publish_time)
+        self.log.info(
+            "published",
+            **job.log_fields,
+            version=version,
+            path=str(path),
+            durations={k: round(v, 3) for k, v in job.durations.items()},
+            checkpoint_to_published_seconds=round(latency, 3),
+        )
+        self._refresh_published(st)
+        self._retention(st)
+        self._finish(job)
+        if self.on_published is not None:
+            self.on_published(cfg.name, version, path, job.validation)
+
+    def _metadata(self, job: Job) -> dict[str, Any]:
+        files = [{"name": p.name, "bytes": p.stat().st_size} for p in job.ckpt.files if p.exists()]
+        return {
+            "tool": "ckpt-exporter",
+            "tool_version": __version__,
+            "model": job.model.cfg.name,
+            "checkpoint": {
+                "prefix": str(job.ckpt.prefix),
+                "step": job.ckpt.step,
+                "fingerprint": job.ckpt.fingerprint,
+                "written_ns": job.ckpt.written_ns,
+                "files": files,
+                "saved_counters": job.export_result.get("saved_counters", {}),
+            },
+            "export": {k: v for k, v in job.export_result.items() if k != "ok"},
+            "validation": {
+                "signatures": job.validation.get("signatures", {}),
+                "durations": job.validation.get("durations", {}),
+            },
+            "durations_seconds": {k: round(v, 3) for k, v in job.durations.items()},
+            "exported_at": time.time(),
+        }
+
+    def _retention(self, st: ModelState) -> None:
+        doomed = plan_retention([p.version for p in st.published], st.cfg.keep_versions)
+        if not doomed:
+            return
+        by_version = {p.version: p for p in st.published}
+        for v in doomed:
+            try:
+                remove_version(by_version[v].path)
+                self.log.info(
+                    "version_removed",
+                    model=st.cfg.name,
+                    version=v,
+                    keep_versions=st.cfg.keep_versions,
+                )
+            except OSError as e:
+                self.log.warning(
+                    "version_remove_failed", model=st.cfg.name, version=v, error=str(e)
+                )
+        self._refresh_published(st)
+
+    def _phase_done(self, job: Job, phase: str) -> None:
+        seconds = time.monotonic() - job.phase_started
+        job.durations[phase] = seconds
+        self.metrics.phase_seconds.labels(job.model.cfg.name, phase).observe(seconds)
+        job.phase_started = time.monotonic()
+
+    def _fail(
+        self, job: Job, reason: str, message: str, *, permanent: bool, output: str | None = None
+    ) -> None:
+        st, cfg = job.model, job.model.cfg
+        fp = job.ckpt.fingerprint
+        outcome = "rejected" if permanent else "failed"
+        self.metrics.exports.labels(cfg.name, outcome).inc()
+        self.metrics.failures.labels(cfg.name, reason).inc()
+        kept = None
+        if job.temp_dir is not None and job.temp_dir.exists():
+            try:
+                kept = move_aside(
+                    job.temp_dir,
+                    cfg.base_path,
+                    f"{job.ckpt.name}-{reason}",
+                    self.config.daemon.keep_failed,
+                )
+            except OSError:
+                shutil.rmtree(job.temp_dir, ignore_errors=True)
+            job.temp_dir = None
+        fields: dict[str, Any] = dict(
+            job.log_fields, phase=job.phase, reason=reason, error=message, permanent=permanent
+        )
+        if kept is not None:
+            fields["kept_at"] = str(kept)
+        if output:
+            fields["output_tail"] = output
+        if permanent:
+            st.rejected[fp] = {
+                "checkpoint": str(job.ckpt.prefix),
+                "reason": reason,
+                "error": message[:2000],
+                "at": time.time(),
+            }
+            write_rejected(cfg.base_path, st.rejected)
+            self.log.error(
+                "export_rejected",
+                **fields,
+                hint="this checkpoint will not be retried; fix the model or "
+                "config, later checkpoints are still exported",
+            )
+        else:
+            n = st.attempts.get(fp, 0) + 1
+            st.attempts[fp] = n
+            delay = min(
+                self.config.daemon.retry_backoff_seconds * 2 ** (n - 1), MAX_BACKOFF_SECONDS
+            )
+            st.retry_at[fp] = time.time() + delay
+            self.log.error("export_failed", **fields, attempt=n, retry_in_seconds=delay)
+        self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        self._cleanup(job)
+        job.done = True
+        if job.model.job is job:
+            job.model.job = None
+        job.model.dirty = True
+
+    def _cleanup(self, job: Job) -> None:
+        if job.temp_dir is not None:
+            shutil.rmtree(job.temp_dir, ignore_errors=True)
+            job.temp_dir = None
+        if job.staging is not None:
+            shutil.rmtree(job.staging, ignore_errors=True)
+
+    def _report_once(
+        self, st: ModelState, key: str, event: str, level: str = "warning", **fields: Any
+    ) -> None:
+        if key in st.reported:
+            return
+        st.reported.add(key)
+        getattr(self.log, level)(event, model=st.cfg.name, **fields)
+
+    # --- status and shutdown ------------------------------------------------
+
+    def status_line(self) -> str:
+        parts = []
+        for name, st in sorted(self.models.items()):
+            newest = max((p.version for p in st.published), default=None)
+            pending = st.last_plan.pending if st.last_plan else 0
+            state = f"exporting step {st.job.ckpt.step}" if st.job else "idle"
+            parts.append(
+                f"{name}: v{newest if newest is not None else '-'}, {pending} pending, {state}"
+            )
+        return "; ".join(parts)
+
+    def _update_status(self) -> None:
+        line = self.status_line()
+        if line != self._last_status:
+            self._last_status = line
+            systemd.notify(f"STATUS={line}")
+
+    def shutdown(self) -> None:
+        """Stop children, remove unfinished exports, stop watching."""
+        systemd.notify("STOPPING=1")
+        for st in self.models.values():
+            job = st.job
+            if job is None:
+                continue
+            if job.proc is not None and job.proc.poll() is None:
+                _kill_group(job.proc, grace=CHILD_KILL_GRACE_SECONDS)
+            self.log.info(
+                "export_abandoned",
+                **job.log_fields,
+                phase=job.phase,
+                hint="it will be exported again at the next start",
+            )
+            self._cleanup(job)
+            st.job = None
+        self.watcher.stop()
+        self.log.info("stopped")
+
+
+def _kill_group(proc: subprocess.Popen[bytes], grace: float = 0.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL after ``grace`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        if grace > 0:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    # TensorFlow's start-up chatter is not what anyone needs at 3 a.m.
+    keep = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("I0000", "W0000"))]
+    return "\n".join(keep[-lines:])
+
+
+def _signature_summary(result: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for name, sig in result.get("signatures", {}).items():
+        diff = sig.get("max_abs_diff")
+        out[name] = "ok" + (f" (max diff {diff:.2g})" if diff is not None else "")
+    return out
