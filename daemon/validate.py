@@ -107,7 +107,10 @@ def _run_signature(
     try:
         out = sess.run(fetch, feed)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # TensorFlow puts a generic "Graph execution error:" first; keep the cause.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        lines = [ln for ln in lines if not ln.startswith("Graph execution error")] or lines
+        msg = lines[0] if lines else type(e).__name__
         return dict(entry, ok=False, reason="run_failed", error=f"run failed: {msg}")
     entry["outputs"] = {k: list(np.shape(v)) for k, v in out.items()}
     for k, v in out.items():

@@ -98,10 +98,11 @@ def _restore(obj: Any, key: str, prefix: str) -> int:
             f"checkpoint {prefix} has no object {key!r} (it has {', '.join(keys) or 'nothing'});"
             " set checkpoint_key to the name the trainer gave tf.train.Checkpoint",
         )
-    status = tf.train.Checkpoint(**{key: obj}).read(prefix)
     try:
+        # A shape mismatch raises in read(); a variable the checkpoint lacks, in the assert.
+        status = tf.train.Checkpoint(**{key: obj}).read(prefix)
         status.assert_existing_objects_matched()
-    except (AssertionError, ValueError) as e:
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
         raise child.ChildFailure(
             "restore_mismatch",
             f"the builder's model does not match checkpoint {prefix} under {key!r}: "

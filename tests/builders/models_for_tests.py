@@ -1,0 +1,39 @@
+"""Builders used by the end-to-end tests (imported by the worker via python_path)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from daemon.demo.model import build_model
+
+
+def extra_layer() -> Any:
+    """Same as the demo model plus a layer the checkpoint does not have."""
+    import keras
+
+    inputs = keras.Input(shape=(4,), name="features")
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(inputs)
+    hidden = keras.layers.Dense(16, activation="relu", name="unexpected")(hidden)
+    outputs = keras.layers.Dense(1, name="prediction")(hidden)
+    return keras.Model(inputs, outputs)
+
+
+def wrong_shape() -> Any:
+    """The demo model with a hidden layer of the wrong width."""
+    import keras
+
+    inputs = keras.Input(shape=(4,), name="features")
+    hidden = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
+    outputs = keras.layers.Dense(1, name="prediction")(hidden)
+    return keras.Model(inputs, outputs)
+
+
+def slow() -> Any:
+    """The demo model, after a long pause: an export that is still running when stopped."""
+    time.sleep(120)
+    return build_model()
+
+
+def raises() -> Any:
+    raise RuntimeError("builder failed on purpose")

@@ -1,0 +1,136 @@
+"""Shared helpers for the end-to-end tests: real trainers, real daemons, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, **QUIET_TF)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def train(ckpt_dir: Path, checkpoints: int, *, seed: int = 0, interval: float = 0.0,
+          max_to_keep: int = 10, wait: bool = True) -> subprocess.Popen[bytes]:  # fmt: skip
+    """Run the demo trainer: a real Keras model saved with tf.train.CheckpointManager."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon.demo.trainer", str(ckpt_dir),
+         "--checkpoints", str(checkpoints), "--steps-per-checkpoint", "5",
+         "--interval", str(interval), "--max-to-keep", str(max_to_keep), "--seed", str(seed)],
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    if wait:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out.decode(errors="replace")
+    return proc
+
+
+def write_config(tmp: Path, *, builder: str = "daemon.demo.model:build_model",
+                 python_path: list[str] | None = None, **model: Any) -> Path:  # fmt: skip
+    """A config for one model named "m" under ``tmp``; keyword args override model keys."""
+    keys: dict[str, Any] = {
+        "name": "m",
+        "checkpoint_dir": str(tmp / "ckpts"),
+        "base_path": str(tmp / "serving" / "m"),
+        "builder": builder,
+        "export_policy": "all",
+        "keep_versions": 10,
+    }
+    if python_path is not None:
+        keys["python_path"] = python_path
+    keys.update(model)
+    lines = [
+        "[daemon]",
+        'metrics_address = "127.0.0.1:0"',
+        'log_format = "json"',
+        "rescan_interval_seconds = 1",
+        "retry_backoff_seconds = 1",
+        "",
+        "[[models]]",
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    path = tmp / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Daemon:
+    """``ckpt-exporter run`` as a real subprocess, with its JSON log readable."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--config", str(config)],
+            env=child_env(), stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def wait_for(self, pred: Callable[[list[dict[str, Any]]], bool], timeout: float = 120,
+                 what: str = "condition") -> list[dict[str, Any]]:  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev = self.events()
+            if pred(ev):
+                return ev
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}:"
+                                     f"\n{self.log_path.read_text()[-4000:]}")  # fmt: skip
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log_path.read_text()[-4000:]}")
+
+    def count(self, event: str) -> int:
+        return sum(1 for e in self.events() if e.get("event") == event)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self._log.close()
+        return code
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[[Path, Path], Daemon]]:
+    """Start daemons; any still running at the end of the test is killed."""
+    started: list[Daemon] = []
+
+    def start(config: Path, log_path: Path) -> Daemon:
+        d = Daemon(config, log_path)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def version_dirs(base: Path) -> dict[int, Path]:
+    from daemon.versions import scan_base_path
+
+    return {e.version: base / e.name for e in scan_base_path(base) if e.is_dir}

@@ -1,0 +1,215 @@
+"""End-to-end: real trainer, real daemon process, real TensorFlow, real signals.
+
+These are the decisive tests of the core promise: every checkpoint becomes the
+next version, no partial version is ever visible, a restart exports nothing
+twice, a bad model is never published, and SIGTERM leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, child_env, train, version_dirs, write_config
+
+from daemon.versions import METADATA_RELPATH, TEMP_PREFIX, read_metadata
+
+pytestmark = pytest.mark.e2e
+BUILDERS = str(Path(__file__).parent / "builders")
+
+
+def _published(n: int) -> Any:
+    return lambda ev: sum(e["event"] == "published" for e in ev) >= n
+
+
+def _temp_dirs(base: Path) -> list[str]:
+    return (
+        [p.name for p in base.iterdir() if p.name.startswith(TEMP_PREFIX)] if base.exists() else []
+    )
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon", *args], env=child_env(),
+                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+
+
+def test_training_run_becomes_versions_atomically_and_restart_exports_nothing_twice(
+    tmp_path: Path, daemons: Any
+) -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    from daemon.demo.model import build_model
+
+    config = write_config(tmp_path)
+    base = tmp_path / "serving" / "m"
+    # The daemon starts before the trainer has created its directory: it must wait.
+    d: Daemon = daemons(config, tmp_path / "daemon1.log")
+    d.wait_for(lambda ev: any(e["event"] == "waiting_for_checkpoint_dir" for e in ev),
+               what="the daemon to wait for the checkpoint dir")  # fmt: skip
+
+    # A reader lists the base path in a tight loop, as TF Serving does, and
+    # records whether each version folder was complete the first time it saw it.
+    first_sight: dict[int, bool] = {}
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for v, p in version_dirs(base).items():
+                if v not in first_sight:
+                    first_sight[v] = all(
+                        (p / f).is_file()
+                        for f in ("saved_model.pb", "variables/variables.index", METADATA_RELPATH)
+                    )
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        train(tmp_path / "ckpts", 3, interval=1.0)
+        d.wait_for(_published(3), timeout=240, what="three versions")
+    finally:
+        stop.set()
+        t.join()
+    assert first_sight == {1: True, 2: True, 3: True}
+
+    # Each version serves exactly what the model restored from its checkpoint computes.
+    versions = version_dirs(base)
+    steps = []
+    for v in sorted(versions):
+        meta = read_metadata(versions[v])
+        assert meta is not None and meta["version"] == v
+        steps.append(meta["checkpoint"]["step"])
+        model = build_model()
+        tf.train.Checkpoint(model=model).read(
+            meta["checkpoint"]["prefix"]
+        ).assert_existing_objects_matched()
+        x = np.random.default_rng(v).standard_normal((3, 4)).astype("float32")
+        served = tf.saved_model.load(str(versions[v])).signatures["serving_default"]
+        out = served(features=tf.constant(x))
+        np.testing.assert_allclose(out["output_0"].numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert steps == [5, 10, 15]
+
+    # The metrics endpoint reports the newest version.
+    port = next(e["address"] for e in d.events() if e["event"] == "metrics_listening").split(":")[1]
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert re.search(r'^ckpt_exporter_latest_version\{model="m"\} 3\.0$', body, re.M), body
+    assert re.search(r'^ckpt_exporter_exports_total\{model="m",outcome="published"\} 3\.0$',
+                     body, re.M)  # fmt: skip
+
+    assert d.stop() == 0
+    assert _temp_dirs(base) == []
+
+    # Restart: the published checkpoints are recognised, nothing is exported again.
+    d2: Daemon = daemons(config, tmp_path / "daemon2.log")
+    d2.wait_for(lambda ev: any(e["event"] == "started" for e in ev), what="restart")
+    time.sleep(3)  # three rescans
+    assert d2.count("export_started") == 0
+
+    # The trainer restarts from scratch (steps back to 5, new weights): still a new, higher version.
+    train(tmp_path / "ckpts", 1, seed=1)
+    d2.wait_for(_published(1), timeout=120, what="the restarted trainer's checkpoint")
+    assert d2.stop() == 0
+    versions = version_dirs(base)
+    assert sorted(versions) == [1, 2, 3, 4]
+    meta4 = read_metadata(versions[4])
+    assert meta4 is not None and meta4["checkpoint"]["step"] == 5
+    assert (
+        meta4["checkpoint"]["fingerprint"]
+        != read_metadata(versions[1])["checkpoint"]["fingerprint"]
+    )  # type: ignore[index]
+
+
+@pytest.mark.parametrize("builder", ["extra_layer", "wrong_shape"])
+def test_builder_that_does_not_match_the_checkpoint_is_rejected(
+    tmp_path: Path, builder: str
+) -> None:
+    train(tmp_path / "ckpts", 1)
+    config = write_config(tmp_path, builder=f"models_for_tests:{builder}", python_path=[BUILDERS])
+    r = cli("export", "--config", str(config))
+    assert r.returncode == 65, r.stdout + r.stderr
+    assert "was not published" in r.stdout
+    events = [json.loads(ln) for ln in r.stderr.splitlines() if ln.startswith("{")]
+    rejected = [e for e in events if e["event"] == "export_rejected"]
+    assert len(rejected) == 1 and rejected[0]["reason"] == "restore_mismatch", rejected
+    assert "ckpt-5" in rejected[0]["checkpoint"]
+    base = tmp_path / "serving" / "m"
+    assert version_dirs(base) == {}
+    assert _temp_dirs(base) == []
+    record = json.loads((base / ".ckpt-exporter" / "rejected.json").read_text())
+    assert [v["reason"] for v in record.values()] == ["restore_mismatch"]
+
+
+def test_builder_that_raises_is_rejected_with_its_message(tmp_path: Path) -> None:
+    train(tmp_path / "ckpts", 1)
+    config = write_config(tmp_path, builder="models_for_tests:raises", python_path=[BUILDERS])
+    r = cli("export", "--config", str(config))
+    assert r.returncode == 65
+    assert "builder failed on purpose" in r.stderr
+    assert "builder_error" in r.stderr
+
+
+def test_sigterm_during_export_leaves_no_temp_dir(tmp_path: Path, daemons: Any) -> None:
+    train(tmp_path / "ckpts", 1)
+    config = write_config(tmp_path, builder="models_for_tests:slow", python_path=[BUILDERS])
+    base = tmp_path / "serving" / "m"
+    d: Daemon = daemons(config, tmp_path / "daemon.log")
+    d.wait_for(lambda ev: any(e["event"] == "export_started" for e in ev), what="export start")
+    assert len(_temp_dirs(base)) == 1
+    started = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - started < 30
+    assert _temp_dirs(base) == []
+    assert version_dirs(base) == {}
+    assert list((base / ".ckpt-exporter" / "staging").glob("*")) == []
+    assert d.count("export_abandoned") == 1
+
+
+def test_export_validate_and_status_commands(tmp_path: Path) -> None:
+    train(tmp_path / "ckpts", 2)
+    config = write_config(tmp_path)
+    base = tmp_path / "serving" / "m"
+
+    r = cli("export", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ckpt-10 published as version 1"
+    r = cli("export", "--config", str(config))
+    assert r.returncode == 0
+    assert r.stdout.strip() == "ckpt-10 is already published as version 1"
+
+    r = cli("validate", str(base / "1"), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] is True
+    assert report["signatures"]["serving_default"]["method"] == "tensorflow/serving/predict"
+
+    r = cli("status", "--config", str(config), "--json")
+    assert r.returncode == 0
+    (row,) = json.loads(r.stdout)
+    assert row["newest_checkpoint"] == "ckpt-10" and row["newest_version"] == 1
+    assert row["pending"] == 0 and row["versions_on_disk"] == 1
+
+
+def test_validate_catches_what_only_tf_serving_would_reject(tmp_path: Path) -> None:
+    """A Keras 3 model written by tf.saved_model.save loads in TF2 but not in TF Serving."""
+    script = f"""
+import keras, tensorflow as tf
+inp = keras.Input(shape=(4,), name="features")
+m = keras.Model(inp, keras.layers.Dense(2, name="logits")(inp))
+@tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+def serve(x):
+    return {{"y": m(x)}}
+tf.saved_model.save(m, {str(tmp_path / "sm")!r}, signatures={{"serving_default": serve}})
+"""
+    subprocess.run([sys.executable, "-c", script], env=child_env(), check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    r = cli("validate", str(tmp_path / "sm"))
+    assert r.returncode == 1
+    assert "Could not find variable" in r.stdout
