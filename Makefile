@@ -1,0 +1,34 @@
+# The two commands of the README. Both create .venv with the project installed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test install lint unit e2e clean
+
+$(BIN)/ckpt-exporter: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(BIN)/ckpt-exporter
+
+demo: install
+	$(BIN)/ckpt-exporter demo
+
+lint: install
+	$(BIN)/ruff check daemon tests
+	$(BIN)/ruff format --check daemon tests
+	$(BIN)/mypy daemon
+
+unit: install
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+e2e: install
+	$(BIN)/python -m pytest -q -m e2e
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

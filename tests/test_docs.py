@@ -1,0 +1,29 @@
+"""The documented configuration matches the code."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from daemon.config import DAEMON_SCHEMA, MODEL_SCHEMA, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config.example.toml"
+
+
+def test_example_config_is_valid() -> None:
+    data = tomllib.loads(EXAMPLE.read_text())
+    cfg = parse_config(data, str(EXAMPLE), ROOT)
+    assert [m.name for m in cfg.models] == ["my_model"]
+
+
+def test_every_config_key_is_documented_in_the_example() -> None:
+    text = EXAMPLE.read_text()
+    # Keys may be commented out (optional tables), so look for "key =" anywhere.
+    documented = set(re.findall(r"^[#\s]*([a-z_]+)\s*=", text, re.M))
+    documented |= {"signature"} if "[models.signature]" in text else set()
+    missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA)) - documented
+    assert not missing, f"config.example.toml does not document {sorted(missing)}"
+    unknown = documented - set(DAEMON_SCHEMA) - set(MODEL_SCHEMA) - {"inputs"}
+    assert not unknown, f"config.example.toml documents keys the code does not know: {unknown}"
