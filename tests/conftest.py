@@ -24,23 +24,50 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def train(ckpt_dir: Path, checkpoints: int, *, seed: int = 0, interval: float = 0.0,
-          max_to_keep: int = 10, wait: bool = True) -> subprocess.Popen[bytes]:  # fmt: skip
+def train(
+    ckpt_dir: Path,
+    checkpoints: int,
+    *,
+    seed: int = 0,
+    interval: float = 0.0,
+    max_to_keep: int = 10,
+    wait: bool = True,
+) -> subprocess.Popen[bytes]:
     """Run the demo trainer: a real Keras model saved with tf.train.CheckpointManager."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.demo.trainer", str(ckpt_dir),
-         "--checkpoints", str(checkpoints), "--steps-per-checkpoint", "5",
-         "--interval", str(interval), "--max-to-keep", str(max_to_keep), "--seed", str(seed)],
-        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "daemon.demo.trainer",
+            str(ckpt_dir),
+            "--checkpoints",
+            str(checkpoints),
+            "--steps-per-checkpoint",
+            "5",
+            "--interval",
+            str(interval),
+            "--max-to-keep",
+            str(max_to_keep),
+            "--seed",
+            str(seed),
+        ],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     if wait:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out.decode(errors="replace")
     return proc
 
 
-def write_config(tmp: Path, *, builder: str = "daemon.demo.model:build_model",
-                 python_path: list[str] | None = None, **model: Any) -> Path:  # fmt: skip
+def write_config(
+    tmp: Path,
+    *,
+    builder: str = "daemon.demo.model:build_model",
+    python_path: list[str] | None = None,
+    **model: Any,
+) -> Path:
     """A config for one model named "m" under ``tmp``; keyword args override model keys."""
     keys: dict[str, Any] = {
         "name": "m",
@@ -76,8 +103,10 @@ class Daemon:
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "run", "--config", str(config)],
-            env=child_env(), stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env=child_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def events(self) -> list[dict[str, Any]]:
         out = []
@@ -89,16 +118,22 @@ class Daemon:
                     continue
         return out
 
-    def wait_for(self, pred: Callable[[list[dict[str, Any]]], bool], timeout: float = 120,
-                 what: str = "condition") -> list[dict[str, Any]]:  # fmt: skip
+    def wait_for(
+        self,
+        pred: Callable[[list[dict[str, Any]]], bool],
+        timeout: float = 120,
+        what: str = "condition",
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ev = self.events()
             if pred(ev):
                 return ev
             if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}:"
-                                     f"\n{self.log_path.read_text()[-4000:]}")  # fmt: skip
+                raise AssertionError(
+                    f"daemon exited ({self.proc.returncode}) waiting for {what}:"
+                    f"\n{self.log_path.read_text()[-4000:]}"
+                )
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what}:\n{self.log_path.read_text()[-4000:]}")
 

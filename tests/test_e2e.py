@@ -37,8 +37,14 @@ def _temp_dirs(base: Path) -> list[str]:
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon", *args], env=child_env(),
-                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_training_run_becomes_versions_atomically_and_restart_exports_nothing_twice(
@@ -53,8 +59,10 @@ def test_training_run_becomes_versions_atomically_and_restart_exports_nothing_tw
     base = tmp_path / "serving" / "m"
     # The daemon starts before the trainer has created its directory: it must wait.
     d: Daemon = daemons(config, tmp_path / "daemon1.log")
-    d.wait_for(lambda ev: any(e["event"] == "waiting_for_checkpoint_dir" for e in ev),
-               what="the daemon to wait for the checkpoint dir")  # fmt: skip
+    d.wait_for(
+        lambda ev: any(e["event"] == "waiting_for_checkpoint_dir" for e in ev),
+        what="the daemon to wait for the checkpoint dir",
+    )
 
     # A reader lists the base path in a tight loop, as TF Serving does, and
     # records whether each version folder was complete the first time it saw it.
@@ -101,8 +109,9 @@ def test_training_run_becomes_versions_atomically_and_restart_exports_nothing_tw
     port = next(e["address"] for e in d.events() if e["event"] == "metrics_listening").split(":")[1]
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert re.search(r'^ckpt_exporter_latest_version\{model="m"\} 3\.0$', body, re.M), body
-    assert re.search(r'^ckpt_exporter_exports_total\{model="m",outcome="published"\} 3\.0$',
-                     body, re.M)  # fmt: skip
+    assert re.search(
+        r'^ckpt_exporter_exports_total\{model="m",outcome="published"\} 3\.0$', body, re.M
+    )
 
     assert d.stop() == 0
     assert _temp_dirs(base) == []
@@ -208,8 +217,13 @@ def serve(x):
     return {{"y": m(x)}}
 tf.saved_model.save(m, {str(tmp_path / "sm")!r}, signatures={{"serving_default": serve}})
 """
-    subprocess.run([sys.executable, "-c", script], env=child_env(), check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", script],
+        env=child_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     r = cli("validate", str(tmp_path / "sm"))
     assert r.returncode == 1
     assert "Could not find variable" in r.stdout

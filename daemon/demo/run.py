@@ -103,6 +103,8 @@ def run_demo(workspace: Path | None, versions: int) -> int:
             trainer.wait(timeout=30)
         trainer_log.close()
     ok = len(published) >= versions and trainer.returncode == 0
+    exe = Path(sys.executable).parent / "ckpt-exporter"
+    cmd = str(exe) if exe.exists() else "ckpt-exporter"
     print()
     print("demo: " + ("done" if ok else "did NOT finish as expected (see the log above)"))
     print(f"  config          {config_path}")
@@ -111,8 +113,8 @@ def run_demo(workspace: Path | None, versions: int) -> int:
         f"  TF Serving base {model.base_path}  (versions: "
         f"{', '.join(str(v) for v, _, _ in published) or 'none'})"
     )
-    print(f"  status          ckpt-exporter status --config {config_path}")
-    print(f"  validate        ckpt-exporter validate {model.base_path}/<version>")
+    print(f"  status          {cmd} status --config {config_path}")
+    print(f"  validate        {cmd} validate {model.base_path}/<version>")
     print(
         "  serve it        docker run -p 8501:8501 -v "
         f"{model.base_path.parent}:/models -e MODEL_NAME=demo tensorflow/serving"
