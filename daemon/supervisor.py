@@ -52,6 +52,7 @@ from daemon.sources import SOURCES, Checkpoint, ScanResult, Source
 from daemon.versions import (
     Published,
     VersionError,
+    checkpoint_step,
     next_version,
     plan_retention,
     published_versions,
@@ -87,11 +88,16 @@ class Job:
     done: bool = False
 
     @property
+    def step(self) -> int | None:
+        """The ``-N`` suffix, or once exported, the step counter saved in the checkpoint."""
+        return checkpoint_step(self.ckpt.step, self.export_result.get("saved_counters", {}))
+
+    @property
     def log_fields(self) -> dict[str, Any]:
         return {
             "model": self.model.cfg.name,
             "checkpoint": str(self.ckpt.prefix),
-            "step": self.ckpt.step,
+            "step": self.step,
             "job": self.id,
         }
 
@@ -560,7 +566,7 @@ class Supervisor:
         with lock:
             choose: Callable[[list[int]], int]
             if cfg.version_policy == "step":
-                step = job.ckpt.step
+                step = job.step
 
                 def choose(existing: list[int]) -> int:
                     return step_version(step, existing)
@@ -605,7 +611,7 @@ class Supervisor:
             "model": job.model.cfg.name,
             "checkpoint": {
                 "prefix": str(job.ckpt.prefix),
-                "step": job.ckpt.step,
+                "step": job.step,
                 "fingerprint": job.ckpt.fingerprint,
                 "written_ns": job.ckpt.written_ns,
                 "files": files,

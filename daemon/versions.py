@@ -126,7 +126,8 @@ def step_version(step: int | None, existing: Iterable[int]) -> int:
     """
     if step is None:
         raise VersionError(
-            'version_policy = "step" needs a step, but the checkpoint name has no -N suffix'
+            'version_policy = "step" needs a step, but the checkpoint name has no -N suffix '
+            "and it saved no step or global_step counter"
         )
     if step < 1 or step > INT64_MAX:
         raise VersionError(f"step {step} is not a usable version number (1..{INT64_MAX})")
@@ -138,6 +139,26 @@ def step_version(step: int | None, existing: Iterable[int]) -> int:
             "if the trainer restarts its step count)"
         )
     return step
+
+
+#: Saved step counters consulted, in order, when a prefix has no ``-N`` suffix.
+#: ``save_counter`` is left out: it counts saves, not training steps.
+STEP_COUNTERS = ("step", "global_step")
+
+
+def checkpoint_step(suffix_step: int | None, saved_counters: Mapping[str, int]) -> int | None:
+    """The step of a checkpoint: its ``-N`` suffix, else a saved step counter, else None.
+
+    The suffix wins because ``CheckpointManager.save(checkpoint_number=step)``
+    names the file after the step the trainer chose; a counter saved inside the
+    checkpoint (``step``, ``global_step``) covers prefixes without a number.
+    """
+    if suffix_step is not None:
+        return suffix_step
+    for key in STEP_COUNTERS:
+        if key in saved_counters:
+            return int(saved_counters[key])
+    return None
 
 
 def plan_retention(owned: Iterable[int], keep: int, protected: Iterable[int] = ()) -> list[int]:
