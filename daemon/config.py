@@ -2,7 +2,7 @@
 
 Contract: :func:`load_config` returns a fully validated, immutable
 :class:`Config` or raises :class:`ConfigError` listing *every* problem, each
-naming the file and the key (``models[1].keep_versions``) and saying what is
+naming the file and the key (``models[1] (resnet).keep_versions``) and saying what is
 expected. Relative paths are resolved against the config file's folder, so a
 config means the same thing whatever the working directory.
 
@@ -12,6 +12,7 @@ and this keeps the supervisor's dependency set to what the product needs.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -116,28 +117,34 @@ def _one_of(*choices: str) -> Check:
 
 
 def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be greater than 0"
+    # TOML has inf and nan; neither is a usable interval or count.
+    return None if math.isfinite(v) and v > 0 else "must be a finite number greater than 0"
 
 
 def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must be 0 or more"
+    return None if math.isfinite(v) and v >= 0 else "must be a finite number, 0 or more"
 
 
 def _address(v: Any) -> str | None:
     if v == "":
         return None
     host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isascii(): str.isdigit() also accepts "²" (int() refuses it) and "٣" (int() takes it).
+    ok_port = port.isascii() and port.isdigit()
+    if not sep or not host or not ok_port or not 0 <= int(port) <= 65535:
         return 'must be "host:port" (for example "127.0.0.1:9725"), or "" to disable'
     return None
 
 
 def _name(v: Any) -> str | None:
-    return None if NAME_RE.match(v) else "must match [A-Za-z0-9._-]+ (TF Serving model name)"
+    # fullmatch, not match: "$" also matches before a trailing newline ("model\n").
+    if NAME_RE.fullmatch(v):
+        return None
+    return "must match [A-Za-z0-9._-]+ (TF Serving model name)"
 
 
 def _builder(v: Any) -> str | None:
-    if BUILDER_RE.match(v):
+    if BUILDER_RE.fullmatch(v):
         return None
     return 'must be "module:function", for example "mytrainer.model:build_model"'
 
@@ -333,7 +340,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(str(path), ["file not found; pass --config PATH"]) from None
     except OSError as e:
         raise ConfigError(str(path), [f"cannot read: {e.strerror}"]) from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML files are UTF-8
         raise ConfigError(str(path), [f"not valid TOML: {e}"]) from None
     cfg = parse_config(data, str(path), path.resolve().parent)
     return Config(path=path.resolve(), daemon=cfg.daemon, models=cfg.models)

@@ -76,15 +76,18 @@ def plan(
     busy: Collection[str] = (),
 ) -> Plan:
     """Decide what to export next for one model (see module docstring)."""
-    todo = [c for c in candidates(checkpoints, history) if c.fingerprint not in busy]
-    if not todo:
-        return Plan(next=None, pending=0)
+    if export_policy not in ("latest", "all"):
+        raise ValueError(f"unknown export_policy {export_policy!r}")
+    todo = candidates(checkpoints, history)
     superseded: tuple[Checkpoint, ...] = ()
     if export_policy == "latest":
+        # Pick the newest before dropping busy ones: while the newest is being
+        # exported, the older candidates are superseded by it, not next in line.
         superseded = tuple(todo[:-1])
         todo = todo[-1:]
-    elif export_policy != "all":
-        raise ValueError(f"unknown export_policy {export_policy!r}")
+    todo = [c for c in todo if c.fingerprint not in busy]
+    if not todo:
+        return Plan(next=None, pending=0, superseded=superseded)
 
     waits: list[float] = []
     if history.last_publish_time is not None and min_interval_seconds > 0:

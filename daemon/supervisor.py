@@ -564,6 +564,20 @@ class Supervisor:
             return  # try again on the next tick
         assert job.temp_dir is not None
         with lock:
+            # Another publisher (a second daemon, `ckpt-exporter export`) may
+            # have published this checkpoint while we exported it: re-read the
+            # base path under the lock so it is never published twice.
+            self._refresh_published(st)
+            twin = [p for p in st.published if p.fingerprint == job.ckpt.fingerprint]
+            if twin:
+                self.log.info(
+                    "already_published",
+                    **job.log_fields,
+                    version=twin[0].version,
+                    hint="another publisher on this base path got there first",
+                )
+                self._finish(job)
+                return
             choose: Callable[[list[int]], int]
             if cfg.version_policy == "step":
                 step = job.step

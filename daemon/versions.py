@@ -194,17 +194,32 @@ class Published:
     metadata: Mapping[str, Any]
 
     @property
+    def _checkpoint(self) -> Mapping[str, Any]:
+        # Tolerate a hand-edited file: anything but a table reads as empty.
+        ckpt = self.metadata.get("checkpoint")
+        return ckpt if isinstance(ckpt, dict) else {}
+
+    @property
     def fingerprint(self) -> str:
-        return str(self.metadata.get("checkpoint", {}).get("fingerprint", ""))
+        return str(self._checkpoint.get("fingerprint", ""))
 
     @property
     def written_ns(self) -> int:
-        return int(self.metadata.get("checkpoint", {}).get("written_ns", 0))
+        return _as_int(self._checkpoint.get("written_ns")) or 0
 
     @property
     def step(self) -> int | None:
-        step = self.metadata.get("checkpoint", {}).get("step")
-        return int(step) if step is not None else None
+        return _as_int(self._checkpoint.get("step"))
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer from metadata JSON, or None for anything else (a hand edit)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def published_versions(base_path: Path, model: str) -> list[Published]:
