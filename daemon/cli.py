@@ -37,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     logs.configure(args.log_format or cfg.daemon.log_format, cfg.daemon.log_level)
-    sup = Supervisor(cfg, logs.get_logger())
+    sup = Supervisor(cfg, logs.get_logger(), log_format_override=args.log_format)
     sup.install_signal_handlers()
     try:
         return sup.run()

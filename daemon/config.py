@@ -73,6 +73,9 @@ class DaemonConfig:
     allow_gpu: bool = False
     keep_failed: int = 3
     retry_backoff_seconds: float = 30.0
+    shutdown_grace_seconds: float = 60.0
+    health_stall_seconds: float = 120.0
+    health_failing_seconds: float = 21600.0
 
     @property
     def metrics_host_port(self) -> tuple[str, int] | None:
@@ -167,6 +170,9 @@ DAEMON_SCHEMA: _Schema = {
     "allow_gpu": ((bool,), DaemonConfig.allow_gpu, None),
     "keep_failed": ((int,), DaemonConfig.keep_failed, _non_negative),
     "retry_backoff_seconds": ((int, float), DaemonConfig.retry_backoff_seconds, _positive),
+    "shutdown_grace_seconds": ((int, float), DaemonConfig.shutdown_grace_seconds, _non_negative),
+    "health_stall_seconds": ((int, float), DaemonConfig.health_stall_seconds, _positive),
+    "health_failing_seconds": ((int, float), DaemonConfig.health_failing_seconds, _positive),
 }
 
 MODEL_SCHEMA: _Schema = {

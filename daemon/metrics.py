@@ -7,8 +7,16 @@ Prometheus conventions: base units (seconds, bytes), ``_total`` for counters.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from daemon import __version__
 
@@ -20,6 +28,34 @@ LATENCY_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 OUTCOMES = ("published", "failed", "rejected")
 PHASES = ("pin", "export", "validate", "publish")
+#: Child roles (the processes the supervisor starts per export).
+ROLES = ("export", "validate")
+#: Failure reasons known in advance, by phase, pre-initialised so that
+#: ``increase()`` over them starts from 0 rather than from a missing series.
+#: Other reasons (new ones from a worker) appear when they first happen.
+KNOWN_FAILURES: dict[str, tuple[str, ...]] = {
+    "pin": ("pin_failed",),
+    "export": (
+        "builder_import",
+        "builder_error",
+        "restore_mismatch",
+        "no_variables",
+        "no_signature",
+        "timeout",
+        "child_crashed",
+    ),
+    "validate": (
+        "load_failed",
+        "no_serving_default",
+        "output_mismatch",
+        "signature_failed",
+        "timeout",
+        "child_crashed",
+    ),
+    "publish": ("publish_failed", "version_refused"),
+}
+VALIDATION_OUTCOMES = ("passed", "failed")
+WATCH_BACKENDS = ("inotify", "polling", "other")
 
 
 class Metrics:
@@ -36,8 +72,39 @@ class Metrics:
         )
         self.failures = Counter(
             "ckpt_exporter_export_failures",
-            "Failed export attempts by reason.",
-            ["model", "reason"],
+            "Failed export attempts by the phase that failed and the reason.",
+            ["model", "phase", "reason"],
+            registry=r,
+        )
+        self.validations = Counter(
+            "ckpt_exporter_validations",
+            "Validations of exported SavedModels by outcome.",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "ckpt_exporter_worker_restarts",
+            "Worker processes that ended abnormally (crash, signal, timeout kill); "
+            "the retry starts a fresh one.",
+            ["model", "role"],
+            registry=r,
+        )
+        self.scan_errors = Counter(
+            "ckpt_exporter_scan_errors",
+            "Checkpoint directory scans that failed (unreadable directory or file).",
+            ["model"],
+            registry=r,
+        )
+        self.watch_backend = Gauge(
+            "ckpt_exporter_watch_backend",
+            "1 for the filesystem watch backend in use (inotify, or polling after a fallback).",
+            ["backend"],
+            registry=r,
+        )
+        self.latest_version_bytes = Gauge(
+            "ckpt_exporter_latest_version_size_bytes",
+            "Bytes on disk of the newest version published by this daemon.",
+            ["model"],
             registry=r,
         )
         self.phase_seconds = Histogram(
@@ -91,20 +158,114 @@ class Metrics:
             self.exports.labels(model, outcome)
         for phase in PHASES:
             self.phase_seconds.labels(model, phase)
+        for phase, reasons in KNOWN_FAILURES.items():
+            for reason in reasons:
+                self.failures.labels(model, phase, reason)
+        for outcome in VALIDATION_OUTCOMES:
+            self.validations.labels(model, outcome)
+        for role in ROLES:
+            self.worker_restarts.labels(model, role)
+        self.scan_errors.labels(model)
         self.latency.labels(model)
-        for g in (
+        for g in self._model_gauges():
+            g.labels(model)
+
+    def forget_model(self, model: str) -> None:
+        """Drop ``model``'s gauges (after a reload removed it) so no stale value lingers.
+
+        Counters and histograms stay: their totals remain true for this process.
+        """
+        for g in self._model_gauges():
+            with contextlib.suppress(KeyError):
+                g.remove(model)
+
+    def _model_gauges(self) -> tuple[Gauge, ...]:
+        return (
             self.latest_version,
             self.latest_step,
             self.pending,
             self.versions_on_disk,
             self.last_publish,
-        ):
-            g.labels(model)
+            self.latest_version_bytes,
+        )
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server in a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
+    def set_watch_backend(self, backend: str) -> None:
+        name = {"InotifyObserver": "inotify", "polling": "polling"}.get(backend, "other")
+        for b in WATCH_BACKENDS:
+            self.watch_backend.labels(b).set(1 if b == name else 0)
+
+    def serve(
+        self, host: str, port: int, health: Callable[[], tuple[bool, dict[str, Any]]]
+    ) -> HTTPServer:
+        """Serve ``/metrics`` and ``/healthz`` from a daemon thread.
+
+        ``health`` is called on the HTTP thread for each probe and must only
+        read state (see :mod:`daemon.health`).
+        """
+        server = HTTPServer((host, port), self.registry, health)
+        server.thread.start()
+        return server
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class HTTPServer(ThreadingHTTPServer):
+    """``/metrics`` (Prometheus text format) and ``/healthz`` (JSON, 200 or 503).
+
+    A small server of our own rather than prometheus_client's, because
+    ``/healthz`` must answer from the same listener and the same thread.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        health: Callable[[], tuple[bool, dict[str, Any]]],
+    ) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+        self.registry = registry
+        self.health = health
+        self.thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: HTTPServer
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
+        elif path == "/healthz":
+            ok, body = self.server.health()
+            data = json.dumps(body, sort_keys=True).encode() + b"\n"
+            self._send(200 if ok else 503, "application/json", data)
+        elif path == "/":
+            self._send(200, "text/plain; charset=utf-8", b"ckpt-exporter: /metrics /healthz\n")
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
+
+    def _send(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every 15 s is not news; errors surface as failed scrapes

@@ -14,11 +14,18 @@ A job that fails is classified: *permanent* (the checkpoint or model is bad:
 recorded in ``rejected.json`` and never retried) or *transient* (timeout,
 crash, resources: retried with exponential backoff). Its export folder is
 moved aside for inspection, never published.
+
+Signals: SIGHUP re-reads the config (a bad one is logged and the old one
+kept); the first SIGTERM or SIGINT stops taking work and gives a running
+export ``shutdown_grace_seconds`` to finish; a second one stops at once.
+Under systemd the loop sends ``WATCHDOG=1`` only after checking that its
+threads are alive, so a hung loop or a dead watcher gets the service restarted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import shutil
@@ -32,9 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, child, exitcodes, systemd
-from daemon.config import Config, ModelConfig
-from daemon.metrics import Metrics
+from daemon import __version__, child, exitcodes, logs, systemd
+from daemon.config import Config, ConfigError, ModelConfig, load_config
+from daemon.health import HealthSnapshot, evaluate
+from daemon.metrics import HTTPServer, Metrics
 from daemon.pin import CheckpointVanished, pin_checkpoint
 from daemon.planner import History, Plan, plan
 from daemon.publish import (
@@ -119,6 +127,9 @@ class ModelState:
     last_plan: Plan | None = None
     last_scan: ScanResult | None = None
     reported: set[str] = field(default_factory=set)  # problems already logged once
+    failing_since: float | None = None  # first failure since the last publication
+    next_cfg: ModelConfig | None = None  # a reload's new config, applied once idle
+    retiring: bool = False  # removed by a reload; goes once its export ends
 
     def history(self) -> History:
         return History(
@@ -141,6 +152,7 @@ class Supervisor:
         metrics: Metrics | None = None,
         force_polling: bool = False,
         on_published: Callable[[str, int, Path, dict[str, Any]], None] | None = None,
+        log_format_override: str | None = None,
     ) -> None:
         self.config = config
         self.log = log
@@ -151,10 +163,21 @@ class Supervisor:
             self.models[m.name] = ModelState(cfg=m, source=SOURCES[m.source]())
         self.watcher = Watcher(self._hint, log, force_polling=force_polling)
         self.stopping = False
-        self.metrics_port: int | None = None
+        self.stop_deadline: float | None = None
+        self.http: HTTPServer | None = None
         self.on_published = on_published
+        self.log_format_override = log_format_override
         self._next_rescan = 0.0
         self._last_status = ""
+        self._stopping_notified = False
+        self._daemon_reported: set[str] = set()
+        self._health = HealthSnapshot(loop_monotonic=time.monotonic())
+        self._watchdog_interval = _watchdog_interval()
+        self._next_watchdog = 0.0
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     # --- messages from other threads and signal handlers --------------------
 
@@ -166,7 +189,7 @@ class Supervisor:
         self.queue.put(("signal", signum))
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
 
     # --- start-up -----------------------------------------------------------
@@ -178,10 +201,11 @@ class Supervisor:
             self._load_state(st)
         hp = self.config.daemon.metrics_host_port
         if hp is not None:
-            self.metrics_port = self.metrics.serve(*hp)
-            self.log.info("metrics_listening", address=f"{hp[0]}:{self.metrics_port}")
+            self.http = self.metrics.serve(*hp, health=self.health)
+            self.log.info("metrics_listening", address=f"{hp[0]}:{self.http.port}")
         self.watcher.start()
         self.watcher.sync({n: s.cfg.checkpoint_dir for n, s in self.models.items()})
+        self.metrics.set_watch_backend(self.watcher.backend)
         self.log.info(
             "started",
             version=__version__,
@@ -229,16 +253,36 @@ class Supervisor:
     # --- the main loop ------------------------------------------------------
 
     def run(self, *, until: Callable[[], bool] | None = None) -> int:
-        """Run until stopped by a signal (or ``until()`` turns true); returns the exit code."""
+        """Run until stopped by a signal (or ``until()`` turns true); returns the exit code.
+
+        After a stop request the loop keeps turning, without starting new
+        work, until the running exports end or the grace period runs out.
+        """
         self.start()
         try:
-            while not self.stopping:
+            while True:
                 self._tick()
                 if until is not None and until():
+                    break
+                if self.stopping and (
+                    not self._running_jobs()
+                    or (self.stop_deadline is not None and time.monotonic() >= self.stop_deadline)
+                ):
                     break
         finally:
             self.shutdown()
         return exitcodes.OK
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """The /healthz verdict; called on the HTTP thread, reads one snapshot only."""
+        d = self.config.daemon
+        return evaluate(
+            self._health,
+            now_monotonic=time.monotonic(),
+            now_wall=time.time(),
+            stall_seconds=d.health_stall_seconds,
+            failing_seconds=d.health_failing_seconds,
+        )
 
     def export_once(self, model: str, prefix: Path | None = None) -> tuple[int, str]:
         """Run one checkpoint through the same pipeline now, without watching.
@@ -290,6 +334,11 @@ class Supervisor:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        self._health = HealthSnapshot(
+            loop_monotonic=now,
+            failing_since={n: s.failing_since for n, s in self.models.items()},
+        )
+        self._watchdog(now)
         timeout = max(0.0, min(self._next_wake(now) - now, 1.0))
         try:
             msg = self.queue.get(timeout=timeout)
@@ -303,17 +352,24 @@ class Supervisor:
             except queue.Empty:
                 msg = None
         if self.stopping:
+            # Stop taking work, but let running jobs move on to the end.
+            for st in list(self.models.values()):
+                if st.job is not None:
+                    self._advance(st.job)
+            self._update_status()
             return
         now = time.monotonic()
         if now >= self._next_rescan:
             self._next_rescan = now + self.config.daemon.rescan_interval_seconds
             for st in self.models.values():
                 st.dirty = True
-            self.watcher.sync({n: s.cfg.checkpoint_dir for n, s in self.models.items()})
-        for st in self.models.values():
+            self._sync_watches()
+        for st in list(self.models.values()):
             if st.job is not None:
                 self._advance(st.job)
         for st in self.models.values():
+            if st.retiring:
+                continue
             if st.wait_until is not None and time.time() >= st.wait_until:
                 st.dirty = True
             if st.dirty:
@@ -328,19 +384,176 @@ class Supervisor:
                 wake = min(wake, now + 1.0, st.job.deadline or wake)
             if st.wait_until is not None:
                 wake = min(wake, now + max(0.0, st.wait_until - time.time()))
+        if self._watchdog_interval:
+            wake = min(wake, self._next_watchdog)
+        if self.stop_deadline is not None:
+            wake = min(wake, self.stop_deadline)
         return wake
+
+    def _watchdog(self, now: float) -> None:
+        """Ping systemd's watchdog, but only while everything we rely on is alive.
+
+        Pinging from a timer thread would keep a hung main loop alive forever;
+        pinging from the loop, after checking the threads, lets systemd restart
+        the daemon when the loop, the watcher or the HTTP listener is gone.
+        """
+        if not self._watchdog_interval or now < self._next_watchdog:
+            return
+        dead = []
+        if not self.watcher.alive():
+            dead.append("watcher")
+        if self.http is not None and not self.http.alive():
+            dead.append("metrics_http")
+        if dead:
+            self._report_daemon_once("watchdog_withheld", threads=dead)
+            return
+        self._next_watchdog = now + self._watchdog_interval
+        systemd.notify("WATCHDOG=1")
+
+    def _report_daemon_once(self, event: str, **fields: Any) -> None:
+        if event not in self._daemon_reported:
+            self._daemon_reported.add(event)
+            self.log.error(event, **fields)
 
     def _handle(self, msg: tuple[str, Any]) -> None:
         kind, value = msg
-        if kind == "signal":
-            self.log.info("stop_requested", signal=signal.Signals(value).name)
-            self.stopping = True
+        if kind == "signal" and value == signal.SIGHUP:
+            self.reload()
+        elif kind == "signal":
+            self._request_stop(signal.Signals(value).name)
         elif kind == "hint":
             st = self.models.get(value)
             if st is not None:
                 st.dirty = True
         elif kind == "child":
             pass  # the job is advanced right after the queue is drained
+
+    def _request_stop(self, signame: str) -> None:
+        now = time.monotonic()
+        running = [st.job.log_fields for st in self.models.values() if st.job is not None]
+        if self.stopping:
+            self.log.warning("stop_forced", signal=signame, abandoning=running)
+            self.stop_deadline = now
+            return
+        self.stopping = True
+        grace = self.config.daemon.shutdown_grace_seconds
+        self.stop_deadline = now + grace
+        self.log.info(
+            "stop_requested",
+            signal=signame,
+            grace_seconds=grace,
+            waiting_for=running,
+            hint="a second SIGTERM or SIGINT stops at once" if running else None,
+        )
+        self._notify_stopping()
+
+    def _notify_stopping(self) -> None:
+        if not self._stopping_notified:
+            self._stopping_notified = True
+            systemd.notify("STOPPING=1", f"STATUS=stopping; {self.status_line()}")
+
+    # --- reload -------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the config file; returns True if the new config is in force.
+
+        A config that fails validation is logged and the old one stays. Models
+        added start at once; removed or changed models finish the export in
+        progress first (its job keeps the config it started with).
+        """
+        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            if self.config.path is None:
+                self.log.warning("reload_ignored", reason="the config did not come from a file")
+                return False
+            try:
+                new = load_config(self.config.path)
+            except ConfigError as e:
+                self.log.error(
+                    "reload_failed",
+                    config=e.source,
+                    problems=e.problems,
+                    hint="the previous config stays in force; fix the file and reload again",
+                )
+                return False
+            self._apply(new)
+            return True
+        finally:
+            systemd.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _apply(self, new: Config) -> None:
+        old = self.config
+        if new.daemon.metrics_address != old.daemon.metrics_address:
+            self.log.warning(
+                "reload_needs_restart",
+                key="daemon.metrics_address",
+                kept=old.daemon.metrics_address,
+                hint="the listener is bound at start; restart the service to move it",
+            )
+            new = Config(
+                path=new.path,
+                daemon=dataclasses.replace(new.daemon, metrics_address=old.daemon.metrics_address),
+                models=new.models,
+            )
+        if (new.daemon.log_level, new.daemon.log_format) != (
+            old.daemon.log_level,
+            old.daemon.log_format,
+        ):
+            logs.configure(self.log_format_override or new.daemon.log_format, new.daemon.log_level)
+        self.config = new
+        wanted = {m.name: m for m in new.models}
+        added, removed, changed = [], [], []
+        for name, st in list(self.models.items()):
+            if name not in wanted:
+                removed.append(name)
+                st.retiring, st.next_cfg = True, None
+                if st.job is None:
+                    self._drop_model(name)
+            elif wanted[name] != st.cfg or st.retiring:
+                changed.append(name)
+                st.retiring = False
+                if st.job is None:
+                    self._switch_config(st, wanted[name])
+                else:
+                    st.next_cfg = wanted[name]
+        for name, cfg in wanted.items():
+            if name not in self.models:
+                added.append(name)
+                st = ModelState(cfg=cfg, source=SOURCES[cfg.source]())
+                self.models[name] = st
+                self.metrics.init_model(name)
+                self._load_state(st)
+        self._sync_watches()
+        self._next_rescan = 0.0  # rescan everything on the next turn
+        self.log.info(
+            "reloaded",
+            config=str(new.path),
+            added=added,
+            removed=removed,
+            changed=changed,
+            deferred=sorted(n for n, s in self.models.items() if s.next_cfg or s.retiring),
+        )
+
+    def _switch_config(self, st: ModelState, cfg: ModelConfig) -> None:
+        old = st.cfg
+        st.cfg, st.next_cfg = cfg, None
+        if cfg.source != old.source:
+            st.source = SOURCES[cfg.source]()
+        if cfg.base_path != old.base_path:
+            st.reported.clear()
+            self._load_state(st)
+        st.dirty = True
+
+    def _drop_model(self, name: str) -> None:
+        self.models.pop(name, None)
+        self.metrics.forget_model(name)
+        self.log.info("model_removed", model=name)
+
+    def _sync_watches(self) -> None:
+        self.watcher.sync(
+            {n: s.cfg.checkpoint_dir for n, s in self.models.items() if not s.retiring}
+        )
+        self.metrics.set_watch_backend(self.watcher.backend)
 
     # --- scanning and planning ----------------------------------------------
 
@@ -351,8 +564,14 @@ class Supervisor:
         try:
             result = st.source.scan(st.cfg.checkpoint_dir)
         except OSError as e:
+            self.metrics.scan_errors.labels(name).inc()
             self._report_once(
-                st, "scan", "scan_failed", path=str(st.cfg.checkpoint_dir), error=str(e)
+                st,
+                "scan",
+                "scan_failed",
+                path=str(st.cfg.checkpoint_dir),
+                error=str(e),
+                hint="make the checkpoint directory readable by the daemon's user",
             )
             return
         st.reported.discard("scan")
@@ -382,7 +601,7 @@ class Supervisor:
         running = 1 if st.job else 0
         self.metrics.pending.labels(name).set(decision.pending + running)
         st.wait_until = decision.wait_until
-        if decision.next is None or st.job is not None or self.stopping:
+        if decision.next is None or st.job is not None or self.stopping or st.retiring:
             return
         if self._running_jobs() >= self.config.daemon.concurrency:
             st.dirty = True  # look again when a slot frees up
@@ -538,6 +757,7 @@ class Supervisor:
             )
         elif job.phase == "validate":
             job.validation = result
+            self.metrics.validations.labels(job.model.cfg.name, "passed").inc()
             self.log.info(
                 "validated",
                 **job.log_fields,
@@ -597,6 +817,8 @@ class Supervisor:
         job.temp_dir = None  # it is the version now
         self._phase_done(job, "publish")
         st.last_publish_time = time.time()
+        st.failing_since = None
+        self.metrics.latest_version_bytes.labels(cfg.name).set(_tree_bytes(path))
         st.attempts.pop(job.ckpt.fingerprint, None)
         st.retry_at.pop(job.ckpt.fingerprint, None)
         latency = max(0.0, time.time() - job.ckpt.written_ns / 1e9)
@@ -673,7 +895,13 @@ class Supervisor:
         fp = job.ckpt.fingerprint
         outcome = "rejected" if permanent else "failed"
         self.metrics.exports.labels(cfg.name, outcome).inc()
-        self.metrics.failures.labels(cfg.name, reason).inc()
+        self.metrics.failures.labels(cfg.name, job.phase, reason).inc()
+        if job.phase == "validate":
+            self.metrics.validations.labels(cfg.name, "failed").inc()
+        if reason in ("child_crashed", "timeout") and job.phase in ("export", "validate"):
+            self.metrics.worker_restarts.labels(cfg.name, job.phase).inc()
+        if st.failing_since is None:
+            st.failing_since = time.time()
         kept = None
         if job.temp_dir is not None and job.temp_dir.exists():
             try:
@@ -720,9 +948,16 @@ class Supervisor:
     def _finish(self, job: Job) -> None:
         self._cleanup(job)
         job.done = True
-        if job.model.job is job:
-            job.model.job = None
-        job.model.dirty = True
+        st = job.model
+        if st.job is job:
+            st.job = None
+        st.dirty = True
+        # A reload that came in during this job takes effect now.
+        if st.retiring and self.models.get(st.cfg.name) is st:
+            self._drop_model(st.cfg.name)
+            self._sync_watches()
+        elif st.next_cfg is not None:
+            self._switch_config(st, st.next_cfg)
 
     def _cleanup(self, job: Job) -> None:
         if job.temp_dir is not None:
@@ -759,8 +994,8 @@ class Supervisor:
             systemd.notify(f"STATUS={line}")
 
     def shutdown(self) -> None:
-        """Stop children, remove unfinished exports, stop watching."""
-        systemd.notify("STOPPING=1")
+        """Stop children, remove unfinished exports, stop watching and serving."""
+        self._notify_stopping()
         for st in self.models.values():
             job = st.job
             if job is None:
@@ -776,7 +1011,32 @@ class Supervisor:
             self._cleanup(job)
             st.job = None
         self.watcher.stop()
+        if self.http is not None:
+            self.http.stop()
         self.log.info("stopped")
+
+
+def _watchdog_interval() -> float:
+    """Seconds between WATCHDOG=1 pings: half of systemd's ``WATCHDOG_USEC``, or 0 (off).
+
+    ``WATCHDOG_PID``, when set, names the process the watchdog is meant for;
+    a child that inherited the variables must not ping.
+    """
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return 0.0
+    return int(usec) / 2 / 1e6
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the regular files under ``root`` (what a version costs on disk)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float = 0.0) -> None:

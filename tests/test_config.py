@@ -75,6 +75,9 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         allow_gpu=False,
         keep_failed=3,
         retry_backoff_seconds=30.0,
+        shutdown_grace_seconds=60.0,
+        health_stall_seconds=120.0,
+        health_failing_seconds=21600.0,
     )
     assert cfg.models == (
         ModelConfig(
@@ -107,6 +110,9 @@ def test_every_key_set_is_kept() -> None:
         "allow_gpu": True,
         "keep_failed": 0,
         "retry_backoff_seconds": 1,
+        "shutdown_grace_seconds": 0,
+        "health_stall_seconds": 5,
+        "health_failing_seconds": 0.5,
     }
     m = model(
         source="tf_checkpoint",
