@@ -66,9 +66,13 @@ def write_config(
     *,
     builder: str = "daemon.demo.model:build_model",
     python_path: list[str] | None = None,
+    daemon: dict[str, Any] | None = None,
     **model: Any,
 ) -> Path:
-    """A config for one model named "m" under ``tmp``; keyword args override model keys."""
+    """A config for one model named "m" under ``tmp``; keyword args override model keys.
+
+    ``daemon`` adds or overrides ``[daemon]`` keys.
+    """
     keys: dict[str, Any] = {
         "name": "m",
         "checkpoint_dir": str(tmp / "ckpts"),
@@ -80,16 +84,15 @@ def write_config(
     if python_path is not None:
         keys["python_path"] = python_path
     keys.update(model)
-    lines = [
-        "[daemon]",
-        'metrics_address = "127.0.0.1:0"',
-        'log_format = "json"',
-        "rescan_interval_seconds = 1",
-        "retry_backoff_seconds = 1",
-        "",
-        "[[models]]",
-    ]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    daemon_keys: dict[str, Any] = {
+        "metrics_address": "127.0.0.1:0",
+        "log_format": "json",
+        "rescan_interval_seconds": 1,
+        "retry_backoff_seconds": 1,
+    }
+    daemon_keys.update(daemon or {})
+    lines = ["[daemon]"] + [f"{k} = {json.dumps(v)}" for k, v in daemon_keys.items()]
+    lines += ["", "[[models]]"] + [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
     path = tmp / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

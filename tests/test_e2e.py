@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -165,16 +166,22 @@ def test_builder_that_raises_is_rejected_with_its_message(tmp_path: Path) -> Non
     assert "builder_error" in r.stderr
 
 
-def test_sigterm_during_export_leaves_no_temp_dir(tmp_path: Path, daemons: Any) -> None:
+def test_second_sigterm_during_export_stops_at_once_leaving_no_temp_dir(
+    tmp_path: Path, daemons: Any
+) -> None:
     train(tmp_path / "ckpts", 1)
     config = write_config(tmp_path, builder="models_for_tests:slow", python_path=[BUILDERS])
     base = tmp_path / "serving" / "m"
     d: Daemon = daemons(config, tmp_path / "daemon.log")
     d.wait_for(lambda ev: any(e["event"] == "export_started" for e in ev), what="export start")
     assert len(_temp_dirs(base)) == 1
+    d.proc.send_signal(signal.SIGTERM)  # grace period: 60 s by default
+    d.wait_for(lambda ev: any(e["event"] == "stop_requested" for e in ev), what="stop request")
+    assert d.proc.poll() is None  # still waiting for the export
     started = time.monotonic()
-    assert d.stop() == 0
+    assert d.stop(signal.SIGTERM) == 0  # the second one does not wait
     assert time.monotonic() - started < 30
+    assert d.count("stop_forced") == 1
     assert _temp_dirs(base) == []
     assert version_dirs(base) == {}
     assert list((base / ".ckpt-exporter" / "staging").glob("*")) == []

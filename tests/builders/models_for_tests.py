@@ -35,5 +35,11 @@ def slow() -> Any:
     return build_model()
 
 
+def slowish() -> Any:
+    """The demo model after a few seconds: an export still running when a signal comes."""
+    time.sleep(6)
+    return build_model()
+
+
 def raises() -> Any:
     raise RuntimeError("builder failed on purpose")
