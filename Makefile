@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install lint unit e2e clean
+.PHONY: demo test install lint unit e2e faults clean
 
 $(BIN)/ckpt-exporter: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,17 @@ lint: install
 	$(BIN)/mypy daemon
 
 unit: install
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -m "not e2e and not faults"
 
 e2e: install
 	$(BIN)/python -m pytest -q -m e2e
 
+faults: install
+	$(BIN)/python -m pytest -q -m faults
+
+# Everything but the fault suite (make faults, about 5 minutes; CI runs both).
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not faults"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

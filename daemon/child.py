@@ -12,7 +12,9 @@ supervisor can use :func:`run_child_command` and :func:`read_result`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -92,8 +94,19 @@ def load_request(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def finish(result_path: Path, result: Mapping[str, Any]) -> int:
-    """Write the result file and return the exit code that goes with it."""
-    write_json_atomic(result_path, result)
+    """Write the result file and return the exit code that goes with it.
+
+    On a full disk the result cannot be written either; the exit code
+    :data:`exitcodes.NO_SPACE` then tells the supervisor why.
+    """
+    try:
+        write_json_atomic(result_path, result)
+    except OSError as e:
+        if e.errno not in _NO_SPACE_ERRNOS:
+            raise
+        with contextlib.suppress(OSError):
+            print(f"cannot write the result {result_path}: {e}", file=sys.stderr, flush=True)
+        return exitcodes.NO_SPACE
     if result.get("ok"):
         return exitcodes.OK
     return exitcodes.PERMANENT_FAILURE if result.get("permanent") else exitcodes.TRANSIENT_FAILURE
@@ -101,6 +114,28 @@ def finish(result_path: Path, result: Mapping[str, Any]) -> int:
 
 def failure(reason: str, message: str, *, permanent: bool) -> dict[str, Any]:
     return {"ok": False, "reason": reason, "error": message, "permanent": permanent}
+
+
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def environment_failure(e: BaseException) -> dict[str, Any] | None:
+    """A transient failure when ``e`` is a full disk or exhausted resources, else None.
+
+    TensorFlow reports a full disk as ``ResourceExhaustedError`` (not OSError),
+    with the file's path in the message; without this, a full disk would
+    reject a good checkpoint for good.
+    """
+    text = str(e).strip()
+    first = (text.splitlines() or [""])[0][:1000]
+    no_space = (isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS) or any(
+        s in text for s in ("No space left on device", "Disk quota exceeded")
+    )
+    if no_space:
+        return failure("no_space", f"{type(e).__name__}: {first}", permanent=False)
+    if type(e).__name__ == "ResourceExhaustedError":
+        return failure("resource_exhausted", f"{type(e).__name__}: {first}", permanent=False)
+    return None
 
 
 def synth_input(key: str, dtype: str, shape: Sequence[int | None]) -> Any:

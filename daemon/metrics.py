@@ -39,10 +39,12 @@ KNOWN_FAILURES: dict[str, tuple[str, ...]] = {
         "builder_import",
         "builder_error",
         "restore_mismatch",
+        "checkpoint_corrupt",
         "no_variables",
         "no_signature",
         "timeout",
         "child_crashed",
+        "no_space",
     ),
     "validate": (
         "load_failed",
@@ -51,6 +53,7 @@ KNOWN_FAILURES: dict[str, tuple[str, ...]] = {
         "signature_failed",
         "timeout",
         "child_crashed",
+        "no_space",
     ),
     "publish": ("publish_failed", "version_refused"),
 }

@@ -135,13 +135,33 @@ def remove_stale_temps(base_path: Path) -> list[Path]:
     for p in children:
         if not p.name.startswith(TEMP_PREFIX):
             continue
-        pid_text = p.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        pid = int(pid_text) if pid_text.isdigit() else 0
-        if pid and pid != os.getpid() and _pid_alive(pid):
+        if _owner_alive(p.name[len(TEMP_PREFIX) :]):
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
+
+
+def _owner_alive(name: str) -> bool:
+    """For a name ``<pid>-...``: is that process alive (and not us)?"""
+    pid_text = name.split("-", 1)[0]
+    pid = int(pid_text) if pid_text.isdigit() else 0
+    return bool(pid and pid != os.getpid() and _pid_alive(pid))
+
+
+def remove_stale_staging(base_path: Path) -> None:
+    """Remove the staging folders (``staging/<pid>-<job>``) of processes that are gone.
+
+    Same rule as :func:`remove_stale_temps`: a second daemon starting on this
+    base path must not pull the pinned checkpoint from under a live export.
+    """
+    try:
+        children = list((state_dir(base_path) / "staging").iterdir())
+    except FileNotFoundError:
+        return
+    for p in children:
+        if not _owner_alive(p.name):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 class BasePathLock:

@@ -50,6 +50,7 @@ from daemon.publish import (
     move_aside,
     new_temp_dir,
     publish,
+    remove_stale_staging,
     remove_stale_temps,
     remove_version,
     state_dir,
@@ -72,6 +73,8 @@ from daemon.watch import Watcher
 MAX_BACKOFF_SECONDS = 3600.0
 #: How long a child gets after SIGTERM before SIGKILL on shutdown.
 CHILD_KILL_GRACE_SECONDS = 5.0
+#: How long a checkpoint may stay incomplete before it is reported (once).
+INCOMPLETE_REPORT_SECONDS = 5.0
 
 
 @dataclass
@@ -127,6 +130,7 @@ class ModelState:
     last_plan: Plan | None = None
     last_scan: ScanResult | None = None
     reported: set[str] = field(default_factory=set)  # problems already logged once
+    incomplete_since: dict[str, float] = field(default_factory=dict)  # prefix -> monotonic
     failing_since: float | None = None  # first failure since the last publication
     next_cfg: ModelConfig | None = None  # a reload's new config, applied once idle
     retiring: bool = False  # removed by a reload; goes once its export ends
@@ -222,9 +226,12 @@ class Supervisor:
             base.mkdir(parents=True, exist_ok=True)
             for p in remove_stale_temps(base):
                 self.log.info("removed_stale_temp_dir", model=st.cfg.name, path=str(p))
-            staging = state_dir(base) / "staging"
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            # Only staging of processes that are gone: another daemon or
+            # `ckpt-exporter export` on this base path may be exporting now.
+            remove_stale_staging(base)
+            # Versions renamed out of sight by retention but not yet fully deleted
+            # when the daemon was killed: invisible to the server, only wasting space.
+            shutil.rmtree(state_dir(base) / "trash", ignore_errors=True)
         except OSError as e:
             self._report_once(
                 st,
@@ -587,6 +594,7 @@ class Supervisor:
             st.reported.discard("missing_dir")
         for problem in result.problems:
             self._report_once(st, problem, "checkpoint_problem", problem=problem)
+        self._report_incomplete(st, result)
         st.last_scan = result
         busy = {st.job.ckpt.fingerprint} if st.job else set()
         decision = plan(
@@ -616,6 +624,32 @@ class Supervisor:
             )
         self._start_job(st, decision.next)
 
+    def _report_incomplete(self, st: ModelState, result: ScanResult) -> None:
+        """Say once per prefix that an incomplete checkpoint is skipped, if it stays so.
+
+        An ``.index`` without its shards, or a prefix the state file names whose
+        files are gone, is skipped. ``CheckpointManager`` passes through such
+        states for milliseconds while it deletes old checkpoints, so only one
+        still incomplete after :data:`INCOMPLETE_REPORT_SECONDS` is reported.
+        """
+        now = time.monotonic()
+        for prefix in list(st.incomplete_since):
+            if prefix not in result.incomplete:
+                del st.incomplete_since[prefix]
+                st.reported.discard(f"incomplete:{prefix}")
+        for prefix in result.incomplete:
+            since = st.incomplete_since.setdefault(prefix, now)
+            if now - since >= INCOMPLETE_REPORT_SECONDS:
+                self._report_once(
+                    st,
+                    f"incomplete:{prefix}",
+                    "checkpoint_incomplete",
+                    level="info",
+                    checkpoint=str(st.cfg.checkpoint_dir / prefix),
+                    hint=f"skipped until {prefix}.index and every data shard it names exist; "
+                    "named in the state file but deleted, or broken",
+                )
+
     def _running_jobs(self) -> int:
         return sum(1 for s in self.models.values() if s.job is not None)
 
@@ -626,7 +660,7 @@ class Supervisor:
         log = self.log.bind(**job.log_fields)
         base = st.cfg.base_path
         try:
-            job.staging = state_dir(base) / "staging" / job.id
+            job.staging = state_dir(base) / "staging" / f"{os.getpid()}-{job.id}"
             job.pinned, method = pin_checkpoint(ckpt, job.staging)
         except CheckpointVanished as e:
             log.info("checkpoint_vanished", detail=str(e))
@@ -710,6 +744,17 @@ class Supervisor:
             return
         assert job.staging is not None
         result = child.read_result(job.staging / f"{job.phase}.result.json")
+        if result is None and job.proc.returncode == exitcodes.NO_SPACE:
+            self._fail(
+                job,
+                "no_space",
+                f"the {job.phase} process could not write its result into {job.staging}: "
+                f"no space left on the device of {job.model.cfg.base_path}; free some space, "
+                "the export is retried",
+                permanent=False,
+                output=_tail(job.staging / f"{job.phase}.log"),
+            )
+            return
         if result is None:
             code = job.proc.returncode
             how = (
@@ -909,7 +954,9 @@ class Supervisor:
                     job.temp_dir,
                     cfg.base_path,
                     f"{job.ckpt.name}-{reason}",
-                    self.config.daemon.keep_failed,
+                    # A half-written export on a full disk is nothing to inspect,
+                    # and keeping it would eat the space the retry needs.
+                    0 if reason == "no_space" else self.config.daemon.keep_failed,
                 )
             except OSError:
                 shutil.rmtree(job.temp_dir, ignore_errors=True)

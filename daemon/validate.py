@@ -174,7 +174,9 @@ def main(argv: list[str]) -> int:
         result = child.failure("out_of_memory", "validation ran out of memory", permanent=False)
     except Exception as e:
         tb = traceback.format_exc(limit=8)
-        result = child.failure("validate_error", f"{type(e).__name__}: {e}\n{tb}", permanent=True)
+        result = child.environment_failure(e) or child.failure(
+            "validate_error", f"{type(e).__name__}: {e}\n{tb}", permanent=True
+        )
     return child.finish(Path(req["result"]), result)
 
 

@@ -24,6 +24,12 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+#: Events that only say a file was read (watchdog reports IN_OPEN and
+#: IN_CLOSE_NOWRITE). Our own scan reads the state file and the indexes, so
+#: taking these as hints would make every scan trigger the next one: a busy
+#: loop burning a core while idle, and starving the exports.
+_READ_ONLY_EVENTS = frozenset({"opened", "closed_no_write"})
+
 
 class _Hint(FileSystemEventHandler):
     def __init__(self, model: str, notify: Callable[[str], None]) -> None:
@@ -32,7 +38,8 @@ class _Hint(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         # Runs on the observer's thread: only enqueue, the main loop does the work.
-        self.notify(self.model)
+        if event.event_type not in _READ_ONLY_EVENTS:
+            self.notify(self.model)
 
 
 class Watcher:

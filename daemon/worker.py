@@ -60,10 +60,36 @@ def _checkpoint_keys(prefix: str) -> list[str]:
     import tensorflow as tf
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-    reader = tf.train.load_checkpoint(prefix)
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        graph = trackable_object_graph_pb2.TrackableObjectGraph()
+        graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    except Exception as e:
+        raise _unreadable(prefix, e) from e
     return sorted(child.local_name for child in graph.nodes[0].children)
+
+
+def _unreadable(prefix: str, e: Exception) -> child.ChildFailure:
+    """The failure for a checkpoint whose files cannot be read back.
+
+    The index is written last, so a checkpoint that passed the completeness
+    check and still cannot be read is truncated or corrupt: permanent. Pinned
+    files that are gone were removed by someone else: transient.
+    """
+    name = os.path.basename(prefix)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:500]
+    if not os.path.exists(prefix + ".index"):
+        return child.ChildFailure(
+            "checkpoint_vanished",
+            f"the pinned files of checkpoint {name} disappeared ({first})",
+            permanent=False,
+        )
+    return child.ChildFailure(
+        "checkpoint_corrupt",
+        f"checkpoint {name} cannot be read: {type(e).__name__}: {first}; "
+        "its files are truncated or corrupt (the .index is written last, so this is "
+        "not a checkpoint still being written)",
+    )
 
 
 def _saved_counters(prefix: str) -> dict[str, int]:
@@ -102,6 +128,8 @@ def _restore(obj: Any, key: str, prefix: str) -> int:
         # A shape mismatch raises in read(); a variable the checkpoint lacks, in the assert.
         status = tf.train.Checkpoint(**{key: obj}).read(prefix)
         status.assert_existing_objects_matched()
+    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
+        raise _unreadable(prefix, e) from e  # checksum mismatch, short read
     except (AssertionError, ValueError, tf.errors.OpError) as e:
         raise child.ChildFailure(
             "restore_mismatch",
@@ -231,10 +259,14 @@ def main(argv: list[str]) -> int:
         result = child.failure("out_of_memory", "the export ran out of memory", permanent=False)
     except OSError as e:
         # Disk full, permissions: the environment, not the checkpoint.
-        result = child.failure("os_error", f"{type(e).__name__}: {e}", permanent=False)
+        result = child.environment_failure(e) or child.failure(
+            "os_error", f"{type(e).__name__}: {e}", permanent=False
+        )
     except Exception as e:
         tb = traceback.format_exc(limit=8)
-        result = child.failure("export_error", f"{type(e).__name__}: {e}\n{tb}", permanent=True)
+        result = child.environment_failure(e) or child.failure(
+            "export_error", f"{type(e).__name__}: {e}\n{tb}", permanent=True
+        )
     return child.finish(Path(req["result"]), result)
 
 

@@ -194,3 +194,16 @@ def test_state_file_entries_in_other_directories_are_not_ours(managed: Path) -> 
     result = TFCheckpointSource().scan(managed)
     assert [c.name for c in result.checkpoints] == ["ckpt-1", "ckpt-2", "ckpt-3"]
     assert "ckpt-50" not in result.incomplete
+
+
+def test_an_index_still_being_written_is_incomplete(managed: Path) -> None:
+    # A restarted trainer rewrites ckpt-3.index in place: a prefix of the file
+    # has no table footer yet.
+    index = managed / "ckpt-3.index"
+    whole = index.read_bytes()
+    index.write_bytes(whole[: len(whole) // 2])
+    result = TFCheckpointSource().scan(managed)
+    assert [c.name for c in result.checkpoints] == ["ckpt-1", "ckpt-2"]
+    assert result.incomplete == ["ckpt-3"]
+    index.write_bytes(whole)
+    assert names(managed) == ["ckpt-1", "ckpt-2", "ckpt-3"]

@@ -5,9 +5,12 @@ optionally a ``checkpoint`` state file (text protobuf) naming recent prefixes.
 
 Completeness rule: TensorFlow writes every data shard first and merges the
 shard indexes into ``<prefix>.index`` last (``MergeV2Checkpoints``), so a
-checkpoint is complete when its ``.index`` exists and all N shards named by the
-``-of-N`` suffix exist. The state file is only a hint: it is rewritten by
-rename after the files are in place, and may still list a prefix that
+checkpoint is complete when its ``.index`` exists, ends with the table footer's
+magic number (the index is an SSTable written front to back in place, so a
+half-written one has no footer yet: seen when a restarted trainer rewrites
+``ckpt-5.index``), and all N shards named by the ``-of-N`` suffix exist.
+The state file is only a hint: it is rewritten by rename after the files are
+in place, and may still list a prefix that
 ``max_to_keep`` is about to delete, so every prefix is checked on disk.
 """
 
@@ -23,6 +26,9 @@ from daemon.sources.base import Checkpoint, ScanResult
 
 STATE_FILE = "checkpoint"
 _STEP_RE = re.compile(r"-(\d+)$")
+#: The last 8 bytes of a complete TensorFlow table file (``kTableMagicNumber``,
+#: little-endian), the format of a checkpoint's ``.index``.
+TABLE_MAGIC = (0xDB4775248B80FB57).to_bytes(8, "little")
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)\.data-(?P<i>\d{5})-of-(?P<n>\d{5})$")
 _STATE_LINE_RE = re.compile(
     r'^\s*(model_checkpoint_path|all_model_checkpoint_paths)\s*:\s*"((?:[^"\\]|\\.)*)"\s*$'
@@ -154,6 +160,9 @@ class TFCheckpointSource:
         except OSError as e:
             result.problems.append(f"cannot read {directory / index.name}: {e}")
             return None
+        if fp is None:
+            result.incomplete.append(prefix)  # the index is still being written
+            return None
         return Checkpoint(
             prefix=directory / prefix,
             step=step_from_prefix(prefix),
@@ -162,12 +171,16 @@ class TFCheckpointSource:
             fingerprint=fp,
         )
 
-    def _fingerprint(self, index: Path, st: os.stat_result, shard_sizes: list[int]) -> str:
+    def _fingerprint(self, index: Path, st: os.stat_result, shard_sizes: list[int]) -> str | None:
+        """sha256 of the index and shard sizes; None while the index has no footer yet."""
         cached = self._fp_cache.get(index)
         if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
             return cached[2]
+        data = index.read_bytes()
+        if not data.endswith(TABLE_MAGIC):
+            return None
         h = hashlib.sha256()
-        h.update(index.read_bytes())
+        h.update(data)
         h.update(repr(shard_sizes).encode())
         fp = "sha256:" + h.hexdigest()
         self._fp_cache[index] = (st.st_size, st.st_mtime_ns, fp)
