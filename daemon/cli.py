@@ -1,8 +1,12 @@
 """The ``ckpt-exporter`` command line.
 
-``run`` is the daemon; ``export``, ``validate``, ``status`` and ``check-config``
-are for people and scripts; ``demo`` shows the whole thing on a tiny training
-job. Exit codes come from :mod:`daemon.exitcodes` (78: invalid config).
+``run`` is the daemon; ``export``, ``validate``, ``status``, ``rollback``,
+``pin``, ``unpin`` and ``check-config`` are for people and scripts; ``demo``
+shows the whole thing on a tiny training job. Exit codes come from
+:mod:`daemon.exitcodes` (78: invalid config or unknown ``--model``); the
+operator commands (``rollback``, ``pin``, ``unpin``) exit 1 when they refuse
+(the message on stderr says why) and 75 when the base-path lock stayed busy.
+User errors never end in a traceback.
 """
 
 from __future__ import annotations
@@ -13,15 +17,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from daemon import __version__, exitcodes, logs
-from daemon.config import Config, ConfigError, load_config
-from daemon.planner import plan
+from daemon.config import Config, ConfigError, ModelConfig, load_config
+from daemon.operations import (
+    LOCK_TIMEOUT_SECONDS,
+    LockBusy,
+    OperationError,
+    apply_rolled_back,
+    pin_version,
+    read_pins,
+    read_rolled_back,
+    rollback,
+    tree_bytes,
+    unpin_version,
+)
+from daemon.planner import History, plan
 from daemon.rejected import read_rejected
 from daemon.sources import SOURCES
-from daemon.versions import published_versions, scan_base_path
+from daemon.versions import published_versions
+
+#: Exit status of an operator command (rollback, pin, unpin) that refused or failed.
+REFUSED = 1
 
 
 def _load(path: str) -> Config:
@@ -30,6 +51,22 @@ def _load(path: str) -> Config:
     except ConfigError as e:
         print(f"ckpt-exporter: {e}", file=sys.stderr)
         raise SystemExit(exitcodes.CONFIG) from None
+
+
+def _error(message: str) -> None:
+    print(f"ckpt-exporter: {message}", file=sys.stderr)
+
+
+def _pick_model(cfg: Config, name: str | None) -> ModelConfig | None:
+    """The model named ``name``, or the only one when ``name`` is None; else None (said)."""
+    names = [m.name for m in cfg.models]
+    if name is None and len(names) == 1:
+        name = names[0]
+    for m in cfg.models:
+        if m.name == name:
+            return m
+    _error(f"--model must be one of {', '.join(names)}")
+    return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -65,12 +102,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from daemon.supervisor import Supervisor
 
     cfg = _load(args.config)
-    names = [m.name for m in cfg.models]
-    if args.model is None and len(names) == 1:
-        args.model = names[0]
-    if args.model not in names:
-        print(f"ckpt-exporter: --model must be one of {', '.join(names)}", file=sys.stderr)
+    model = _pick_model(cfg, args.model)
+    if model is None:
         return exitcodes.CONFIG
+    args.model = model.name
     logs.configure(args.log_format or cfg.daemon.log_format, cfg.daemon.log_level)
     sup = Supervisor(cfg, logs.get_logger())
     sup.install_signal_handlers()
@@ -118,43 +153,96 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return exitcodes.OK if result.get("ok") else 1
 
 
-def model_status(cfg: Config) -> list[dict[str, Any]]:
-    """Per model: newest checkpoint, newest version, pending, versions on disk (read-only)."""
-    from daemon.planner import History
+def _iso_utc(timestamp: Any) -> str | None:
+    """ISO-8601 UTC (``2024-05-01T12:00:00Z``) for a Unix time from metadata, or None."""
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float) or timestamp <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return None
 
+
+def model_status(cfg: Config) -> list[dict[str, Any]]:
+    """Per model, read from disk only: the facts the daemon's metrics expose.
+
+    ``pending`` is planned exactly as the daemon plans (published, rejected
+    and rolled-back checkpoints excluded, the rolled-back floor raising the
+    watermark), without the minimum interval and without a running export.
+    """
     rows = []
     for m in cfg.models:
-        scan = SOURCES[m.source]().scan(m.checkpoint_dir)
-        published = published_versions(m.base_path, m.name)
+        scan_error = None
+        try:
+            checkpoints = SOURCES[m.source]().scan(m.checkpoint_dir).checkpoints
+        except OSError as e:
+            scan_error, checkpoints = str(e), []
+        published = sorted(published_versions(m.base_path, m.name), key=lambda p: p.version)
         rejected = read_rejected(m.base_path)
-        history = History(
-            published_fingerprints=frozenset(p.fingerprint for p in published),
-            watermark_ns=max((p.written_ns for p in published), default=0),
-            rejected=frozenset(rejected),
+        rolled_back, _floor = read_rolled_back(m.base_path)
+        history = apply_rolled_back(
+            History(
+                published_fingerprints=frozenset(p.fingerprint for p in published),
+                watermark_ns=max((p.written_ns for p in published), default=0),
+                rejected=frozenset(rejected),
+            ),
+            m.base_path,
         )
         decision = plan(
-            scan.checkpoints,
+            checkpoints,
             history,
             export_policy=m.export_policy,
             min_interval_seconds=0,
             now=time.time(),
         )
-        newest = scan.checkpoints[-1] if scan.checkpoints else None
-        all_versions = scan_base_path(m.base_path)
+        newest_ckpt = checkpoints[-1] if checkpoints else None
+        newest = published[-1] if published else None
         rows.append(
             {
                 "model": m.name,
                 "checkpoint_dir": str(m.checkpoint_dir),
                 "base_path": str(m.base_path),
-                "newest_checkpoint": newest.name if newest else None,
-                "newest_checkpoint_step": newest.step if newest else None,
-                "newest_version": max((v.version for v in all_versions), default=None),
-                "pending": decision.pending,
+                "newest_checkpoint": newest_ckpt.name if newest_ckpt else None,
+                "newest_checkpoint_step": newest_ckpt.step if newest_ckpt else None,
+                "newest_version": newest.version if newest else None,
+                "newest_version_step": newest.step if newest else None,
+                "pending": None if scan_error else decision.pending,
                 "versions_on_disk": len(published),
+                "last_publish": _iso_utc(newest.metadata.get("published_at")) if newest else None,
+                "pinned": sorted(read_pins(m.base_path)),
                 "rejected": len(rejected),
+                "rolled_back": len(rolled_back),
+                "newest_version_bytes": tree_bytes(newest.path) if newest else None,
+                "scan_error": scan_error,
             }
         )
     return rows
+
+
+def _human_bytes(n: Any) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+#: The table of ``status``: JSON key, column header, how to show a value that is not None.
+STATUS_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("model", "MODEL", str),
+    ("newest_checkpoint", "CHECKPOINT", str),
+    ("newest_checkpoint_step", "STEP", str),
+    ("newest_version", "VERSION", str),
+    ("newest_version_step", "VERSION_STEP", str),
+    ("pending", "PENDING", str),
+    ("versions_on_disk", "VERSIONS", str),
+    ("last_publish", "LAST_PUBLISH", str),
+    ("pinned", "PINNED", lambda v: ",".join(map(str, v)) or "-"),
+    ("rejected", "REJECTED", str),
+    ("rolled_back", "ROLLED_BACK", str),
+    ("newest_version_bytes", "SIZE", _human_bytes),
+)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -162,19 +250,83 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return exitcodes.OK
-    cols = [
-        "model",
-        "newest_checkpoint",
-        "newest_version",
-        "pending",
-        "versions_on_disk",
-        "rejected",
-    ]
-    table = [cols] + [[str(r[c]) if r[c] is not None else "-" for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    table = [[header for _key, header, _fmt in STATUS_COLUMNS]]
+    for r in rows:
+        table.append(
+            [fmt(r[key]) if r[key] is not None else "-" for key, _h, fmt in STATUS_COLUMNS]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(STATUS_COLUMNS))]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for r in rows:
+        if r["scan_error"]:
+            _error(f"{r['model']}: cannot scan {r['checkpoint_dir']}: {r['scan_error']}")
     return exitcodes.OK
+
+
+def _operation(args: argparse.Namespace, action: Callable[[ModelConfig], int]) -> int:
+    """Run an operator command on the chosen model; refusals become one line on stderr."""
+    cfg = _load(args.config)
+    model = _pick_model(cfg, args.model)
+    if model is None:
+        return exitcodes.CONFIG
+    try:
+        return action(model)
+    except LockBusy as e:
+        _error(f"{model.name}: {e}")
+        return exitcodes.TRANSIENT_FAILURE
+    except OperationError as e:
+        _error(f"{model.name}: {e}")
+        return REFUSED
+    except OSError as e:
+        _error(f"{model.name}: {e}")
+        return REFUSED
+
+
+def _pins_text(pins: frozenset[int]) -> str:
+    return ", ".join(map(str, sorted(pins))) or "none"
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    def action(m: ModelConfig) -> int:
+        result = rollback(m.base_path, m.name, args.to, lock_timeout=args.lock_timeout)
+        for mv in result.moved:
+            print(
+                f"{m.name}: version {mv.version} moved out of sight to {mv.destination}; "
+                f"its checkpoint {mv.checkpoint or '(unknown)'} will not be exported again"
+            )
+        print(
+            f"{m.name}: rolled back to version {result.target}; "
+            f"TF Serving will serve version {result.highest_remaining}"
+        )
+        for w in result.warnings:
+            _error(f"{m.name}: warning: {w}")
+        return exitcodes.OK
+
+    return _operation(args, action)
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    def action(m: ModelConfig) -> int:
+        already = args.version in read_pins(m.base_path)
+        pins = pin_version(m.base_path, m.name, args.version, lock_timeout=args.lock_timeout)
+        what = "was already pinned" if already else "pinned: retention keeps it"
+        print(f"{m.name}: version {args.version} {what} (pinned: {_pins_text(pins)})")
+        return exitcodes.OK
+
+    return _operation(args, action)
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    def action(m: ModelConfig) -> int:
+        pins = unpin_version(m.base_path, m.name, args.version, lock_timeout=args.lock_timeout)
+        print(
+            f"{m.name}: version {args.version} unpinned: retention may remove it "
+            f"(pinned: {_pins_text(pins)})"
+        )
+        return exitcodes.OK
+
+    return _operation(args, action)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -227,10 +379,65 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the full report as JSON")
     sp.set_defaults(func=cmd_validate)
 
-    sp = sub.add_parser("status", help="per model: newest checkpoint, version, pending")
+    sp = sub.add_parser(
+        "status",
+        help="per model: checkpoints, versions, pending, pins, rejected (the metrics' facts)",
+        description="Per model, read from disk: newest checkpoint and step, newest version "
+        "published by ckpt-exporter and its step, pending checkpoints, versions on disk, "
+        "last publication (UTC), pinned versions, rejected and rolled-back checkpoints, "
+        "size of the newest version.",
+    )
     with_config(sp)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print the rows as JSON")
     sp.set_defaults(func=cmd_status)
+
+    op_exits = (
+        "exit status: 0 done; 1 refused or failed (the reason is on stderr); "
+        "75 the base-path lock stayed busy (a publication in progress: try again); "
+        "78 invalid config or unknown --model"
+    )
+
+    def operator(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=description, epilog=op_exits)
+        with_config(sp)
+        sp.add_argument("--model", help="model name (optional with a single model)")
+        sp.add_argument(
+            "--lock-timeout",
+            type=float,
+            default=LOCK_TIMEOUT_SECONDS,
+            metavar="SECONDS",
+            help="how long to wait for a publication in progress (default: %(default)s)",
+        )
+        return sp
+
+    sp = operator(
+        "rollback",
+        "take the newest versions out of TF Serving's sight; never export them again",
+        "Move every version newer than the target into .ckpt-exporter/rolled-back/ "
+        "(kept, not deleted), oldest first, so TF Serving goes straight from the newest "
+        "version to the target, and record their checkpoints so the daemon never exports "
+        "them (or older ones) again. Versions not made by ckpt-exporter are never touched.",
+    )
+    sp.add_argument(
+        "--to",
+        type=int,
+        metavar="VERSION",
+        help="version to serve (default: the second-newest version of the model)",
+    )
+    sp.set_defaults(func=cmd_rollback)
+
+    sp = operator(
+        "pin",
+        "protect a version from retention (keep_versions)",
+        "Protect a version published by ckpt-exporter from retention: it is kept in "
+        "addition to the newest keep_versions versions.",
+    )
+    sp.add_argument("version", type=int, metavar="VERSION")
+    sp.set_defaults(func=cmd_pin)
+
+    sp = operator("unpin", "let retention remove a pinned version again", "Remove a pin.")
+    sp.add_argument("version", type=int, metavar="VERSION")
+    sp.set_defaults(func=cmd_unpin)
 
     sp = sub.add_parser("demo", help="train a tiny model and run the daemon on it")
     sp.add_argument("--workspace", help="folder for the demo (default: a new temporary one)")

@@ -43,6 +43,7 @@ from daemon import __version__, child, exitcodes, logs, systemd
 from daemon.config import Config, ConfigError, ModelConfig, load_config
 from daemon.health import HealthSnapshot, evaluate
 from daemon.metrics import HTTPServer, Metrics
+from daemon.operations import apply_rolled_back, highest_rolled_back_version, read_pins
 from daemon.pin import CheckpointVanished, pin_checkpoint
 from daemon.planner import History, Plan, plan
 from daemon.publish import (
@@ -143,6 +144,10 @@ class ModelState:
             retry_at=dict(self.retry_at),
             last_publish_time=self.last_publish_time,
         )
+
+    def history_on_disk(self) -> History:
+        """:meth:`history` with ``ckpt-exporter rollback``'s record folded in."""
+        return apply_rolled_back(self.history(), self.cfg.base_path)
 
 
 class Supervisor:
@@ -370,6 +375,11 @@ class Supervisor:
             self._next_rescan = now + self.config.daemon.rescan_interval_seconds
             for st in self.models.values():
                 st.dirty = True
+                if st.job is None:
+                    # The base path is the truth: someone may have rolled back,
+                    # deleted or pinned versions since we last looked.
+                    self._refresh_published(st)
+                    st.rejected.update(read_rejected(st.cfg.base_path))
             self._sync_watches()
         for st in list(self.models.values()):
             if st.job is not None:
@@ -599,7 +609,7 @@ class Supervisor:
         busy = {st.job.ckpt.fingerprint} if st.job else set()
         decision = plan(
             result.checkpoints,
-            st.history(),
+            st.history_on_disk(),
             export_policy=st.cfg.export_policy,
             min_interval_seconds=st.cfg.min_interval_seconds,
             now=time.time(),
@@ -843,14 +853,20 @@ class Supervisor:
                 )
                 self._finish(job)
                 return
+            # Never reuse a number that was rolled back: a server that served
+            # it, or saw it fail, must not take another model for it.
+            floor = highest_rolled_back_version(cfg.base_path)
             choose: Callable[[list[int]], int]
             if cfg.version_policy == "step":
                 step = job.step
 
                 def choose(existing: list[int]) -> int:
-                    return step_version(step, existing)
+                    return step_version(step, [*existing, floor])
             else:
-                choose = next_version
+
+                def choose(existing: list[int]) -> int:
+                    return next_version([*existing, floor])
+
             try:
                 version, path = publish(job.temp_dir, cfg.base_path, choose, self._metadata(job))
             except VersionError as e:
@@ -908,7 +924,11 @@ class Supervisor:
         }
 
     def _retention(self, st: ModelState) -> None:
-        doomed = plan_retention([p.version for p in st.published], st.cfg.keep_versions)
+        doomed = plan_retention(
+            [p.version for p in st.published],
+            st.cfg.keep_versions,
+            protected=read_pins(st.cfg.base_path),
+        )
         if not doomed:
             return
         by_version = {p.version: p for p in st.published}

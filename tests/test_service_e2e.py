@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, train, version_dirs, write_config
+from conftest import Daemon, child_env, train, version_dirs, write_config
 
 pytestmark = pytest.mark.e2e
 BUILDERS = str(Path(__file__).parent / "builders")
@@ -189,3 +190,47 @@ def test_prometheus_scrapes_the_published_version(
     up = _query(prom_port, 'up{job="ckpt-exporter"}')
     assert float(up[0]["value"][1]) == 1
     assert d.stop() == 0
+
+
+def test_rollback_and_pin_while_the_daemon_runs(tmp_path: Path, daemons: Any) -> None:
+    ckpts = tmp_path / "ckpts"
+    train(ckpts, 2)  # ckpt-5, ckpt-10
+    config = write_config(tmp_path, keep_versions=2)
+    base = tmp_path / "serving" / "m"
+    d: Daemon = daemons(config, tmp_path / "daemon.log")
+    d.wait_for(lambda ev: sum(e["event"] == "published" for e in ev) >= 2, what="2 versions")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "daemon", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=120,
+        )
+
+    r = cli("rollback")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "TF Serving will serve version 1" in r.stdout
+    assert sorted(version_dirs(base)) == [1]
+    r = cli("pin", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # Several rescans later the running daemon has not exported the
+    # rolled-back checkpoint again.
+    time.sleep(4)
+    assert d.count("export_started") == 2 and sorted(version_dirs(base)) == [1]
+
+    # A new checkpoint gets a new number (3: 2 is never reused), and retention
+    # (keep_versions = 2) keeps the pinned version 1 even past the limit.
+    train(ckpts, 2, seed=3)  # a restarted trainer: ckpt-5, ckpt-10 with new weights
+    d.wait_for(lambda ev: sum(e["event"] == "published" for e in ev) >= 4, what="2 more")
+    assert sorted(version_dirs(base)) == [1, 3, 4]
+    assert d.stop() == 0
+
+    # After a restart the rollback still holds.
+    d2: Daemon = daemons(config, tmp_path / "daemon2.log")
+    d2.wait_for(lambda ev: any(e["event"] == "started" for e in ev), what="restart")
+    time.sleep(3)
+    assert d2.count("export_started") == 0
+    assert d2.stop() == 0

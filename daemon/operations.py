@@ -1,0 +1,490 @@
+"""Operator actions on a base path: rollback, pins, and the records they leave.
+
+No TensorFlow and no daemon needed: these run from the ``ckpt-exporter``
+command while the daemon may be running on the same base path, so every write
+that could race a publication happens under :class:`~daemon.publish.BasePathLock`.
+
+Files (all in the base path's state folder ``.ckpt-exporter/``, whose name TF
+Serving never takes for a version):
+
+- ``pins.json``: a JSON list of version numbers that retention must keep.
+- ``rolled_back.json``: the checkpoints whose versions were rolled back, so the
+  daemon never exports them again::
+
+      {"fingerprints": {"<fingerprint>": {"version": 5, "checkpoint": "/x/ckpt-5",
+                                          "at": 1700000000.0}},
+       "floor_ns": 1700000000000000000,
+       "highest_version": 5}
+
+  ``floor_ns`` is the newest ``written_ns`` of any rolled-back checkpoint.
+  The daemon must treat it like its watermark: with ``export_policy =
+  "latest"`` the checkpoints written between the target and the rolled-back
+  version were never exported (superseded), so their fingerprints are in no
+  record; without the floor the daemon would export the newest of them as a
+  new version and silently undo the rollback. ``highest_version`` is the
+  highest version number ever moved aside, so a publisher can avoid reusing
+  a number.
+- ``rolled-back/<version>-<UTC timestamp>/``: the rolled-back versions, moved
+  there whole (one rename each) and kept for inspection; nothing deletes them.
+
+This is a separate file from ``rejected.json`` on purpose: a running
+supervisor keeps ``rejected.json`` in memory and rewrites it whole at its next
+rejection, which would drop anything another process had added to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from daemon.planner import History
+from daemon.publish import BasePathLock, fsync_path, rename_noreplace, state_dir, write_json_atomic
+from daemon.versions import Published, published_versions, scan_base_path
+
+PINS_FILENAME = "pins.json"
+ROLLED_BACK_FILENAME = "rolled_back.json"
+ROLLED_BACK_DIRNAME = "rolled-back"
+
+#: How long an operation waits for a publication in progress to release the lock.
+LOCK_TIMEOUT_SECONDS = 30.0
+_LOCK_POLL_SECONDS = 0.1
+
+
+class OperationError(Exception):
+    """An operation was refused or failed; the message says why and what to do."""
+
+
+class LockBusy(OperationError):
+    """The base-path lock stayed held by another process for the whole timeout."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+# --- paths ------------------------------------------------------------------
+
+
+def pins_path(base_path: Path) -> Path:
+    return state_dir(base_path) / PINS_FILENAME
+
+
+def rolled_back_path(base_path: Path) -> Path:
+    return state_dir(base_path) / ROLLED_BACK_FILENAME
+
+
+def rolled_back_dir(base_path: Path) -> Path:
+    return state_dir(base_path) / ROLLED_BACK_DIRNAME
+
+
+# --- shared helpers ---------------------------------------------------------
+
+
+def acquire_lock(base_path: Path, timeout: float = LOCK_TIMEOUT_SECONDS) -> BasePathLock:
+    """Take the base-path lock, retrying for up to ``timeout`` seconds; returns it held.
+
+    The daemon holds the lock only while it publishes (a rename and a few
+    fsyncs) and, where it honours pins, while it applies retention, so a short
+    wait is normal. Raises :class:`LockBusy`, naming the holder's PID, when the
+    lock is still held at the end. Prints nothing.
+    """
+    lock = BasePathLock(base_path)
+    deadline = time.monotonic() + timeout
+    while not lock.try_acquire():
+        if time.monotonic() >= deadline:
+            holder = lock.holder()
+            raise LockBusy(
+                f"{lock.path} is held by PID {holder} (still after {timeout:g} s); "
+                "a publication may be stuck: check that process, then try again",
+                holder,
+            )
+        time.sleep(_LOCK_POLL_SECONDS)
+    return lock
+
+
+def _write_json_durably(path: Path, data: object) -> None:
+    """Atomically replace ``path`` with ``data`` as JSON, and make the new name durable.
+
+    ``write_json_atomic`` fsyncs the file's contents before renaming it into
+    place, but the rename itself is only on disk once the directory is
+    fsynced. Rollback relies on its record being durable *before* the first
+    version moves, so the directory is fsynced here too.
+    """
+    # json.dump writes any JSON value; write_json_atomic's annotation says
+    # Mapping only because its other callers pass objects.
+    write_json_atomic(path, cast(Mapping[str, Any], data))
+    fsync_path(path.parent)
+
+
+def _owned(base_path: Path, model: str) -> list[Published]:
+    """This daemon's versions of ``model``, oldest first (ties by folder name)."""
+    return sorted(published_versions(base_path, model), key=lambda p: (p.version, p.path.name))
+
+
+def _prefix(p: Published) -> str:
+    """The checkpoint prefix a version was exported from ("" if its metadata lacks it)."""
+    checkpoint = p.metadata.get("checkpoint")
+    return str(checkpoint.get("prefix", "")) if isinstance(checkpoint, dict) else ""
+
+
+def _no_versions(base_path: Path, model: str) -> OperationError:
+    return OperationError(
+        f"no version of model {model!r} published by ckpt-exporter in {base_path}"
+    )
+
+
+def _listing(versions: Iterable[int]) -> str:
+    return ", ".join(str(v) for v in sorted(set(versions))) or "none"
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes of the regular files under ``root`` (what a version costs on disk)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+# --- pins -------------------------------------------------------------------
+
+
+def read_pins(base_path: Path) -> frozenset[int]:
+    """The pinned versions of ``base_path``: empty when the file is missing or unreadable.
+
+    Entries that are not integers (a hand edit) are ignored, not fatal:
+    retention reads this on every publication and must not stop over it.
+    """
+    try:
+        data = json.loads(pins_path(base_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return frozenset()
+    if not isinstance(data, list):
+        return frozenset()
+    return frozenset(v for v in data if isinstance(v, int) and not isinstance(v, bool))
+
+
+def _write_pins(base_path: Path, pins: Iterable[int]) -> None:
+    _write_json_durably(pins_path(base_path), sorted(set(pins)))
+
+
+def pin_version(
+    base_path: Path, model: str, version: int, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS
+) -> frozenset[int]:
+    """Protect ``version`` of ``model`` from retention; returns the pins afterwards.
+
+    Refuses (:class:`OperationError`) a version that this daemon did not
+    publish for ``model`` in ``base_path``: a foreign version is never deleted
+    anyway, and a pin on a number that does not exist yet would silently
+    protect whatever is published under it later. Pinning a pinned version is
+    a no-op. Runs under the base-path lock so that, where the daemon reads the
+    pins and applies retention under the same lock, a pin cannot land between
+    the two.
+    """
+    if not base_path.is_dir():
+        raise _no_versions(base_path, model)
+    with acquire_lock(base_path, lock_timeout):
+        owned = {p.version for p in _owned(base_path, model)}
+        if version not in owned:
+            raise OperationError(
+                f"version {version} is not a version of model {model!r} published by "
+                f"ckpt-exporter in {base_path} (available: {_listing(owned)})"
+            )
+        pins = read_pins(base_path)
+        if version not in pins:
+            pins = pins | {version}
+            _write_pins(base_path, pins)
+        return pins
+
+
+def unpin_version(
+    base_path: Path, model: str, version: int, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS
+) -> frozenset[int]:
+    """Let retention remove ``version`` again; returns the pins afterwards.
+
+    Refuses (:class:`OperationError`) a version that is not pinned. ``model``
+    only names the model in messages: a pin may outlive its version (deleted
+    by hand), and unpinning it must still work.
+    """
+    if version not in read_pins(base_path):
+        raise OperationError(
+            f"version {version} of model {model!r} is not pinned in {base_path} "
+            f"(pinned: {_listing(read_pins(base_path))})"
+        )
+    with acquire_lock(base_path, lock_timeout):
+        pins = read_pins(base_path)  # again, under the lock
+        if version not in pins:
+            raise OperationError(f"version {version} of model {model!r} is not pinned")
+        pins = pins - {version}
+        _write_pins(base_path, pins)
+        return pins
+
+
+# --- the rolled-back record -------------------------------------------------
+
+
+def _load_rolled_back(base_path: Path) -> tuple[dict[str, Any], bool]:
+    """The record as stored, and whether a file was there but unreadable.
+
+    Missing: ``({}, False)``; unreadable or not a JSON object: ``({}, True)``.
+    """
+    try:
+        data = json.loads(rolled_back_path(base_path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, False
+    except (OSError, ValueError):
+        return {}, True
+    return (data, False) if isinstance(data, dict) else ({}, True)
+
+
+def _int_field(data: Mapping[str, Any], key: str) -> int:
+    value = data.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _fingerprints(data: Mapping[str, Any]) -> dict[str, Any]:
+    fps = data.get("fingerprints")
+    return {str(k): v for k, v in fps.items()} if isinstance(fps, dict) else {}
+
+
+def read_rolled_back(base_path: Path) -> tuple[frozenset[str], int]:
+    """``(fingerprints, floor_ns)`` of the rolled-back checkpoints of ``base_path``.
+
+    Missing or unreadable file: ``(frozenset(), 0)``, which changes nothing.
+    The daemon must never export a checkpoint whose fingerprint is listed, nor
+    one written at or before ``floor_ns`` (see the module docstring).
+    """
+    data, _unreadable = _load_rolled_back(base_path)
+    return frozenset(_fingerprints(data)), _int_field(data, "floor_ns")
+
+
+def highest_rolled_back_version(base_path: Path) -> int:
+    """The highest version number ever rolled back in ``base_path`` (0 if none)."""
+    return _int_field(_load_rolled_back(base_path)[0], "highest_version")
+
+
+def apply_rolled_back(history: History, base_path: Path) -> History:
+    """``history`` with the rolled-back record of ``base_path`` folded in.
+
+    Rolled-back fingerprints join ``rejected`` and the floor raises the
+    watermark, so the planner treats them exactly as it treats a rejected
+    checkpoint and an already-published one.
+    """
+    fingerprints, floor_ns = read_rolled_back(base_path)
+    if not fingerprints and not floor_ns:
+        return history
+    return dataclasses.replace(
+        history,
+        rejected=history.rejected | fingerprints,
+        watermark_ns=max(history.watermark_ns, floor_ns),
+    )
+
+
+# --- rollback ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MovedVersion:
+    """A version taken out of TF Serving's sight by a rollback."""
+
+    version: int
+    source: Path  # where it was, in the base path
+    destination: Path  # where it is now, under .ckpt-exporter/rolled-back/
+    checkpoint: str  # the checkpoint prefix it was exported from ("" if unknown)
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackResult:
+    """What :func:`rollback` did.
+
+    ``target`` is the newest version of the model left; ``highest_remaining``
+    is the highest version of any kind left in the base path, the one TF
+    Serving serves (differs from ``target`` only when a foreign version is
+    higher, which ``warnings`` then says).
+    """
+
+    model: str
+    target: int
+    moved: tuple[MovedVersion, ...]
+    highest_remaining: int | None
+    warnings: tuple[str, ...]
+
+
+def _choose_target(owned: list[Published], model: str, base_path: Path, to: int | None) -> int:
+    versions = sorted({p.version for p in owned})
+    if not versions:
+        raise _no_versions(base_path, model)
+    if to is None:
+        if len(versions) < 2:
+            raise OperationError(
+                f"model {model!r} has only version {versions[0]} in {base_path}: "
+                "there is no older version to roll back to"
+            )
+        return versions[-2]
+    if to not in versions:
+        raise OperationError(
+            f"version {to} is not a version of model {model!r} published by ckpt-exporter "
+            f"in {base_path} (available: {_listing(versions)})"
+        )
+    if to == versions[-1]:
+        raise OperationError(
+            f"version {to} is already the newest version of model {model!r}: "
+            "nothing newer to roll back"
+        )
+    return to
+
+
+def _record(base_path: Path, doomed: list[Published], now: float, warnings: list[str]) -> None:
+    """Merge the doomed versions' checkpoints into ``rolled_back.json``, durably."""
+    data, unreadable = _load_rolled_back(base_path)
+    if unreadable:
+        warnings.append(
+            f"{rolled_back_path(base_path)} was unreadable; it is replaced by a new record"
+        )
+    fingerprints = _fingerprints(data)
+    floor_ns = _int_field(data, "floor_ns")
+    highest = _int_field(data, "highest_version")
+    for p in doomed:
+        if p.fingerprint:
+            fingerprints[p.fingerprint] = {
+                "version": p.version,
+                "checkpoint": _prefix(p),
+                "at": now,
+            }
+        else:
+            warnings.append(
+                f"version {p.version} records no checkpoint fingerprint; only the "
+                "write-time floor keeps its checkpoint from being exported again"
+            )
+        floor_ns = max(floor_ns, p.written_ns)
+        highest = max(highest, p.version)
+    _write_json_durably(
+        rolled_back_path(base_path),
+        {"fingerprints": fingerprints, "floor_ns": floor_ns, "highest_version": highest},
+    )
+
+
+def _move_aside(p: Published, dest_dir: Path, stamp: str) -> Path:
+    """Rename one version into ``dest_dir``, never over an existing folder."""
+    for n in range(100):
+        dest = dest_dir / (f"{p.version}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            rename_noreplace(p.path, dest)
+        except FileExistsError:
+            continue  # the same version rolled back twice in one second
+        return dest
+    raise FileExistsError(f"no free name for version {p.version} in {dest_dir}")
+
+
+def rollback(
+    base_path: Path,
+    model: str,
+    to: int | None = None,
+    *,
+    lock_timeout: float = LOCK_TIMEOUT_SECONDS,
+) -> RollbackResult:
+    """Take every version of ``model`` newer than the target out of TF Serving's sight.
+
+    Contract:
+
+    - the target is ``to``, or by default the second-newest version this
+      daemon published for ``model``; it must be one of those versions and not
+      the newest (otherwise :class:`OperationError`, naming the versions);
+    - runs under the base-path lock (waiting up to ``lock_timeout`` seconds,
+      then :class:`LockBusy` naming the holder's PID), so it never interleaves
+      with a publication or with retention;
+    - first records the newer versions' checkpoints in ``rolled_back.json``
+      (fingerprints merged, ``floor_ns`` raised), durably, so that the daemon
+      never exports them again even if this is interrupted right after;
+    - then renames each newer version into ``.ckpt-exporter/rolled-back/``,
+      ascending, fsyncing the base path and the destination after each one;
+    - removes the pins of the moved versions;
+    - never touches a version without this model's metadata; if one higher
+      than the target remains, a warning says TF Serving will serve it.
+
+    Interrupted at any point, running it again with the same arguments
+    finishes the job: what was moved stays moved and the record is merged.
+    """
+    if not base_path.is_dir():
+        raise _no_versions(base_path, model)
+    warnings: list[str] = []
+    with acquire_lock(base_path, lock_timeout):
+        # Decide under the lock: a publication that just finished counts.
+        owned = _owned(base_path, model)
+        target = _choose_target(owned, model, base_path, to)
+        doomed = [p for p in owned if p.version > target]
+        now = time.time()
+
+        # 1. The record, before anything moves: a crash between the two steps
+        #    leaves versions visible that the daemon will not export again
+        #    (harmless, and the rerun finishes), never the reverse, where the
+        #    daemon would re-export a version that has just been rolled back.
+        _record(base_path, doomed, now, warnings)
+
+        # 2. The moves. TF Serving serves the highest version, so removing them
+        #    in ascending order keeps the highest one visible until last: the
+        #    server sees one transition, from the old highest straight to the
+        #    target, and never loads an intermediate rolled-back version.
+        #    Each rename is made durable (fsync of both folders) before the
+        #    next, so that after a power loss the order still holds: a lower
+        #    version can never come back while a higher one is gone.
+        dest_dir = rolled_back_dir(base_path)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        fsync_path(dest_dir.parent)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        moved: list[MovedVersion] = []
+        for p in doomed:
+            try:
+                dest = _move_aside(p, dest_dir, stamp)
+                fsync_path(base_path)
+                fsync_path(dest_dir)
+            except OSError as e:
+                done = _listing(m.version for m in moved)
+                raise OperationError(
+                    f"could not move version {p.version} out of {base_path}: {e}; "
+                    f"moved so far: {done}. Its checkpoint is already recorded as rolled "
+                    "back; fix the cause and run the same rollback again to finish"
+                ) from e
+            moved.append(
+                MovedVersion(
+                    version=p.version,
+                    source=p.path,
+                    destination=dest,
+                    checkpoint=_prefix(p),
+                    fingerprint=p.fingerprint,
+                )
+            )
+
+        # 3. A pin on a number that is gone would protect whatever is later
+        #    published under the same number.
+        pins = read_pins(base_path)
+        unpinned = sorted(pins & {m.version for m in moved})
+        if unpinned:
+            _write_pins(base_path, pins - set(unpinned))
+            warnings.append(f"pins removed with the rolled-back versions: {_listing(unpinned)}")
+
+        remaining = scan_base_path(base_path)
+    highest = max((e.version for e in remaining), default=None)
+    if highest is not None and highest != target:
+        warnings.append(
+            f"version {highest} in {base_path} was not published by ckpt-exporter for "
+            f"model {model!r} and is higher than {target}: TF Serving will serve "
+            f"{highest}, not {target}; move it away to serve {target}"
+        )
+    return RollbackResult(
+        model=model,
+        target=target,
+        moved=tuple(moved),
+        highest_remaining=highest,
+        warnings=tuple(warnings),
+    )
