@@ -43,7 +43,12 @@ from daemon import __version__, child, exitcodes, logs, systemd
 from daemon.config import Config, ConfigError, ModelConfig, load_config
 from daemon.health import HealthSnapshot, evaluate
 from daemon.metrics import HTTPServer, Metrics
-from daemon.operations import apply_rolled_back, highest_rolled_back_version, read_pins
+from daemon.operations import (
+    apply_rolled_back,
+    highest_rolled_back_version,
+    read_pins,
+    read_rolled_back,
+)
 from daemon.pin import CheckpointVanished, pin_checkpoint
 from daemon.planner import History, Plan, plan
 from daemon.publish import (
@@ -853,6 +858,15 @@ class Supervisor:
                 )
                 self._finish(job)
                 return
+            rolled_back, floor_ns = read_rolled_back(cfg.base_path)
+            if job.ckpt.fingerprint in rolled_back or job.ckpt.written_ns <= floor_ns:
+                self.log.info(
+                    "rolled_back_meanwhile",
+                    **job.log_fields,
+                    hint="`ckpt-exporter rollback` ruled this checkpoint out during its export",
+                )
+                self._finish(job)
+                return
             # Never reuse a number that was rolled back: a server that served
             # it, or saw it fail, must not take another model for it.
             floor = highest_rolled_back_version(cfg.base_path)
@@ -875,7 +889,11 @@ class Supervisor:
             except OSError as e:
                 self._fail(job, "publish_failed", f"{type(e).__name__}: {e}", permanent=False)
                 return
-        job.temp_dir = None  # it is the version now
+            job.temp_dir = None  # it is the version now
+            # Retention under the same lock, from a fresh listing, so that a
+            # pin or a rollback by `ckpt-exporter` cannot race a deletion.
+            self._refresh_published(st)
+            self._retention(st)
         self._phase_done(job, "publish")
         st.last_publish_time = time.time()
         st.failing_since = None
@@ -894,8 +912,6 @@ class Supervisor:
             durations={k: round(v, 3) for k, v in job.durations.items()},
             checkpoint_to_published_seconds=round(latency, 3),
         )
-        self._refresh_published(st)
-        self._retention(st)
         self._finish(job)
         if self.on_published is not None:
             self.on_published(cfg.name, version, path, job.validation)
