@@ -258,7 +258,20 @@ class Supervisor:
             st.last_publish_time = float(newest.metadata.get("published_at", 0)) or None
 
     def _refresh_published(self, st: ModelState) -> None:
-        st.published = published_versions(st.cfg.base_path, st.cfg.name)
+        """Re-read this model's versions from the base path (kept as they were if unreadable)."""
+        try:
+            st.published = published_versions(st.cfg.base_path, st.cfg.name)
+        except OSError as e:
+            self._report_once(
+                st,
+                "base_path_read",
+                "base_path_unreadable",
+                path=str(st.cfg.base_path),
+                error=str(e),
+                hint="make the base path readable and writable by the daemon's user",
+            )
+            return
+        st.reported.discard("base_path_read")
         name = st.cfg.name
         self.metrics.versions_on_disk.labels(name).set(len(st.published))
         if st.published:
