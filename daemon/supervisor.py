@@ -48,6 +48,7 @@ from daemon.operations import (
     highest_rolled_back_version,
     read_pins,
     read_rolled_back,
+    tree_bytes,
 )
 from daemon.pin import CheckpointVanished, pin_checkpoint
 from daemon.planner import History, Plan, plan
@@ -910,7 +911,7 @@ class Supervisor:
         self._phase_done(job, "publish")
         st.last_publish_time = time.time()
         st.failing_since = None
-        self.metrics.latest_version_bytes.labels(cfg.name).set(_tree_bytes(path))
+        self.metrics.latest_version_bytes.labels(cfg.name).set(tree_bytes(path))
         st.attempts.pop(job.ckpt.fingerprint, None)
         st.retry_at.pop(job.ckpt.fingerprint, None)
         latency = max(0.0, time.time() - job.ckpt.written_ns / 1e9)
@@ -1123,16 +1124,6 @@ def _watchdog_interval() -> float:
     if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return 0.0
     return int(usec) / 2 / 1e6
-
-
-def _tree_bytes(root: Path) -> int:
-    """Bytes of the regular files under ``root`` (what a version costs on disk)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float = 0.0) -> None:
