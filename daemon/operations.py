@@ -267,6 +267,15 @@ def read_rolled_back(base_path: Path) -> tuple[frozenset[str], int]:
     return frozenset(_fingerprints(data)), _int_field(data, "floor_ns")
 
 
+def rolled_back_unreadable(base_path: Path) -> bool:
+    """True when the rollback record exists but cannot be read or parsed.
+
+    The daemon must then export nothing for the model: reading it as empty
+    could re-publish a checkpoint someone rolled back.
+    """
+    return _load_rolled_back(base_path)[1]
+
+
 def highest_rolled_back_version(base_path: Path) -> int:
     """The highest version number ever rolled back in ``base_path`` (0 if none)."""
     return _int_field(_load_rolled_back(base_path)[0], "highest_version")

@@ -48,6 +48,8 @@ from daemon.operations import (
     highest_rolled_back_version,
     read_pins,
     read_rolled_back,
+    rolled_back_path,
+    rolled_back_unreadable,
     tree_bytes,
 )
 from daemon.pin import CheckpointVanished, pin_checkpoint
@@ -624,6 +626,18 @@ class Supervisor:
         for problem in result.problems:
             self._report_once(st, problem, "checkpoint_problem", problem=problem)
         self._report_incomplete(st, result)
+        if rolled_back_unreadable(st.cfg.base_path):
+            self._report_once(
+                st,
+                "rolled_back_record",
+                "rollback_record_unreadable",
+                level="error",
+                path=str(rolled_back_path(st.cfg.base_path)),
+                hint="nothing is exported for this model until the file is readable JSON "
+                "again: exporting could re-publish a checkpoint that was rolled back",
+            )
+            return
+        st.reported.discard("rolled_back_record")
         st.last_scan = result
         busy = {st.job.ckpt.fingerprint} if st.job else set()
         decision = plan(

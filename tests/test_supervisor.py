@@ -78,3 +78,31 @@ def test_start_removes_temp_dirs_of_dead_processes_only(tmp_path: Path) -> None:
     sup._load_state(sup.models["m"])
     assert not crashed.exists()
     assert alive.exists() and foreign.exists()
+
+
+def test_unreadable_rollback_record_pauses_the_model(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from daemon.sources.tf_checkpoint import TABLE_MAGIC
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    (ckpts / "ckpt-1.index").write_bytes(b"entries" + TABLE_MAGIC)
+    (ckpts / "ckpt-1.data-00000-of-00001").write_bytes(b"tensors")
+    record = tmp_path / "serving" / "m" / ".ckpt-exporter" / "rolled_back.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{not json")
+    sup = _supervisor(tmp_path, keep_versions=2)
+    st = sup.models["m"]
+    try:
+        with capture_logs() as logs:
+            sup._scan_and_plan(st)
+            sup._scan_and_plan(st)
+        assert st.job is None  # a checkpoint is pending, but nothing may start
+        errors = [e for e in logs if e["event"] == "rollback_record_unreadable"]
+        assert len(errors) == 1 and errors[0]["path"] == str(record)
+        record.write_text('{"fingerprints": {}, "floor_ns": 0}')
+        sup._scan_and_plan(st)
+        assert st.job is not None and st.job.ckpt.name == "ckpt-1"
+    finally:
+        sup.shutdown()
