@@ -232,18 +232,32 @@ def unpin_version(
 # --- the rolled-back record -------------------------------------------------
 
 
-def _load_rolled_back(base_path: Path) -> tuple[dict[str, Any], bool]:
-    """The record as stored, and whether a file was there but unreadable.
+@dataclass(frozen=True)
+class RecordProblem:
+    """Why the rollback record cannot be used: ``kind`` is ``"io"`` or ``"corrupt"``."""
 
-    Missing: ``({}, False)``; unreadable or not a JSON object: ``({}, True)``.
+    kind: str
+    message: str
+
+
+def _load_rolled_back(base_path: Path) -> tuple[dict[str, Any], RecordProblem | None]:
+    """The record as stored, and what is wrong with it.
+
+    Missing: ``({}, None)``. Unreadable (an ``OSError``) or not a JSON object:
+    ``({}, problem)``.
     """
+    path = rolled_back_path(base_path)
     try:
-        data = json.loads(rolled_back_path(base_path).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {}, False
-    except (OSError, ValueError):
-        return {}, True
-    return (data, False) if isinstance(data, dict) else ({}, True)
+        return {}, None
+    except OSError as e:
+        return {}, RecordProblem("io", f"{path}: {e.strerror or e}")
+    except ValueError as e:
+        return {}, RecordProblem("corrupt", f"{path} is not valid JSON: {e}")
+    if not isinstance(data, dict):
+        return {}, RecordProblem("corrupt", f"{path} holds a {type(data).__name__}, not an object")
+    return data, None
 
 
 def _int_field(data: Mapping[str, Any], key: str) -> int:
@@ -267,11 +281,14 @@ def read_rolled_back(base_path: Path) -> tuple[frozenset[str], int]:
     return frozenset(_fingerprints(data)), _int_field(data, "floor_ns")
 
 
-def rolled_back_unreadable(base_path: Path) -> bool:
-    """True when the rollback record exists but cannot be read or parsed.
+def rolled_back_problem(base_path: Path) -> RecordProblem | None:
+    """What keeps the rollback record of ``base_path`` from being read, if anything.
 
-    The daemon must then export nothing for the model: reading it as empty
-    could re-publish a checkpoint someone rolled back.
+    A missing record is no problem. Any problem means the caller must not
+    publish for this model: reading the record as empty could re-publish a
+    checkpoint someone rolled back. A ``"corrupt"`` record will not fix itself,
+    so the daemon pauses the model; an ``"io"`` one is usually the base path
+    itself being unreadable, which every step that touches it reports.
     """
     return _load_rolled_back(base_path)[1]
 
@@ -355,11 +372,14 @@ def _choose_target(owned: list[Published], model: str, base_path: Path, to: int 
 
 def _record(base_path: Path, doomed: list[Published], now: float, warnings: list[str]) -> None:
     """Merge the doomed versions' checkpoints into ``rolled_back.json``, durably."""
-    data, unreadable = _load_rolled_back(base_path)
-    if unreadable:
-        warnings.append(
-            f"{rolled_back_path(base_path)} was unreadable; it is replaced by a new record"
+    data, problem = _load_rolled_back(base_path)
+    if problem is not None and problem.kind == "io":
+        # Replacing a record we merely could not read would drop its entries.
+        raise OperationError(
+            f"cannot read {problem.message}; make it readable and run the command again"
         )
+    if problem is not None:
+        warnings.append(f"{problem.message}; it is replaced by a new record")
     fingerprints = _fingerprints(data)
     floor_ns = _int_field(data, "floor_ns")
     highest = _int_field(data, "highest_version")

@@ -49,7 +49,7 @@ from daemon.operations import (
     read_pins,
     read_rolled_back,
     rolled_back_path,
-    rolled_back_unreadable,
+    rolled_back_problem,
     tree_bytes,
 )
 from daemon.pin import CheckpointVanished, pin_checkpoint
@@ -259,6 +259,9 @@ class Supervisor:
         if st.published:
             newest = max(st.published, key=lambda p: p.version)
             st.last_publish_time = float(newest.metadata.get("published_at", 0)) or None
+            if st.last_publish_time is not None:
+                # Restored from disk so that a restart does not look like "never published".
+                self.metrics.last_publish.labels(st.cfg.name).set(st.last_publish_time)
 
     def _refresh_published(self, st: ModelState) -> None:
         """Re-read this model's versions from the base path (kept as they were if unreadable)."""
@@ -626,13 +629,15 @@ class Supervisor:
         for problem in result.problems:
             self._report_once(st, problem, "checkpoint_problem", problem=problem)
         self._report_incomplete(st, result)
-        if rolled_back_unreadable(st.cfg.base_path):
+        record = rolled_back_problem(st.cfg.base_path)
+        if record is not None and record.kind == "corrupt":
             self._report_once(
                 st,
                 "rolled_back_record",
                 "rollback_record_unreadable",
                 level="error",
                 path=str(rolled_back_path(st.cfg.base_path)),
+                error=record.message,
                 hint="nothing is exported for this model until the file is readable JSON "
                 "again: exporting could re-publish a checkpoint that was rolled back",
             )
@@ -885,6 +890,11 @@ class Supervisor:
                     hint="another publisher on this base path got there first",
                 )
                 self._finish(job)
+                return
+            problem = rolled_back_problem(cfg.base_path)
+            if problem is not None:
+                # Never publish blind: the record may list this very checkpoint.
+                self._fail(job, "publish_failed", problem.message, permanent=False)
                 return
             rolled_back, floor_ns = read_rolled_back(cfg.base_path)
             if job.ckpt.fingerprint in rolled_back or job.ckpt.written_ns <= floor_ns:

@@ -31,6 +31,7 @@ from daemon.operations import (
     read_pins,
     read_rolled_back,
     rollback,
+    rolled_back_problem,
     unpin_version,
 )
 from daemon.planner import History, plan
@@ -263,8 +264,33 @@ def test_rolled_back_record_tolerates_missing_and_garbage_files(base: Path) -> N
     for v in (1, 2):
         make_version(base, v)
     result = rollback(base, "m")
-    assert any("unreadable" in w for w in result.warnings)
+    assert any("not valid JSON" in w for w in result.warnings)
     assert read_rolled_back(base) == (frozenset({"fp2"}), 2000)
+
+
+def test_a_record_that_cannot_be_read_is_never_replaced(base: Path) -> None:
+    for v in (1, 2):
+        make_version(base, v)
+    record = base / ".ckpt-exporter" / "rolled_back.json"
+    record.mkdir(parents=True)  # unreadable even as root: reading it is an OSError
+    problem = rolled_back_problem(base)
+    assert problem is not None and problem.kind == "io" and str(record) in problem.message
+    with pytest.raises(OperationError, match="make it readable"):
+        rollback(base, "m")
+    assert record.is_dir() and (base / "2").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [("{not json", "corrupt"), ("[1]", "corrupt"), ('"x"', "corrupt"), ("{}", None)],
+)
+def test_rolled_back_problem_kinds(base: Path, text: str, kind: str | None) -> None:
+    assert rolled_back_problem(base) is None  # missing is fine
+    record = base / ".ckpt-exporter" / "rolled_back.json"
+    record.parent.mkdir()
+    record.write_text(text)
+    problem = rolled_back_problem(base)
+    assert (problem.kind if problem else None) == kind
 
 
 def test_floor_stops_latest_from_exporting_a_superseded_checkpoint(tmp_path: Path) -> None:
