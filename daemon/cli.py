@@ -174,7 +174,7 @@ def model_status(cfg: Config) -> list[dict[str, Any]]:
     for m in cfg.models:
         scan_error = None
         try:
-            checkpoints = SOURCES[m.source]().scan(m.checkpoint_dir).checkpoints
+            checkpoints = SOURCES[m.source].scanner(m.options).scan(m.checkpoint_dir).checkpoints
         except OSError as e:
             scan_error, checkpoints = str(e), []
         published = sorted(published_versions(m.base_path, m.name), key=lambda p: p.version)

@@ -12,13 +12,23 @@ and this keeps the supervisor's dependency set to what the product needs.
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from daemon.schema import (
+    REQUIRED,
+    Schema,
+    apply_schema,
+    non_negative,
+    nonempty,
+    one_of,
+    positive,
+)
+from daemon.sources import SOURCES
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 BUILDER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -90,7 +100,7 @@ class ModelConfig:
     name: str
     checkpoint_dir: Path
     base_path: Path
-    builder: str
+    builder: str = ""
     source: str = "tf_checkpoint"
     python_path: tuple[Path, ...] = ()
     checkpoint_key: str = "model"
@@ -101,6 +111,8 @@ class ModelConfig:
     rtol: float = 1e-4
     atol: float = 1e-5
     signature: tuple[InputSpec, ...] = ()
+    #: The validated ``[models.<source>]`` table (defaults filled in; JSON-able).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,21 +123,6 @@ class Config:
 
 
 # --- the schema -------------------------------------------------------------
-
-Check = Callable[[Any], str | None]  # returns a problem description or None
-
-
-def _one_of(*choices: str) -> Check:
-    return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
-
-
-def _positive(v: Any) -> str | None:
-    # TOML has inf and nan; neither is a usable interval or count.
-    return None if math.isfinite(v) and v > 0 else "must be a finite number greater than 0"
-
-
-def _non_negative(v: Any) -> str | None:
-    return None if math.isfinite(v) and v >= 0 else "must be a finite number, 0 or more"
 
 
 def _address(v: Any) -> str | None:
@@ -147,93 +144,42 @@ def _name(v: Any) -> str | None:
 
 
 def _builder(v: Any) -> str | None:
-    if BUILDER_RE.fullmatch(v):
+    if v == "" or BUILDER_RE.fullmatch(v):
         return None
     return 'must be "module:function", for example "mytrainer.model:build_model"'
 
 
-def _nonempty(v: Any) -> str | None:
-    return None if v else "must not be empty"
-
-
-# key -> (python type(s), default or REQUIRED, extra check)
-REQUIRED = object()
-_Schema = dict[str, tuple[tuple[type, ...], Any, Check | None]]
-
-DAEMON_SCHEMA: _Schema = {
+DAEMON_SCHEMA: Schema = {
     "metrics_address": ((str,), DaemonConfig.metrics_address, _address),
-    "log_format": ((str,), DaemonConfig.log_format, _one_of(*LOG_FORMATS)),
-    "log_level": ((str,), DaemonConfig.log_level, _one_of(*LOG_LEVELS)),
-    "rescan_interval_seconds": ((int, float), DaemonConfig.rescan_interval_seconds, _positive),
-    "export_timeout_seconds": ((int, float), DaemonConfig.export_timeout_seconds, _positive),
-    "concurrency": ((int,), DaemonConfig.concurrency, _positive),
+    "log_format": ((str,), DaemonConfig.log_format, one_of(*LOG_FORMATS)),
+    "log_level": ((str,), DaemonConfig.log_level, one_of(*LOG_LEVELS)),
+    "rescan_interval_seconds": ((int, float), DaemonConfig.rescan_interval_seconds, positive),
+    "export_timeout_seconds": ((int, float), DaemonConfig.export_timeout_seconds, positive),
+    "concurrency": ((int,), DaemonConfig.concurrency, positive),
     "allow_gpu": ((bool,), DaemonConfig.allow_gpu, None),
-    "keep_failed": ((int,), DaemonConfig.keep_failed, _non_negative),
-    "retry_backoff_seconds": ((int, float), DaemonConfig.retry_backoff_seconds, _positive),
-    "shutdown_grace_seconds": ((int, float), DaemonConfig.shutdown_grace_seconds, _non_negative),
-    "health_stall_seconds": ((int, float), DaemonConfig.health_stall_seconds, _positive),
-    "health_failing_seconds": ((int, float), DaemonConfig.health_failing_seconds, _positive),
+    "keep_failed": ((int,), DaemonConfig.keep_failed, non_negative),
+    "retry_backoff_seconds": ((int, float), DaemonConfig.retry_backoff_seconds, positive),
+    "shutdown_grace_seconds": ((int, float), DaemonConfig.shutdown_grace_seconds, non_negative),
+    "health_stall_seconds": ((int, float), DaemonConfig.health_stall_seconds, positive),
+    "health_failing_seconds": ((int, float), DaemonConfig.health_failing_seconds, positive),
 }
 
-MODEL_SCHEMA: _Schema = {
+MODEL_SCHEMA: Schema = {
     "name": ((str,), REQUIRED, _name),
-    "checkpoint_dir": ((str,), REQUIRED, _nonempty),
-    "base_path": ((str,), REQUIRED, _nonempty),
-    "source": ((str,), ModelConfig.source, _one_of("tf_checkpoint")),
-    "builder": ((str,), REQUIRED, _builder),
+    "checkpoint_dir": ((str,), REQUIRED, nonempty),
+    "base_path": ((str,), REQUIRED, nonempty),
+    "source": ((str,), ModelConfig.source, one_of(*SOURCES)),
+    "builder": ((str,), "", _builder),
     "python_path": ((list,), [], None),
-    "checkpoint_key": ((str,), ModelConfig.checkpoint_key, _nonempty),
-    "export_policy": ((str,), ModelConfig.export_policy, _one_of(*EXPORT_POLICIES)),
-    "version_policy": ((str,), ModelConfig.version_policy, _one_of(*VERSION_POLICIES)),
-    "keep_versions": ((int,), ModelConfig.keep_versions, _non_negative),
-    "min_interval_seconds": ((int, float), ModelConfig.min_interval_seconds, _non_negative),
-    "rtol": ((int, float), ModelConfig.rtol, _non_negative),
-    "atol": ((int, float), ModelConfig.atol, _non_negative),
+    "checkpoint_key": ((str,), ModelConfig.checkpoint_key, nonempty),
+    "export_policy": ((str,), ModelConfig.export_policy, one_of(*EXPORT_POLICIES)),
+    "version_policy": ((str,), ModelConfig.version_policy, one_of(*VERSION_POLICIES)),
+    "keep_versions": ((int,), ModelConfig.keep_versions, non_negative),
+    "min_interval_seconds": ((int, float), ModelConfig.min_interval_seconds, non_negative),
+    "rtol": ((int, float), ModelConfig.rtol, non_negative),
+    "atol": ((int, float), ModelConfig.atol, non_negative),
     "signature": ((dict,), {}, None),
 }
-
-
-def _type_name(types: tuple[type, ...]) -> str:
-    names = {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        list: "a list",
-        dict: "a table",
-    }
-    return " or ".join(names[t] for t in types if not (t is int and float in types))
-
-
-def _apply_schema(
-    table: Mapping[str, Any], schema: _Schema, where: str, problems: list[str]
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in table:
-        if key not in schema:
-            problems.append(
-                f"{where}.{key}: unknown key; known keys are {', '.join(sorted(schema))}"
-            )
-    for key, (types, default, check) in schema.items():
-        if key not in table:
-            if default is REQUIRED:
-                problems.append(f"{where}.{key}: missing (required)")
-            else:
-                out[key] = default
-            continue
-        value = table[key]
-        # bool is a subclass of int in Python; TOML true is not a number.
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            problems.append(
-                f"{where}.{key}: must be {_type_name(types)}, got {type(value).__name__} {value!r}"
-            )
-            continue
-        problem = check(value) if check else None
-        if problem:
-            problems.append(f"{where}.{key}: {problem} (got {value!r})")
-            continue
-        out[key] = value
-    return out
 
 
 def _parse_signature(table: Mapping[str, Any], where: str, problems: list[str]) -> list[InputSpec]:
@@ -269,6 +215,40 @@ def _parse_signature(table: Mapping[str, Any], where: str, problems: list[str]) 
     return specs
 
 
+def _source_options(
+    table: Mapping[str, Any],
+    values: Mapping[str, Any],
+    where: str,
+    problems: list[str],
+    resolve: Callable[[str], Path],
+) -> dict[str, Any] | None:
+    """The validated ``[models.<source>]`` table of one model, or None if invalid."""
+    kind = SOURCES[values["source"]]
+    n = len(problems)
+    for other in SOURCES:
+        if other != kind.name and other in table:
+            problems.append(
+                f"{where}.{other}: options for source = {other!r}, but this model's source "
+                f"is {kind.name!r}; remove the table or change source"
+            )
+    if kind.builder == "unused" and values["builder"]:
+        problems.append(f"{where}.builder: not used by source = {kind.name!r}; remove it")
+    raw = table.get(kind.name, {})
+    if not isinstance(raw, dict):
+        problems.append(f"{where}.{kind.name}: must be a table ([models.{kind.name}])")
+        return None
+    sub = f"{where}.{kind.name}"
+    options = apply_schema(raw, kind.options, sub, problems)
+    if len(problems) > n:
+        return None
+    if kind.check is not None:
+        problems.extend(f"{sub}.{p}" for p in kind.check(options, bool(values["builder"])))
+    for key in kind.path_keys:
+        if options.get(key):
+            options[key] = str(resolve(options[key]))
+    return options if len(problems) == n else None
+
+
 def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
     """Validate parsed TOML ``data``; relative paths resolve against ``root``."""
     problems: list[str] = []
@@ -279,7 +259,7 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
     if not isinstance(daemon_table, dict):
         problems.append("daemon: must be a table ([daemon])")
         daemon_table = {}
-    daemon = DaemonConfig(**_apply_schema(daemon_table, DAEMON_SCHEMA, "daemon", problems))
+    daemon = DaemonConfig(**apply_schema(daemon_table, DAEMON_SCHEMA, "daemon", problems))
 
     models_raw = data.get("models", [])
     if not isinstance(models_raw, list) or not all(isinstance(m, dict) for m in models_raw):
@@ -297,9 +277,20 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
         where = f"models[{i}]"
         if isinstance(table.get("name"), str):
             where += f" ({table['name']})"
-        values = _apply_schema(table, MODEL_SCHEMA, where, problems)
+        # [models.<source>] tables hold the options of the chosen source.
+        own = {k: v for k, v in table.items() if k not in SOURCES}
+        values = apply_schema(own, MODEL_SCHEMA, where, problems)
+        kind = SOURCES.get(values.get("source", ""))
+        if kind is not None and kind.builder == "required" and not own.get("builder"):
+            problems.append(
+                f"{where}.builder: missing (required) with source = {kind.name!r}: "
+                'give "module:function" returning the model to restore'
+            )
         if len(values) != len(MODEL_SCHEMA):
             continue  # a required key is missing or invalid: reported already
+        options = _source_options(table, values, where, problems, resolve)
+        if options is None:
+            continue
         pp = values["python_path"]
         if not all(isinstance(x, str) for x in pp):
             problems.append(f"{where}.python_path: must be a list of folder paths (strings)")
@@ -313,6 +304,7 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
             min_interval_seconds=float(values["min_interval_seconds"]),
             rtol=float(values["rtol"]),
             atol=float(values["atol"]),
+            options=options,
         )
         m = ModelConfig(**values)
         if m.checkpoint_dir == m.base_path:

@@ -25,6 +25,8 @@ class CheckpointVanished(Exception):
 def pin_checkpoint(ckpt: Checkpoint, staging: Path) -> tuple[Path, str]:
     """Link (or copy) every file of ``ckpt`` into ``staging``.
 
+    Files keep their path relative to the folder holding ``ckpt.prefix``, so
+    a checkpoint that is a directory tree (a SavedModel) is pinned as one.
     Returns the pinned prefix (same basename, inside ``staging``) and the
     method used (``"link"``, ``"copy"`` or ``"mixed"``). Raises
     :class:`CheckpointVanished` if the trainer deleted a file first.
@@ -32,7 +34,8 @@ def pin_checkpoint(ckpt: Checkpoint, staging: Path) -> tuple[Path, str]:
     staging.mkdir(parents=True, exist_ok=True)
     methods = set()
     for src in ckpt.files:
-        dst = staging / src.name
+        dst = staging / src.relative_to(ckpt.prefix.parent)
+        dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(src, dst)
             methods.add("link")

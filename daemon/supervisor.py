@@ -177,7 +177,7 @@ class Supervisor:
         self.queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.models: dict[str, ModelState] = {}
         for m in config.models:
-            self.models[m.name] = ModelState(cfg=m, source=SOURCES[m.source]())
+            self.models[m.name] = ModelState(cfg=m, source=SOURCES[m.source].scanner(m.options))
         self.watcher = Watcher(self._hint, log, force_polling=force_polling)
         self.stopping = False
         self.stop_deadline: float | None = None
@@ -560,7 +560,7 @@ class Supervisor:
         for name, cfg in wanted.items():
             if name not in self.models:
                 added.append(name)
-                st = ModelState(cfg=cfg, source=SOURCES[cfg.source]())
+                st = ModelState(cfg=cfg, source=SOURCES[cfg.source].scanner(cfg.options))
                 self.models[name] = st
                 self.metrics.init_model(name)
                 self._load_state(st)
@@ -578,8 +578,8 @@ class Supervisor:
     def _switch_config(self, st: ModelState, cfg: ModelConfig) -> None:
         old = st.cfg
         st.cfg, st.next_cfg = cfg, None
-        if cfg.source != old.source:
-            st.source = SOURCES[cfg.source]()
+        if (cfg.source, cfg.options) != (old.source, old.options):
+            st.source = SOURCES[cfg.source].scanner(cfg.options)
         if cfg.base_path != old.base_path:
             st.reported.clear()
             self._load_state(st)
@@ -730,6 +730,8 @@ class Supervisor:
             )
             return
         request = {
+            "source": st.cfg.source,
+            "options": dict(st.cfg.options),
             "builder": st.cfg.builder,
             "python_path": [str(p) for p in st.cfg.python_path],
             "checkpoint_key": st.cfg.checkpoint_key,

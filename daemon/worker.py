@@ -29,7 +29,7 @@ from typing import Any
 from daemon import child
 
 
-def _import_builder(spec: str, python_path: list[str]) -> Any:
+def import_builder(spec: str, python_path: list[str]) -> Any:
     for p in reversed(python_path):
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -49,94 +49,6 @@ def _import_builder(spec: str, python_path: list[str]) -> Any:
             f"builder {spec!r}: module {module_name!r} has no function {func_name!r}",
         )
     return fn
-
-
-def _checkpoint_keys(prefix: str) -> list[str]:
-    """Names of the root object's children (the keyword arguments of tf.train.Checkpoint).
-
-    Read from the object graph, not from variable names: a variable is stored
-    under its first path in the graph, which is often through the optimizer.
-    """
-    import tensorflow as tf
-    from tensorflow.core.protobuf import trackable_object_graph_pb2
-
-    try:
-        reader = tf.train.load_checkpoint(prefix)
-        graph = trackable_object_graph_pb2.TrackableObjectGraph()
-        graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-    except Exception as e:
-        raise _unreadable(prefix, e) from e
-    return sorted(child.local_name for child in graph.nodes[0].children)
-
-
-def _unreadable(prefix: str, e: Exception) -> child.ChildFailure:
-    """The failure for a checkpoint whose files cannot be read back.
-
-    The index is written last, so a checkpoint that passed the completeness
-    check and still cannot be read is truncated or corrupt: permanent. Pinned
-    files that are gone were removed by someone else: transient.
-    """
-    name = os.path.basename(prefix)
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:500]
-    if not os.path.exists(prefix + ".index"):
-        return child.ChildFailure(
-            "checkpoint_vanished",
-            f"the pinned files of checkpoint {name} disappeared ({first})",
-            permanent=False,
-        )
-    return child.ChildFailure(
-        "checkpoint_corrupt",
-        f"checkpoint {name} cannot be read: {type(e).__name__}: {first}; "
-        "its files are truncated or corrupt (the .index is written last, so this is "
-        "not a checkpoint still being written)",
-    )
-
-
-def _saved_counters(prefix: str) -> dict[str, int]:
-    """Step counters saved in the checkpoint, if the trainer tracked any."""
-    import tensorflow as tf
-
-    reader = tf.train.load_checkpoint(prefix)
-    out = {}
-    for key in ("step", "global_step", "save_counter"):
-        name = f"{key}/.ATTRIBUTES/VARIABLE_VALUE"
-        if reader.has_tensor(name):
-            value = reader.get_tensor(name)
-            if getattr(value, "shape", None) == ():
-                out[key] = int(value)
-    return out
-
-
-def _restore(obj: Any, key: str, prefix: str) -> int:
-    import tensorflow as tf
-
-    variables = list(obj.variables)
-    if not variables:
-        raise child.ChildFailure(
-            "no_variables",
-            "the builder returned a model without variables; build it before returning "
-            "(for Keras: start from keras.Input(...) or call model.build(input_shape))",
-        )
-    keys = _checkpoint_keys(prefix)
-    if key not in keys:
-        raise child.ChildFailure(
-            "restore_mismatch",
-            f"checkpoint {prefix} has no object {key!r} (it has {', '.join(keys) or 'nothing'});"
-            " set checkpoint_key to the name the trainer gave tf.train.Checkpoint",
-        )
-    try:
-        # A shape mismatch raises in read(); a variable the checkpoint lacks, in the assert.
-        status = tf.train.Checkpoint(**{key: obj}).read(prefix)
-        status.assert_existing_objects_matched()
-    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
-        raise _unreadable(prefix, e) from e  # checksum mismatch, short read
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise child.ChildFailure(
-            "restore_mismatch",
-            f"the builder's model does not match checkpoint {prefix} under {key!r}: "
-            f"{str(e)[:2000]}",
-        ) from e
-    return len(variables)
 
 
 def _as_dict(outputs: Any) -> dict[str, Any]:
@@ -176,15 +88,12 @@ def _input_specs(obj: Any, signature: list[dict[str, Any]]) -> list[Any]:
     )
 
 
-def export(req: dict[str, Any]) -> dict[str, Any]:
-    """Do steps 1-4 of the module contract; returns the result dict."""
-    t0 = time.monotonic()
-    builder = _import_builder(req["builder"], req["python_path"])
+def build(req: dict[str, Any]) -> Any:
+    """Import the request's ``builder``, call it, and check what it returned."""
+    builder = import_builder(req["builder"], req["python_path"])
     import keras
-    import numpy as np
     import tensorflow as tf
 
-    t_import = time.monotonic()
     try:
         obj = builder()
     except Exception as e:
@@ -198,9 +107,20 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
             f"builder {req['builder']!r} returned {type(obj).__name__}; it must return a "
             "keras.Model or a tf.Module",
         )
-    n_vars = _restore(obj, req["checkpoint_key"], req["checkpoint"])
-    t_restore = time.monotonic()
+    return obj
 
+
+def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
+    """Write ``obj`` (restored already) as a SavedModel to ``req["export_dir"]``.
+
+    Steps 3 and 4 of the module contract; returns the result fields that
+    describe the export (inputs, outputs, kind, ``save_seconds``).
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    t0 = time.monotonic()
     specs = _input_specs(obj, req["signature"])
     is_keras = isinstance(obj, keras.Model)
     n = len(specs)
@@ -232,18 +152,22 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
     arrays.update({f"out/{k}": np.asarray(v) for k, v in outputs.items()})
     np.savez(req["reference"], **arrays)
     return {
-        "ok": True,
-        "variables": n_vars,
         "inputs": {s.name: [s.dtype.name, [d for d in s.shape]] for s in specs},
         "outputs": sorted(outputs),
-        "saved_counters": _saved_counters(req["checkpoint"]),
         "kind": "keras" if is_keras else "tf.Module",
-        "durations": {
-            "import_seconds": round(t_import - t0, 3),
-            "restore_seconds": round(t_restore - t_import, 3),
-            "save_seconds": round(t_export - t_restore, 3),
-        },
+        "save_seconds": round(t_export - t0, 3),
     }
+
+
+def export(req: dict[str, Any]) -> dict[str, Any]:
+    """Run the export of the request's source (see :class:`daemon.sources.SourceKind`)."""
+    from daemon.sources import SOURCES
+
+    kind = SOURCES.get(req.get("source", "tf_checkpoint"))
+    if kind is None:
+        raise child.ChildFailure("bad_request", f"unknown source {req.get('source')!r}")
+    result: dict[str, Any] = importlib.import_module(kind.exporter).export(req)
+    return {"ok": True, **result}
 
 
 def main(argv: list[str]) -> int:

@@ -468,7 +468,8 @@ def test_missing_keys_are_all_reported() -> None:
     assert problems == [
         "models[0] (m).checkpoint_dir: missing (required)",
         "models[0] (m).base_path: missing (required)",
-        "models[0] (m).builder: missing (required)",
+        "models[0] (m).builder: missing (required) with source = 'tf_checkpoint': "
+        'give "module:function" returning the model to restore',
     ]
 
 

@@ -1,19 +1,20 @@
-"""Checkpoint sources: one module per checkpoint format, behind :class:`Source`.
+"""Checkpoint sources: one module per checkpoint format, behind :class:`SourceKind`.
 
-A source answers one question, level-triggered: *which complete checkpoints are
-in this directory right now?* It never imports TensorFlow (it runs in the
-supervisor) and never writes to the directory (the trainer owns it).
+A source answers two questions. In the supervisor, level-triggered: *which
+complete checkpoints are in this directory right now?* (its scanner never
+imports TensorFlow and never writes to the directory: the trainer owns it).
+In the worker child: *how does one pinned checkpoint become a SavedModel?*
+(its ``export(request)``, which imports TensorFlow lazily).
 Adding a format is adding a module here and a line in :data:`SOURCES`.
 """
 
 from __future__ import annotations
 
-from daemon.sources.base import Checkpoint, ScanResult, Source
+from daemon.sources import tf_checkpoint
+from daemon.sources.base import Checkpoint, ScanResult, Source, SourceKind
 from daemon.sources.tf_checkpoint import TFCheckpointSource
 
-#: ``source = "..."`` config value -> the class that scans that format.
-SOURCES: dict[str, type[Source]] = {
-    "tf_checkpoint": TFCheckpointSource,
-}
+#: ``source = "..."`` config value -> what the daemon knows about that format.
+SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (tf_checkpoint.KIND,)}
 
-__all__ = ["SOURCES", "Checkpoint", "ScanResult", "Source", "TFCheckpointSource"]
+__all__ = ["SOURCES", "Checkpoint", "ScanResult", "Source", "SourceKind", "TFCheckpointSource"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Literal, Protocol
+
+from daemon.schema import Schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +52,29 @@ class Source(Protocol):
     def scan(self, directory: Path) -> ScanResult:
         """Return the complete checkpoints in ``directory`` now (level-triggered)."""
         ...
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """Everything the daemon needs to know about one ``source = "..."`` value.
+
+    - ``scanner(options)`` builds the :class:`Source` that finds complete
+      checkpoints (runs in the supervisor: no TensorFlow);
+    - ``exporter`` names the module whose ``export(request) -> dict`` turns
+      one pinned checkpoint into a SavedModel (runs in the worker child);
+    - ``options`` is the schema of the ``[models.<name>]`` table;
+    - ``builder`` says whether the ``builder`` key is ``"required"``,
+      ``"optional"`` or ``"unused"``;
+    - ``check(options, has_builder)`` returns cross-key problems (each naming
+      its key relative to the options table), or an empty list;
+    - ``path_keys`` are options holding paths, resolved against the
+      config file's folder like every other path of the config.
+    """
+
+    name: str
+    scanner: Callable[[Mapping[str, Any]], Source]
+    exporter: str
+    options: Schema = field(default_factory=dict)
+    builder: Literal["required", "optional", "unused"] = "required"
+    check: Callable[[Mapping[str, Any], bool], list[str]] | None = None
+    path_keys: tuple[str, ...] = ()
