@@ -72,16 +72,68 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(exitcodes.TRANSIENT_FAILURE)
 
 
-def prepare_tensorflow_env(allow_gpu: bool) -> None:
-    """Environment to set *before* importing TensorFlow.
+#: ioprio_set(2) syscall numbers; the C library has no wrapper for it.
+_SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "ppc64le": 273, "s390x": 282}
+_IOPRIO_WHO_PROCESS = 1
+_IOPRIO_CLASS_SHIFT = 13
+IO_CLASSES = {"idle": 3, "best-effort": 2}
+
+
+def set_io_class(io_class: str) -> bool:
+    """Put this process in an I/O scheduling class; False where the kernel cannot.
+
+    ``idle`` gets disk time only when no other process wants it, so the
+    trainer's checkpoint writes and input pipeline keep their bandwidth. Only
+    schedulers with priorities honour it (BFQ; mq-deadline and none ignore it).
+    """
+    number = _SYS_IOPRIO_SET.get(os.uname().machine)
+    if io_class not in IO_CLASSES or number is None:
+        return False
+    # best-effort takes a level 0-7; 7 is the lowest. idle takes none.
+    data = 7 if io_class == "best-effort" else 0
+    value = (IO_CLASSES[io_class] << _IOPRIO_CLASS_SHIFT) | data
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.syscall(number, _IOPRIO_WHO_PROCESS, 0, value)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def prepare_tensorflow_env(
+    allow_gpu: bool, *, nice: int = 0, io_class: str = "default", threads: int = 0
+) -> None:
+    """Set this child's priority and environment *before* importing TensorFlow.
 
     Hiding the GPUs is the default because the trainer owns them: an exporter
     that grabs GPU memory can make the training job fail with out-of-memory.
+    ``nice`` and ``io_class`` lower the child's CPU and disk priority so the
+    trainer keeps its step time. ``threads`` caps TensorFlow's intra- and
+    inter-op pools (read from the environment at TensorFlow's first session
+    or eager context), which otherwise size themselves to every core.
     """
+    if nice > 0:
+        os.nice(nice)
+    if io_class != "default":
+        set_io_class(io_class)
+    if threads > 0:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+        os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     if not allow_gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def prepare_from_request(req: Mapping[str, Any], *, allow_gpu: bool) -> None:
+    """:func:`prepare_tensorflow_env` with the request's ``limits`` (absent: none)."""
+    limits = req.get("limits") or {}
+    prepare_tensorflow_env(
+        allow_gpu,
+        nice=int(limits.get("nice", 0)),
+        io_class=str(limits.get("io_class", "default")),
+        threads=int(limits.get("threads", 0)),
+    )
 
 
 def load_request(argv: Sequence[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ and this keeps the supervisor's dependency set to what the product needs.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -51,6 +52,8 @@ DTYPES = (
     "bool",
     "string",
 )
+#: worker_io_class values: ioprio classes, or "default" to leave it alone.
+IO_CLASSES = ("idle", "best-effort", "default")
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9725"
 
 
@@ -81,11 +84,21 @@ class DaemonConfig:
     export_timeout_seconds: float = 1800.0
     concurrency: int = 1
     allow_gpu: bool = False
+    worker_nice: int = 10
+    worker_io_class: str = "idle"
+    worker_threads: int = 0
     keep_failed: int = 3
     retry_backoff_seconds: float = 30.0
     shutdown_grace_seconds: float = 60.0
     health_stall_seconds: float = 120.0
     health_failing_seconds: float = 21600.0
+
+    @property
+    def worker_threads_effective(self) -> int:
+        """``worker_threads``, with 0 meaning a quarter of the CPUs (at least 1)."""
+        if self.worker_threads:
+            return self.worker_threads
+        return max(1, (os.cpu_count() or 1) // 4)
 
     @property
     def metrics_host_port(self) -> tuple[str, int] | None:
@@ -143,6 +156,10 @@ def _name(v: Any) -> str | None:
     return "must match [A-Za-z0-9._-]+ (TF Serving model name)"
 
 
+def _nice(v: Any) -> str | None:
+    return None if 0 <= v <= 19 else "must be a niceness from 0 (unchanged) to 19 (lowest)"
+
+
 def _builder(v: Any) -> str | None:
     if v == "" or BUILDER_RE.fullmatch(v):
         return None
@@ -157,6 +174,9 @@ DAEMON_SCHEMA: Schema = {
     "export_timeout_seconds": ((int, float), DaemonConfig.export_timeout_seconds, positive),
     "concurrency": ((int,), DaemonConfig.concurrency, positive),
     "allow_gpu": ((bool,), DaemonConfig.allow_gpu, None),
+    "worker_nice": ((int,), DaemonConfig.worker_nice, _nice),
+    "worker_io_class": ((str,), DaemonConfig.worker_io_class, one_of(*IO_CLASSES)),
+    "worker_threads": ((int,), DaemonConfig.worker_threads, non_negative),
     "keep_failed": ((int,), DaemonConfig.keep_failed, non_negative),
     "retry_backoff_seconds": ((int, float), DaemonConfig.retry_backoff_seconds, positive),
     "shutdown_grace_seconds": ((int, float), DaemonConfig.shutdown_grace_seconds, non_negative),

@@ -745,10 +745,22 @@ class Supervisor:
         }
         self._spawn(job, "export", "daemon.worker", request)
 
+    def _child_limits(self) -> dict[str, Any]:
+        """CPU, I/O and thread limits for the worker and validator children."""
+        d = self.config.daemon
+        return {
+            "nice": d.worker_nice,
+            "io_class": d.worker_io_class,
+            "threads": d.worker_threads_effective,
+        }
+
     def _spawn(self, job: Job, phase: str, module: str, request: dict[str, Any]) -> None:
         assert job.staging is not None
         request = dict(
-            request, parent_pid=os.getpid(), result=str(job.staging / f"{phase}.result.json")
+            request,
+            parent_pid=os.getpid(),
+            result=str(job.staging / f"{phase}.result.json"),
+            limits=self._child_limits(),
         )
         req_path = job.staging / f"{phase}.request.json"
         write_json_atomic(req_path, request)

@@ -165,7 +165,7 @@ def main(argv: list[str]) -> int:
     if req.get("parent_pid"):
         child.die_with_parent(req["parent_pid"])
     # Validation never needs the GPU the trainer is using.
-    child.prepare_tensorflow_env(allow_gpu=False)
+    child.prepare_from_request(req, allow_gpu=False)
     try:
         result = validate(req)
     except child.ChildFailure as e:

@@ -174,7 +174,7 @@ def main(argv: list[str]) -> int:
     req = child.load_request(argv)
     if req.get("parent_pid"):
         child.die_with_parent(req["parent_pid"])
-    child.prepare_tensorflow_env(req["allow_gpu"])
+    child.prepare_from_request(req, allow_gpu=bool(req.get("allow_gpu")))
     try:
         result = export(req)
     except child.ChildFailure as e:
