@@ -145,6 +145,48 @@ def load_request(argv: Sequence[str]) -> dict[str, Any]:
     return data
 
 
+def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
+    """Set up this child and return its request; the first call of every child.
+
+    Cold: ``python -m MODULE REQUEST.json``. Warm (see :mod:`daemon.warm`):
+    ``python -m MODULE --warm SETTINGS`` sets up from the settings, imports
+    TensorFlow, then reads the request path from stdin (EOF: exit 0) and
+    sends its output to the request's ``log`` file. Either way the priority
+    and environment are applied exactly once, before TensorFlow is imported.
+    """
+    if len(argv) == 3 and argv[1] == "--warm":
+        settings = json.loads(argv[2])
+        die_with_parent(int(settings["parent_pid"]))
+        prepare_from_request(settings, allow_gpu=bool(settings.get("allow_gpu")))
+        import tensorflow  # noqa: F401  (the point of a warm child)
+
+        if not validator:
+            import keras  # noqa: F401
+        line = sys.stdin.readline().strip()
+        if not line:
+            raise SystemExit(exitcodes.OK)
+        req = load_request([argv[0], line])
+        if req.get("log"):
+            _redirect_output(req["log"])
+        req["warm"] = True
+        return req
+    req = load_request(argv)
+    if req.get("parent_pid"):
+        die_with_parent(req["parent_pid"])
+    prepare_from_request(req, allow_gpu=not validator and bool(req.get("allow_gpu")))
+    return req
+
+
+def _redirect_output(path: str) -> None:
+    """Point fds 1 and 2 (Python's and TensorFlow's C++ logging) at ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def finish(result_path: Path, result: Mapping[str, Any]) -> int:
     """Write the result file and return the exit code that goes with it.
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__, exitcodes, logs
+from daemon.builders import check_builders
 from daemon.config import Config, ConfigError, ModelConfig, load_config
 from daemon.operations import (
     LOCK_TIMEOUT_SECONDS,
@@ -45,9 +46,17 @@ from daemon.versions import published_versions
 REFUSED = 1
 
 
-def _load(path: str) -> Config:
+def _load(path: str, *, builders: bool = False) -> Config:
+    """The config at ``path``; with ``builders``, also check that every builder module exists.
+
+    Operator commands (status, rollback, pin) skip the builder check: they
+    must work in an emergency even when the training code has moved.
+    """
     try:
-        return load_config(Path(path))
+        cfg = load_config(Path(path))
+        if builders:
+            check_builders(cfg)
+        return cfg
     except ConfigError as e:
         print(f"ckpt-exporter: {e}", file=sys.stderr)
         raise SystemExit(exitcodes.CONFIG) from None
@@ -72,7 +81,7 @@ def _pick_model(cfg: Config, name: str | None) -> ModelConfig | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.supervisor import Supervisor
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, builders=True)
     logs.configure(args.log_format or cfg.daemon.log_format, cfg.daemon.log_level)
     sup = Supervisor(cfg, logs.get_logger(), log_format_override=args.log_format)
     sup.install_signal_handlers()
@@ -87,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load(args.config, builders=True)
     for m in cfg.models:
         print(
             f"{m.name}: {m.checkpoint_dir} -> {m.base_path} "
@@ -101,7 +110,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from daemon.supervisor import Supervisor
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, builders=True)
     model = _pick_model(cfg, args.model)
     if model is None:
         return exitcodes.CONFIG

@@ -87,6 +87,7 @@ class DaemonConfig:
     worker_nice: int = 10
     worker_io_class: str = "idle"
     worker_threads: int = 0
+    warm_workers: bool = True
     keep_failed: int = 3
     retry_backoff_seconds: float = 30.0
     shutdown_grace_seconds: float = 60.0
@@ -177,6 +178,7 @@ DAEMON_SCHEMA: Schema = {
     "worker_nice": ((int,), DaemonConfig.worker_nice, _nice),
     "worker_io_class": ((str,), DaemonConfig.worker_io_class, one_of(*IO_CLASSES)),
     "worker_threads": ((int,), DaemonConfig.worker_threads, non_negative),
+    "warm_workers": ((bool,), DaemonConfig.warm_workers, None),
     "keep_failed": ((int,), DaemonConfig.keep_failed, non_negative),
     "retry_backoff_seconds": ((int, float), DaemonConfig.retry_backoff_seconds, positive),
     "shutdown_grace_seconds": ((int, float), DaemonConfig.shutdown_grace_seconds, non_negative),

@@ -110,6 +110,11 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.warm_children_bytes = Gauge(
+            "ckpt_exporter_warm_children_resident_bytes",
+            "Resident memory of the worker and validator children waiting warm (0 when off).",
+            registry=r,
+        )
         self.phase_seconds = Histogram(
             "ckpt_exporter_phase_duration_seconds",
             "Duration of each export phase.",

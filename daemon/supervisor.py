@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__, child, exitcodes, logs, systemd
+from daemon.builders import check_builders
 from daemon.config import Config, ConfigError, ModelConfig, load_config
 from daemon.health import HealthSnapshot, evaluate
 from daemon.metrics import HTTPServer, Metrics
@@ -76,6 +77,7 @@ from daemon.versions import (
     published_versions,
     step_version,
 )
+from daemon.warm import WARM_MODULES, WarmPool
 from daemon.watch import Watcher
 
 #: Longest wait between retries of a transient failure.
@@ -84,6 +86,10 @@ MAX_BACKOFF_SECONDS = 3600.0
 CHILD_KILL_GRACE_SECONDS = 5.0
 #: How long a checkpoint may stay incomplete before it is reported (once).
 INCOMPLETE_REPORT_SECONDS = 5.0
+#: Failures that say the model's code or config is wrong, not the checkpoint:
+#: rejecting the checkpoint would lose it for good once the user fixes the
+#: builder, so instead the model pauses until the next reload or start.
+MODEL_FAILURES = frozenset({"builder_import", "builder_error", "no_signature"})
 
 
 @dataclass
@@ -143,6 +149,7 @@ class ModelState:
     failing_since: float | None = None  # first failure since the last publication
     next_cfg: ModelConfig | None = None  # a reload's new config, applied once idle
     retiring: bool = False  # removed by a reload; goes once its export ends
+    paused: dict[str, Any] | None = None  # a MODEL_FAILURES failure, until reload
 
     def history(self) -> History:
         return History(
@@ -191,6 +198,7 @@ class Supervisor:
         self._health = HealthSnapshot(loop_monotonic=time.monotonic())
         self._watchdog_interval = _watchdog_interval()
         self._next_watchdog = 0.0
+        self.warm = WarmPool(enabled=config.daemon.warm_workers)
 
     @property
     def metrics_port(self) -> int | None:
@@ -394,6 +402,7 @@ class Supervisor:
                     self._advance(st.job)
             self._update_status()
             return
+        self._refill_warm()
         now = time.monotonic()
         if now >= self._next_rescan:
             self._next_rescan = now + self.config.daemon.rescan_interval_seconds
@@ -509,6 +518,7 @@ class Supervisor:
                 return False
             try:
                 new = load_config(self.config.path)
+                check_builders(new)
             except ConfigError as e:
                 self.log.error(
                     "reload_failed",
@@ -564,10 +574,18 @@ class Supervisor:
                 self.models[name] = st
                 self.metrics.init_model(name)
                 self._load_state(st)
+        resumed = []
+        for name, st in self.models.items():
+            # A reload is how the user says "I fixed the builder": its code
+            # may have changed even where the config did not.
+            if st.paused is not None:
+                st.paused = None
+                resumed.append(name)
         self._sync_watches()
         self._next_rescan = 0.0  # rescan everything on the next turn
         self.log.info(
             "reloaded",
+            resumed=resumed,
             config=str(new.path),
             added=added,
             removed=removed,
@@ -659,6 +677,8 @@ class Supervisor:
         st.wait_until = decision.wait_until
         if decision.next is None or st.job is not None or self.stopping or st.retiring:
             return
+        if st.paused is not None:
+            return  # said once in _fail; the pending count above still shows the backlog
         if self._running_jobs() >= self.config.daemon.concurrency:
             st.dirty = True  # look again when a slot frees up
             return
@@ -754,6 +774,19 @@ class Supervisor:
             "threads": d.worker_threads_effective,
         }
 
+    def _warm_settings(self, module: str) -> str:
+        d = self.config.daemon
+        return WarmPool.settings(module, self._child_limits(), d.allow_gpu)
+
+    def _refill_warm(self) -> None:
+        """Keep one warm worker and one warm validator ready (``warm_workers``)."""
+        self.warm.enabled = self.config.daemon.warm_workers
+        if not self.warm.enabled:
+            self.warm.close()
+        else:
+            self.warm.refill({m: self._warm_settings(m) for m in WARM_MODULES})
+        self.metrics.warm_children_bytes.set(self.warm.rss_bytes())
+
     def _spawn(self, job: Job, phase: str, module: str, request: dict[str, Any]) -> None:
         assert job.staging is not None
         request = dict(
@@ -763,22 +796,34 @@ class Supervisor:
             limits=self._child_limits(),
         )
         req_path = job.staging / f"{phase}.request.json"
-        write_json_atomic(req_path, request)
         log_path = job.staging / f"{phase}.log"
+        request["log"] = str(log_path)  # where a warm child sends its output
+        write_json_atomic(req_path, request)
+        warm = self.warm.take(module, self._warm_settings(module))
+        if warm is not None:
+            job.proc = warm.hand(str(req_path))
+        else:
+            job.proc = self._spawn_cold(module, req_path, log_path)
+        self._watch_child(job, phase)
+
+    def _spawn_cold(self, module: str, req_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
         with log_path.open("wb") as out:
             # A session of its own: Ctrl-C in a terminal reaches only the
             # supervisor, which then stops the child deliberately.
-            job.proc = subprocess.Popen(
+            return subprocess.Popen(
                 child.child_command(module, req_path),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def _watch_child(self, job: Job, phase: str) -> None:
         job.phase = phase
         job.phase_started = time.monotonic()
         job.deadline = job.phase_started + self.config.daemon.export_timeout_seconds
         proc, job_id = job.proc, job.id
+        assert proc is not None
 
         def wait_and_tell() -> None:
             # A thread per child only waits and enqueues; the main loop reacts.
@@ -849,6 +894,7 @@ class Supervisor:
                 **job.log_fields,
                 seconds=round(job.durations["export"], 3),
                 variables=result.get("variables"),
+                warm=bool(result.get("warm")),
             )
             assert job.temp_dir is not None
             self._spawn(
@@ -870,6 +916,7 @@ class Supervisor:
                 **job.log_fields,
                 seconds=round(job.durations["validate"], 3),
                 signatures=_signature_summary(result),
+                warm=bool(result.get("warm")),
             )
             job.phase = "publish"
             job.phase_started = time.monotonic()
@@ -1026,7 +1073,8 @@ class Supervisor:
     ) -> None:
         st, cfg = job.model, job.model.cfg
         fp = job.ckpt.fingerprint
-        outcome = "rejected" if permanent else "failed"
+        # A paused model's checkpoint is not rejected: it is exported after the fix.
+        outcome = "rejected" if permanent and reason not in MODEL_FAILURES else "failed"
         self.metrics.exports.labels(cfg.name, outcome).inc()
         self.metrics.failures.labels(cfg.name, job.phase, reason).inc()
         if job.phase == "validate":
@@ -1056,7 +1104,16 @@ class Supervisor:
             fields["kept_at"] = str(kept)
         if output:
             fields["output_tail"] = output
-        if permanent:
+        if permanent and reason in MODEL_FAILURES:
+            st.paused = {"reason": reason, "error": message[:2000], "at": time.time()}
+            self.log.error(
+                "model_paused",
+                **fields,
+                hint="the model's builder or config is at fault, not the checkpoint: nothing "
+                "is exported for this model until you fix it and reload "
+                "(systemctl reload, or SIGHUP); its checkpoints stay pending",
+            )
+        elif permanent:
             st.rejected[fp] = {
                 "checkpoint": str(job.ckpt.prefix),
                 "reason": reason,
@@ -1116,7 +1173,13 @@ class Supervisor:
         for name, st in sorted(self.models.items()):
             newest = max((p.version for p in st.published), default=None)
             pending = st.last_plan.pending if st.last_plan else 0
-            state = f"exporting step {st.job.ckpt.step}" if st.job else "idle"
+            state = (
+                f"exporting step {st.job.ckpt.step}"
+                if st.job
+                else f"paused ({st.paused['reason']})"
+                if st.paused
+                else "idle"
+            )
             parts.append(
                 f"{name}: v{newest if newest is not None else '-'}, {pending} pending, {state}"
             )
@@ -1145,6 +1208,7 @@ class Supervisor:
             )
             self._cleanup(job)
             st.job = None
+        self.warm.close()
         self.watcher.stop()
         if self.http is not None:
             self.http.stop()

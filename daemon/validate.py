@@ -161,11 +161,8 @@ def _run_signature(
 
 
 def main(argv: list[str]) -> int:
-    req = child.load_request(argv)
-    if req.get("parent_pid"):
-        child.die_with_parent(req["parent_pid"])
     # Validation never needs the GPU the trainer is using.
-    child.prepare_from_request(req, allow_gpu=False)
+    req = child.begin(argv, validator=True)
     try:
         result = validate(req)
     except child.ChildFailure as e:
@@ -177,6 +174,7 @@ def main(argv: list[str]) -> int:
         result = child.environment_failure(e) or child.failure(
             "validate_error", f"{type(e).__name__}: {e}\n{tb}", permanent=True
         )
+    result["warm"] = bool(req.get("warm"))
     return child.finish(Path(req["result"]), result)
 
 

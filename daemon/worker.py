@@ -171,10 +171,7 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    req = child.load_request(argv)
-    if req.get("parent_pid"):
-        child.die_with_parent(req["parent_pid"])
-    child.prepare_from_request(req, allow_gpu=bool(req.get("allow_gpu")))
+    req = child.begin(argv, validator=False)
     try:
         result = export(req)
     except child.ChildFailure as e:
@@ -191,6 +188,7 @@ def main(argv: list[str]) -> int:
         result = child.environment_failure(e) or child.failure(
             "export_error", f"{type(e).__name__}: {e}\n{tb}", permanent=True
         )
+    result["warm"] = bool(req.get("warm"))
     return child.finish(Path(req["result"]), result)
 
 

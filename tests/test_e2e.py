@@ -234,3 +234,52 @@ tf.saved_model.save(m, {str(tmp_path / "sm")!r}, signatures={{"serving_default":
     r = cli("validate", str(tmp_path / "sm"))
     assert r.returncode == 1
     assert "Could not find variable" in r.stdout
+
+
+def test_a_broken_builder_pauses_the_model_and_a_reload_after_the_fix_exports(
+    tmp_path: Path, daemons: Any
+) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "my_builder.py").write_text(
+        "def build():\n    raise RuntimeError('the builder is broken today')\n"
+    )
+    train(tmp_path / "ckpts", 1)
+    config = write_config(tmp_path, builder="my_builder:build", python_path=[str(code)])
+    d: Daemon = daemons(config, tmp_path / "daemon.log")
+    ev = d.wait_for(lambda ev: any(e["event"] == "model_paused" for e in ev), what="the pause")
+    paused = next(e for e in ev if e["event"] == "model_paused")
+    assert paused["reason"] == "builder_error" and "broken today" in paused["error"]
+    assert "reload" in paused["hint"]
+    time.sleep(3)  # three rescans: the paused model starts nothing
+    assert d.count("export_started") == 1
+    base = tmp_path / "serving" / "m"
+    # The checkpoint is not blamed for the builder: nothing is recorded as rejected.
+    assert not (base / ".ckpt-exporter" / "rejected.json").exists()
+
+    # A reload naming a module that does not exist is refused; the model stays paused.
+    broken = config.read_text().replace("my_builder:build", "my_bulider:build")
+    good = config.read_text()
+    config.write_text(broken)
+    d.proc.send_signal(signal.SIGHUP)
+    failed = d.wait_for(lambda ev: any(e["event"] == "reload_failed" for e in ev))
+    problems = next(e for e in failed if e["event"] == "reload_failed")["problems"]
+    assert len(problems) == 1 and "'my_bulider' not found" in problems[0], problems
+
+    # The fix, then a reload: the pending checkpoint is exported after all.
+    config.write_text(good)
+    (code / "my_builder.py").write_text("from daemon.demo.model import build_model as build\n")
+    d.proc.send_signal(signal.SIGHUP)
+    ev = d.wait_for(_published(1), what="the export after the fix")
+    assert next(e for e in ev if e["event"] == "reloaded")["resumed"] == ["m"]
+    assert sorted(version_dirs(base)) == [1]
+    assert d.stop() == 0
+
+
+def test_a_builder_module_that_cannot_be_found_stops_the_start_with_78(tmp_path: Path) -> None:
+    config = write_config(tmp_path, builder="no_such_trainer.model:build")
+    for command in ("run", "check-config"):
+        r = cli(command, "--config", str(config), timeout=60)
+        assert r.returncode == 78, r.stdout + r.stderr
+        assert "models[0] (m).builder: module 'no_such_trainer.model' not found" in r.stderr
+    assert not (tmp_path / "serving").exists()

@@ -199,21 +199,45 @@ def proc_cmdlines() -> dict[int, str]:
 
 
 def children_of_base(base: Path, module: str | None = None) -> list[int]:
-    """PIDs of worker/validator children working for ``base`` (request under its staging)."""
+    """PIDs of worker/validator children working for ``base``.
+
+    A cold child names its request (under the base path's staging) on its
+    command line; a warm child learns it on stdin, then points its stdout at
+    the job's log in the same staging folder, so both show in /proc.
+    """
     staging = str(base / STATE_DIRNAME / "staging")
     mods = [module] if module else ["daemon.worker", "daemon.validate"]
-    return sorted(
-        pid
-        for pid, cmd in proc_cmdlines().items()
-        if staging in cmd and any(f"-m {m} " in cmd for m in mods)
-    )
+    pids = []
+    for pid, cmd in proc_cmdlines().items():
+        if not any(f"-m {m} " in cmd for m in mods):
+            continue
+        with contextlib.suppress(OSError):
+            if staging in cmd or os.readlink(f"/proc/{pid}/fd/1").startswith(staging):
+                pids.append(pid)
+    return sorted(pids)
 
 
-def wait_children_gone(base: Path, timeout: float = 15) -> None:
+def warm_children_of(daemon_pid: int) -> list[int]:
+    """PIDs of the warm children a daemon started (``-m MODULE --warm SETTINGS``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
+            i = argv.index("--warm")
+            if json.loads(argv[i + 1]).get("parent_pid") == daemon_pid:
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def wait_children_gone(base: Path, daemon_pid: int, timeout: float = 15) -> None:
     """Children of a killed daemon die with it (PR_SET_PDEATHSIG); wait for that."""
     deadline = time.monotonic() + timeout
-    while children_of_base(base):
-        assert time.monotonic() < deadline, f"orphaned children: {children_of_base(base)}"
+
+    def left() -> list[int]:
+        return children_of_base(base) + warm_children_of(daemon_pid)
+
+    while left():
+        assert time.monotonic() < deadline, f"orphaned children: {left()}"
         time.sleep(0.05)
 
 

@@ -161,7 +161,7 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_version(tmp_path: Pat
             removed |= {e["version"] for e in events if e["event"] == "version_removed"}
             # Its worker or validator dies with it (PR_SET_PDEATHSIG), as systemd
             # would also make sure of before a restart.
-            wait_children_gone(base)
+            wait_children_gone(base, d.proc.pid)
             leftovers[0].update(temp_dirs(base))
             leftovers[1].update(state_children(base, "staging"))
             leftovers[2].update(state_children(base, "trash"))
