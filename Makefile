@@ -17,8 +17,8 @@ demo: install
 	$(BIN)/ckpt-exporter demo
 
 lint: install
-	$(BIN)/ruff check daemon tests
-	$(BIN)/ruff format --check daemon tests
+	$(BIN)/ruff check daemon tests bench
+	$(BIN)/ruff format --check daemon tests bench
 	$(BIN)/mypy daemon
 
 unit: install

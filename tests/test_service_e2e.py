@@ -84,7 +84,8 @@ def test_a_model_failing_every_export_turns_healthz_503(tmp_path: Path, daemons:
     d: Daemon = daemons(config, tmp_path / "daemon.log")
     port = _port(d)
     assert _get(port, "/healthz")[0] == 200
-    d.wait_for(lambda ev: any(e["event"] == "export_rejected" for e in ev), what="rejection")
+    # A builder that raises pauses the model: failing, and /healthz says so.
+    d.wait_for(lambda ev: any(e["event"] == "model_paused" for e in ev), what="the pause")
     deadline = time.monotonic() + 30
     while (status := _get(port, "/healthz"))[0] != 503 and time.monotonic() < deadline:
         time.sleep(0.2)

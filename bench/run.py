@@ -1,0 +1,646 @@
+"""The benchmark suite: ``make bench`` (``python bench/run.py``).
+
+Every number comes from real processes on this machine: the daemon as
+``ckpt-exporter run``, real TensorFlow checkpoints written by
+``tf.train.CheckpointManager``, and a plain export script as the baseline,
+measured in the same run so that ratios compare like with like.
+
+Scenarios (``--only`` picks some, ``--quick`` leaves out ResNet-50):
+
+- ``latency``: checkpoint-to-published for the small model and ResNet-50,
+  with cold children (``warm_workers = false``) and warm ones, next to the
+  baseline script; also detection latency with one watched directory.
+- ``detection``: checkpoint-to-export-started with 200 watched directories.
+- ``idle``: CPU and RSS of the idle supervisor with 1 and 200 models.
+- ``training``: a CPU training loop's step time alone, then with the daemon
+  exporting ResNet-50 checkpoints beside it.
+- ``startup``: from exec to "started" and to the first export with 10,000
+  versions in the base path and 1,000 checkpoints, against an empty start.
+
+A checkpoint "lands" the way a trainer lands one: data shards first, then the
+``.index`` (renamed into place: the moment the checkpoint is complete), then
+the ``checkpoint`` state file (written aside and renamed). Latencies are from
+that index rename to the daemon's log event, both wall-clock on this machine.
+
+Writes the results as JSON (``--out``, default ``bench/results.json``) and
+prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+ENV = dict(
+    os.environ,
+    TF_CPP_MIN_LOG_LEVEL="2",
+    PYTHONUNBUFFERED="1",
+    PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]),
+)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+# --- checkpoints --------------------------------------------------------------
+
+
+def make_checkpoints(model: str, out: Path, n: int) -> list[str]:
+    """Write ``n`` checkpoints of ``model`` into ``out``; returns their prefixes, oldest first."""
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, str(BENCH / "make_checkpoints.py"), model, str(out), str(n)],
+        env=ENV,
+        check=True,
+    )
+    return sorted({p.name.split(".")[0] for p in out.glob("ckpt-*.index")}, key=_step)
+
+
+def _step(prefix: str) -> int:
+    return int(prefix.rsplit("-", 1)[1])
+
+
+def land(src: Path, prefix: str, dst: Path, name: str | None = None) -> float:
+    """Put checkpoint ``prefix`` from ``src`` into ``dst`` as a trainer would.
+
+    Returns the wall-clock time at which it became complete (the index rename).
+    """
+    name = name or prefix
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.glob(f"{prefix}.data-*"):
+        shutil.copyfile(f, dst / f.name.replace(prefix, name, 1))
+    tmp = dst / f".{name}.index.tmp"
+    shutil.copyfile(src / f"{prefix}.index", tmp)
+    t0 = time.time()
+    os.rename(tmp, dst / f"{name}.index")
+    state = dst / ".checkpoint.tmp"
+    state.write_text(f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
+    os.rename(state, dst / "checkpoint")
+    return t0
+
+
+# --- the daemon ---------------------------------------------------------------
+
+
+class Daemon:
+    """``ckpt-exporter run`` as a subprocess with its JSON log in a file."""
+
+    def __init__(self, ws: Path, models: list[dict[str, Any]], **daemon_keys: Any) -> None:
+        keys = {
+            "metrics_address": "127.0.0.1:0",
+            "log_format": "json",
+            "rescan_interval_seconds": 30,
+            **daemon_keys,
+        }
+        lines = ["[daemon]"] + [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+        for m in models:
+            lines += ["", "[[models]]"] + [f"{k} = {json.dumps(v)}" for k, v in m.items()]
+        self.config = ws / "config.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log_path = ws / "daemon.log"
+        self.t_exec = time.time()
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "run", "--config", str(self.config)],
+                env=ENV,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=BENCH,
+            )
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    ev = json.loads(line)
+                    if name is None or ev.get("event") == name:
+                        out.append(ev)
+        return out
+
+    def wait(self, name: str, n: int = 1, timeout: float = 900, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events(name) if all(e.get(k) == v for k, v in match.items())]
+            if len(found) >= n:
+                return found[n - 1]
+            bad = self.events("export_failed") + self.events("export_rejected")
+            if bad:
+                raise RuntimeError(f"export failed: {bad[-1]}")
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"no {name} event (n={n}):\n{tail}")
+            time.sleep(0.02)
+
+    def warm_children(self) -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                argv = (entry / "cmdline").read_bytes().decode().split("\0")
+                i = argv.index("--warm")
+                if json.loads(argv[i + 1]).get("parent_pid") == self.proc.pid:
+                    pids.append(int(entry.name))
+        return pids
+
+    def settle(self, timeout: float = 120) -> None:
+        """Wait until the supervisor and its warm children have stopped using CPU.
+
+        Between two checkpoints a real daemon sits idle for minutes; a warm
+        child has imported TensorFlow long before the next one lands.
+        """
+        deadline = time.monotonic() + timeout
+        last: dict[int, int] = {}
+        while time.monotonic() < deadline:
+            pids = [self.proc.pid, *self.warm_children()]
+            now = {p: cpu_ticks(p) for p in pids}
+            if last and now == last and (len(pids) > 1 or not self.warm):
+                return
+            last = now
+            time.sleep(1.0)
+
+    @property
+    def warm(self) -> bool:
+        return "warm_workers = false" not in self.config.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def ts(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(event["timestamp"])).timestamp()
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` in clock ticks (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def model_table(ws: Path, name: str, builder: str, **keys: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "checkpoint_dir": str(ws / "ckpts" / name),
+        "base_path": str(ws / "serving" / name),
+        "builder": builder,
+        "python_path": [str(BENCH)],
+        "export_policy": "all",
+        "keep_versions": 3,
+        **keys,
+    }
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+
+    def q(p: float) -> float:
+        # Nearest rank: with fewer than 100 samples the p99 is the worst one.
+        return xs[max(0, math.ceil(p * len(xs)) - 1)]
+
+    return {
+        "n": len(xs),
+        "mean": statistics.fmean(xs),
+        "p50": statistics.median(xs),
+        "p99": q(0.99),
+        "min": xs[0],
+        "max": xs[-1],
+    }
+
+
+@contextlib.contextmanager
+def workspace(root: Path, name: str) -> Iterator[Path]:
+    ws = root / name
+    shutil.rmtree(ws, ignore_errors=True)
+    ws.mkdir(parents=True)
+    try:
+        yield ws
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+
+
+# --- scenarios ----------------------------------------------------------------
+
+
+def baseline(model: str, src: Path, prefixes: list[str], root: Path) -> dict[str, Any]:
+    walls, phases = [], []
+    for prefix in prefixes:
+        out = root / f"baseline-{model}-{prefix}"
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [sys.executable, str(BENCH / "baseline.py"), model, str(src / prefix), str(out)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        walls.append(time.monotonic() - t0)
+        phases.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        shutil.rmtree(out, ignore_errors=True)
+    return {
+        "seconds": summary(walls),
+        "phases": {k: statistics.fmean(p[k] for p in phases) for k in phases[0]},
+    }
+
+
+def daemon_latency(
+    model: str, src: Path, prefixes: list[str], root: Path, *, warm: bool
+) -> dict[str, Any]:
+    with workspace(root, f"latency-{model}-{'warm' if warm else 'cold'}") as ws:
+        d = Daemon(
+            ws,
+            [model_table(ws, "m", f"models:{model}")],
+            warm_workers=warm,
+            export_timeout_seconds=3600,
+        )
+        try:
+            d.wait("started")
+            d.settle()
+            latencies, detection, phases = [], [], []
+            for i, prefix in enumerate(prefixes, start=1):
+                t0 = land(src, prefix, ws / "ckpts" / "m")
+                pub = d.wait("published", n=i)
+                started = d.wait("export_started", n=i)
+                latencies.append(ts(pub) - t0)
+                detection.append(ts(started) - t0)
+                phases.append(pub["durations"])
+                log(f"{model} {'warm' if warm else 'cold'} #{i}: {latencies[-1]:.2f} s")
+                d.settle()
+            warm_used = all(e["warm"] for e in d.events("exported") + d.events("validated"))
+        finally:
+            d.stop()
+    return {
+        "seconds": summary(latencies),
+        "detection_seconds": summary(detection),
+        "phases": {k: statistics.fmean(p[k] for p in phases) for k in phases[0]},
+        "warm_children_used": warm_used,
+    }
+
+
+def scenario_latency(root: Path, models: list[str], samples: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for model in models:
+        n = samples if model == "small" else max(2, samples // 2)
+        src = root / f"src-{model}"
+        log(f"writing {2 * n} {model} checkpoints")
+        prefixes = make_checkpoints(model, src, 2 * n)
+        res = {"baseline": baseline(model, src, prefixes[:n], root)}
+        log(f"{model} baseline: {res['baseline']['seconds']['mean']:.2f} s")
+        res["cold"] = daemon_latency(model, src, prefixes[:n], root, warm=False)
+        res["warm"] = daemon_latency(model, src, prefixes[n:], root, warm=True)
+        base = res["baseline"]["seconds"]["mean"]
+        for kind in ("cold", "warm"):
+            res[kind]["ratio_to_baseline"] = res[kind]["seconds"]["mean"] / base
+        out[model] = res
+        shutil.rmtree(src, ignore_errors=True)
+    return out
+
+
+def _many_models(ws: Path, n: int) -> list[dict[str, Any]]:
+    tables = []
+    for i in range(n):
+        t = model_table(ws, f"m{i:03d}", "models:small")
+        Path(t["checkpoint_dir"]).mkdir(parents=True)
+        tables.append(t)
+    return tables
+
+
+def idle_usage(d: Daemon, seconds: float) -> dict[str, float]:
+    d.settle()
+    c0, t0 = cpu_ticks(d.proc.pid), time.monotonic()
+    time.sleep(seconds)
+    c1, t1 = cpu_ticks(d.proc.pid), time.monotonic()
+    return {
+        "cpu_percent": 100.0 * (c1 - c0) / CLK_TCK / (t1 - t0),
+        "rss_bytes": rss_bytes(d.proc.pid),
+        "warm_children_rss_bytes": sum(rss_bytes(p) for p in d.warm_children()),
+        "seconds": t1 - t0,
+    }
+
+
+def scenario_idle_and_detection(root: Path, samples: int, idle_seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    src = root / "src-detect"
+    prefixes = make_checkpoints("small", src, samples)
+    for n in (1, 200):
+        with workspace(root, f"idle-{n}") as ws:
+            d = Daemon(ws, _many_models(ws, n))
+            try:
+                d.wait("started")
+                out[f"idle_{n}_models"] = idle_usage(d, idle_seconds)
+                log(f"idle with {n} models: {out[f'idle_{n}_models']}")
+                if n == 200:
+                    detection = []
+                    for i, prefix in enumerate(prefixes, start=1):
+                        name = f"m{(i * 37) % n:03d}"
+                        t0 = land(src, prefix, ws / "ckpts" / name)
+                        started = d.wait("export_started", model=name)
+                        detection.append(ts(started) - t0)
+                        d.wait("published", n=i)
+                        d.settle()
+                    out["detection_200_dirs"] = {"seconds": summary(detection)}
+                    log(f"detection, 200 dirs: {out['detection_200_dirs']}")
+            finally:
+                d.stop()
+    shutil.rmtree(src, ignore_errors=True)
+    return out
+
+
+def _train_loop(seconds: float) -> dict[str, float]:
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "train_loop.py"), str(seconds)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def scenario_training(root: Path, seconds: float) -> dict[str, Any]:
+    src = root / "src-train"
+    prefixes = make_checkpoints("resnet50", src, 3)
+    alone = _train_loop(seconds)
+    log(f"training alone: {alone}")
+    with workspace(root, "training") as ws:
+        d = Daemon(ws, [model_table(ws, "m", "models:resnet50")], export_timeout_seconds=3600)
+        try:
+            d.wait("started")
+            d.settle()
+            trainer = subprocess.Popen(
+                [sys.executable, str(BENCH / "train_loop.py"), str(seconds)],
+                env=ENV,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(3)  # the loop has imported TensorFlow and is stepping
+            landed = 0
+            while trainer.poll() is None:
+                if landed < len(prefixes) and len(d.events("published")) >= landed:
+                    land(src, prefixes[landed], ws / "ckpts" / "m")
+                    landed += 1
+                time.sleep(0.2)
+            out_text, _ = trainer.communicate()
+            beside = json.loads(out_text.strip().splitlines()[-1])
+            exports = len(d.events("export_started"))
+        finally:
+            d.stop()
+    shutil.rmtree(src, ignore_errors=True)
+    log(f"training beside the daemon: {beside} ({exports} exports started)")
+    return {
+        "alone": alone,
+        "beside_daemon": beside,
+        "exports_during_run": exports,
+        "slowdown": beside["median_step_seconds"] / alone["median_step_seconds"] - 1,
+    }
+
+
+def _fill_base_path(base: Path, n: int) -> None:
+    base.mkdir(parents=True)
+    for v in range(1, n + 1):
+        extra = base / str(v) / "assets.extra"
+        extra.mkdir(parents=True)
+        (extra / "ckpt_exporter.json").write_text(
+            json.dumps(
+                {
+                    "tool": "ckpt-exporter",
+                    "model": "m",
+                    "version": v,
+                    "published_at": 1.0,
+                    "checkpoint": {"fingerprint": f"old-{v}", "written_ns": 1, "step": v},
+                }
+            )
+        )
+
+
+def _fill_checkpoints(src: Path, prefix: str, dst: Path, n: int) -> None:
+    dst.mkdir(parents=True)
+    names = [f"ckpt-{i}" for i in range(1, n + 1)]
+    for name in names:
+        for f in src.glob(f"{prefix}.*"):
+            os.link(f, dst / f.name.replace(prefix, name, 1))
+    lines = [f'model_checkpoint_path: "{names[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "{x}"' for x in names]
+    (dst / "checkpoint").write_text("\n".join(lines) + "\n")
+
+
+def _startup(ws: Path) -> dict[str, float]:
+    d = Daemon(ws, [model_table(ws, "m", "models:small", export_policy="latest")])
+    try:
+        started = d.wait("started")
+        first = d.wait("export_started")
+        return {"to_started": ts(started) - d.t_exec, "to_first_export": ts(first) - d.t_exec}
+    finally:
+        d.stop()
+
+
+def scenario_startup(root: Path, versions: int, checkpoints: int) -> dict[str, Any]:
+    src = root / "src-startup"
+    prefix = make_checkpoints("small", src, 1)[0]
+    with workspace(root, "startup-empty") as ws:
+        _fill_checkpoints(src, prefix, ws / "ckpts" / "m", 1)
+        empty = _startup(ws)
+    with workspace(root, "startup-full") as ws:
+        log(f"writing {versions} versions and {checkpoints} checkpoints")
+        _fill_base_path(ws / "serving" / "m", versions)
+        _fill_checkpoints(src, prefix, ws / "ckpts" / "m", checkpoints)
+        full = _startup(ws)
+    shutil.rmtree(src, ignore_errors=True)
+    return {
+        "empty": empty,
+        f"{versions}_versions_{checkpoints}_checkpoints": full,
+        "ratio_to_empty": full["to_first_export"] / empty["to_first_export"],
+    }
+
+
+# --- report -------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import importlib.metadata as md
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "tensorflow": next(
+            (md.version(d) for d in ("tensorflow-cpu", "tensorflow") if _installed(d)), "?"
+        ),
+        "kernel": platform.release(),
+    }
+
+
+def _installed(dist: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(dist)
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [("measure", "value", "vs baseline")]
+    for model, r in results.get("latency", {}).items():
+        b = r["baseline"]["seconds"]["mean"]
+        rows.append(
+            (f"{model}: plain script (import, restore, save, reload)", f"{b:.2f} s", "1.00")
+        )
+        for kind in ("cold", "warm"):
+            s = r[kind]["seconds"]
+            rows.append(
+                (
+                    f"{model}: daemon {kind}, checkpoint to published (validated)",
+                    f"{s['mean']:.2f} s (p50 {s['p50']:.2f})",
+                    f"{r[kind]['ratio_to_baseline']:.2f}",
+                )
+            )
+        if model == "small":
+            s = r["warm"]["detection_seconds"]
+            rows.append(
+                (
+                    "detection, 1 dir: p50 / p99",
+                    f"{s['p50'] * 1e3:.0f} / {s['p99'] * 1e3:.0f} ms",
+                    "",
+                )
+            )
+    idle = results.get("idle_detection", {})
+    if "detection_200_dirs" in idle:
+        s = idle["detection_200_dirs"]["seconds"]
+        rows.append(
+            (
+                "detection, 200 dirs: p50 / p99",
+                f"{s['p50'] * 1e3:.0f} / {s['p99'] * 1e3:.0f} ms",
+                "",
+            )
+        )
+    for n in (1, 200):
+        u = idle.get(f"idle_{n}_models")
+        if u:
+            rows.append(
+                (
+                    f"idle supervisor, {n} models: CPU / RSS",
+                    f"{u['cpu_percent']:.2f} % / {u['rss_bytes'] / 2**20:.0f} MiB",
+                    "",
+                )
+            )
+            rows.append(
+                (
+                    f"idle warm children, {n} models: RSS",
+                    f"{u['warm_children_rss_bytes'] / 2**20:.0f} MiB",
+                    "",
+                )
+            )
+    t = results.get("training")
+    if t:
+        rows.append(
+            (
+                "training step beside ResNet-50 exports: slowdown",
+                f"{100 * t['slowdown']:.1f} %",
+                f"{t['alone']['median_step_seconds'] * 1e3:.1f} -> "
+                f"{t['beside_daemon']['median_step_seconds'] * 1e3:.1f} ms",
+            )
+        )
+    s = results.get("startup")
+    if s:
+        full = next(v for k, v in s.items() if k.endswith("_checkpoints"))
+        rows.append(
+            (
+                "startup to first export, empty",
+                f"{s['empty']['to_first_export']:.2f} s",
+                "1.00",
+            )
+        )
+        rows.append(
+            (
+                "startup to first export, 10,000 versions + 1,000 checkpoints",
+                f"{full['to_first_export']:.2f} s",
+                f"{s['ratio_to_empty']:.2f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    ]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+SCENARIOS = ("latency", "idle_detection", "training", "startup")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    p.add_argument("--quick", action="store_true", help="leave out ResNet-50 (and training)")
+    p.add_argument("--samples", type=int, default=6, help="checkpoints per latency measure")
+    p.add_argument("--out", type=Path, default=BENCH / "results.json")
+    args = p.parse_args()
+
+    results: dict[str, Any] = {"machine": machine(), "started": datetime.now().isoformat()}
+    runners: dict[str, Callable[[Path], Any]] = {
+        "latency": lambda r: scenario_latency(
+            r, ["small"] if args.quick else ["small", "resnet50"], args.samples
+        ),
+        "idle_detection": lambda r: scenario_idle_and_detection(r, 2 * args.samples, 20.0),
+        "training": lambda r: scenario_training(r, 60.0),
+        "startup": lambda r: scenario_startup(r, 10_000, 1_000),
+    }
+    with tempfile.TemporaryDirectory(prefix="ckpt-exporter-bench-") as tmp:
+        for name in args.only:
+            if name == "training" and args.quick:
+                continue
+            log(f"--- {name}")
+            t0 = time.monotonic()
+            results[name] = runners[name](Path(tmp))
+            log(f"--- {name} took {time.monotonic() - t0:.0f} s")
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\nmachine: {json.dumps(results['machine'])}\nresults: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
