@@ -212,7 +212,18 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared library pages split between their users."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def model_table(ws: Path, name: str, builder: str, **keys: Any) -> dict[str, Any]:
+    """A ``[[models]]`` table; its checkpoint dir is created, as a running trainer's is."""
+    (ws / "ckpts" / name).mkdir(parents=True, exist_ok=True)
     return {
         "name": name,
         "checkpoint_dir": str(ws / "ckpts" / name),
@@ -333,9 +344,7 @@ def scenario_latency(root: Path, models: list[str], samples: int) -> dict[str, A
 def _many_models(ws: Path, n: int) -> list[dict[str, Any]]:
     tables = []
     for i in range(n):
-        t = model_table(ws, f"m{i:03d}", "models:small")
-        Path(t["checkpoint_dir"]).mkdir(parents=True)
-        tables.append(t)
+        tables.append(model_table(ws, f"m{i:03d}", "models:small"))
     return tables
 
 
@@ -348,6 +357,7 @@ def idle_usage(d: Daemon, seconds: float) -> dict[str, float]:
         "cpu_percent": 100.0 * (c1 - c0) / CLK_TCK / (t1 - t0),
         "rss_bytes": rss_bytes(d.proc.pid),
         "warm_children_rss_bytes": sum(rss_bytes(p) for p in d.warm_children()),
+        "warm_children_pss_bytes": sum(pss_bytes(p) for p in d.warm_children()),
         "seconds": t1 - t0,
     }
 
@@ -448,7 +458,7 @@ def _fill_base_path(base: Path, n: int) -> None:
 
 
 def _fill_checkpoints(src: Path, prefix: str, dst: Path, n: int) -> None:
-    dst.mkdir(parents=True)
+    dst.mkdir(parents=True, exist_ok=True)
     names = [f"ckpt-{i}" for i in range(1, n + 1)]
     for name in names:
         for f in src.glob(f"{prefix}.*"):
@@ -568,8 +578,9 @@ def table(results: dict[str, Any]) -> str:
             )
             rows.append(
                 (
-                    f"idle warm children, {n} models: RSS",
-                    f"{u['warm_children_rss_bytes'] / 2**20:.0f} MiB",
+                    f"idle warm children, {n} models: RSS / PSS",
+                    f"{u['warm_children_rss_bytes'] / 2**20:.0f} / "
+                    f"{u['warm_children_pss_bytes'] / 2**20:.0f} MiB",
                     "",
                 )
             )
