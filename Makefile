@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install lint unit e2e faults clean
+.PHONY: demo test install lint unit e2e faults bench clean
 
 $(BIN)/ckpt-exporter: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ e2e: install
 
 faults: install
 	$(BIN)/python -m pytest -q -m faults
+
+# The benchmark suite (about 15 minutes on 2 cores): a table on stdout, JSON in bench/results.json.
+bench: install
+	$(BIN)/python bench/run.py
 
 # Everything but the fault suite (make faults, about 5 minutes; CI runs both).
 test: lint

@@ -99,6 +99,27 @@ def set_io_class(io_class: str) -> bool:
         return False
 
 
+def set_autogroup_nice(nice: int) -> bool:
+    """Give this process's autogroup the niceness ``nice``; False where there is none.
+
+    With ``kernel.sched_autogroup_enabled`` (the default on most distributions)
+    the CFS scheduler first shares the CPU fairly between *autogroups*, one per
+    session, and applies a process's nice value only inside its own group. A
+    child is started in a session of its own (see the supervisor), so without
+    this its ``nice`` would lower it against nobody: measured here, a worker at
+    nice 10 still slowed a training loop in another session by 75 %. The
+    autogroup is this child's alone, so lowering it touches nothing else. In a
+    non-root CPU cgroup (a systemd service with the cpu controller) autogroups
+    do not apply; there the unit's ``CPUWeight=`` does the same job.
+    """
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        return False
+    return True
+
+
 def prepare_tensorflow_env(
     allow_gpu: bool, *, nice: int = 0, io_class: str = "default", threads: int = 0
 ) -> None:
@@ -113,6 +134,7 @@ def prepare_tensorflow_env(
     """
     if nice > 0:
         os.nice(nice)
+        set_autogroup_nice(nice)
     if io_class != "default":
         set_io_class(io_class)
     if threads > 0:

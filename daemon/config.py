@@ -84,7 +84,7 @@ class DaemonConfig:
     export_timeout_seconds: float = 1800.0
     concurrency: int = 1
     allow_gpu: bool = False
-    worker_nice: int = 10
+    worker_nice: int = 19
     worker_io_class: str = "idle"
     worker_threads: int = 0
     warm_workers: bool = True

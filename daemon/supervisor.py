@@ -475,6 +475,10 @@ class Supervisor:
             st = self.models.get(value)
             if st is not None:
                 st.dirty = True
+                if self.watcher.is_standin(value):
+                    # Something changed next to a missing checkpoint dir (it
+                    # may have appeared): watch it now, not at the next rescan.
+                    self._sync_watches()
         elif kind == "child":
             pass  # the job is advanced right after the queue is drained
 

@@ -6,6 +6,9 @@ directory and decides from what is on disk. The supervisor also rescans every
 ``rescan_interval_seconds`` regardless, because network filesystems emit no
 events and inotify drops them when its queue overflows.
 
+A checkpoint directory that does not exist yet is watched through its
+nearest existing ancestor, so the trainer creating it is a hint as well.
+
 When native watching cannot start (``fs.inotify.max_user_watches`` reached,
 a filesystem without inotify support) the watcher falls back to watchdog's
 polling observer and says so once.
@@ -17,6 +20,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +46,24 @@ class _Hint(FileSystemEventHandler):
             self.notify(self.model)
 
 
+@dataclass
+class _Watch:
+    path: Path  # what is watched: the model's directory, or a stand-in ancestor
+    ident: tuple[int, int]  # its (st_dev, st_ino): a recreated folder needs a new watch
+    handle: Any  # watchdog's ObservedWatch, shared by every handler on one path
+    handler: _Hint
+    standin: bool  # the model's directory does not exist yet
+
+
 class Watcher:
-    """Keeps one watch per model directory that exists; ``sync`` is idempotent."""
+    """Keeps one watch per model directory; ``sync`` is idempotent.
+
+    A directory that does not exist yet is stood in for by its nearest
+    existing ancestor, so that its creation is a hint too, not something the
+    periodic rescan finds up to ``rescan_interval_seconds`` later. On a hint
+    for such a model (:meth:`is_standin`) the caller syncs again, and the new
+    directory gets its own watch.
+    """
 
     def __init__(self, notify: Callable[[str], None], log: Any, force_polling: bool = False):
         self._notify = notify
@@ -51,8 +71,7 @@ class Watcher:
         self._lock = threading.Lock()
         self._observer: Any = PollingObserver() if force_polling else Observer()
         self.backend = "polling" if force_polling else type(self._observer).__name__
-        # model -> (watched path, its (st_dev, st_ino), the watch handle)
-        self._watches: dict[str, tuple[Path, tuple[int, int], Any]] = {}
+        self._watches: dict[str, _Watch] = {}
         self._started = False
 
     def start(self) -> None:
@@ -76,49 +95,61 @@ class Watcher:
         old = self._watches
         self._watches = {}
         self._observer.start()
-        for model, (path, ident, _w) in old.items():
-            self._schedule(model, path, ident)
+        for model, w in old.items():
+            self._schedule(model, w.path, w.ident, w.standin)
 
-    def _schedule(self, model: str, path: Path, ident: tuple[int, int]) -> None:
-        handle = self._observer.schedule(_Hint(model, self._notify), str(path), recursive=False)
-        self._watches[model] = (path, ident, handle)
+    def _schedule(self, model: str, path: Path, ident: tuple[int, int], standin: bool) -> None:
+        handler = _Hint(model, self._notify)
+        handle = self._observer.schedule(handler, str(path), recursive=False)
+        self._watches[model] = _Watch(path, ident, handle, handler, standin)
+
+    def _drop(self, model: str) -> None:
+        w = self._watches.pop(model)
+        # Models may share a path (a common missing parent, one checkpoint
+        # dir): watchdog keeps one watch per path, so only the last user
+        # unschedules it; the others just take their handler off.
+        with contextlib.suppress(KeyError, OSError):
+            if any(o.handle == w.handle for o in self._watches.values()):
+                self._observer.remove_handler_for_watch(w.handler, w.handle)
+            else:
+                self._observer.unschedule(w.handle)
 
     def sync(self, dirs: Mapping[str, Path]) -> None:
-        """Watch every directory in ``dirs`` that exists; drop the others.
+        """Watch every directory in ``dirs``, or a stand-in; drop models not in ``dirs``.
 
         A directory that was removed and recreated has a new inode and gets a
-        new watch (the old inotify watch died with the old inode). Missing
-        directories are simply not watched yet: the periodic rescan notices
-        when they appear.
+        new watch (the old inotify watch died with the old inode).
         """
         with self._lock:
             for model in list(self._watches):
-                path, ident, handle = self._watches[model]
-                current = _ident(dirs.get(model))
-                if dirs.get(model) != path or current != ident:
-                    self._unschedule(handle)
-                    del self._watches[model]
+                if model not in dirs:
+                    self._drop(model)
             for model, path in dirs.items():
-                if model in self._watches:
+                target = _existing_self_or_ancestor(path)
+                if target is None:
                     continue
-                found = _ident(path)
-                if found is None:
+                where, ident = target
+                w = self._watches.get(model)
+                if w is not None and (w.path, w.ident) == (where, ident):
                     continue
+                if w is not None:
+                    self._drop(model)
                 try:
-                    self._schedule(model, path, found)
+                    self._schedule(model, where, ident, standin=where != path)
                 except FileNotFoundError:
-                    continue
+                    continue  # gone between the stat and the watch: the next sync retries
                 except OSError as e:
                     self._fall_back(e)
-                    self._schedule(model, path, found)
+                    self._schedule(model, where, ident, standin=where != path)
 
-    def _unschedule(self, handle: Any) -> None:
-        # The watch may already be gone with its directory.
-        with contextlib.suppress(KeyError, OSError):
-            self._observer.unschedule(handle)
+    def is_standin(self, model: str) -> bool:
+        """Whether ``model``'s directory is missing and watched through an ancestor."""
+        w = self._watches.get(model)
+        return w is not None and w.standin
 
-    def watched(self) -> list[str]:
-        return sorted(self._watches)
+    def watched(self) -> dict[str, Path]:
+        """What each model's watch is on (its directory, or the stand-in ancestor)."""
+        return {m: w.path for m, w in sorted(self._watches.items())}
 
     def alive(self) -> bool:
         return not self._started or bool(self._observer.is_alive())
@@ -127,6 +158,15 @@ class Watcher:
         if self._started:
             self._observer.stop()
             self._observer.join(timeout=5)
+
+
+def _existing_self_or_ancestor(path: Path) -> tuple[Path, tuple[int, int]] | None:
+    """``path`` or its nearest existing ancestor, with its identity (None: nothing exists)."""
+    for candidate in (path, *path.parents):
+        ident = _ident(candidate)
+        if ident is not None and candidate.is_dir():
+            return candidate, ident
+    return None
 
 
 def _ident(path: Path | None) -> tuple[int, int] | None:

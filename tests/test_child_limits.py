@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import child_env
@@ -45,11 +46,17 @@ def test_children_lower_their_cpu_and_io_priority_and_cap_threads(
         env=child_env(),
         stdout=subprocess.PIPE,
         text=True,
+        # A session of its own, as the supervisor starts its children: the
+        # child then lowers its own autogroup, not the test runner's.
+        start_new_session=True,
     )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().split() == ["3", "3", "-1"]
         assert _niceness(proc.pid) == min(19, base_nice + 7)
+        autogroup = Path(f"/proc/{proc.pid}/autogroup")
+        if autogroup.exists():  # kernels built with CONFIG_SCHED_AUTOGROUP
+            assert autogroup.read_text().split()[-2:] == ["nice", "7"], autogroup.read_text()
         if shutil.which("ionice") is None:
             pytest.skip("util-linux's ionice is not installed to read the I/O class back")
         out = subprocess.run(

@@ -73,7 +73,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         export_timeout_seconds=1800.0,
         concurrency=1,
         allow_gpu=False,
-        worker_nice=10,
+        worker_nice=19,
         worker_io_class="idle",
         worker_threads=0,
         warm_workers=True,

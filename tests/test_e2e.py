@@ -283,3 +283,16 @@ def test_a_builder_module_that_cannot_be_found_stops_the_start_with_78(tmp_path:
         assert r.returncode == 78, r.stdout + r.stderr
         assert "models[0] (m).builder: module 'no_such_trainer.model' not found" in r.stderr
     assert not (tmp_path / "serving").exists()
+
+
+def test_a_checkpoint_dir_created_after_start_is_noticed_without_a_rescan(
+    tmp_path: Path, daemons: Any
+) -> None:
+    # The daemon starts before training does; the periodic rescan is far away,
+    # so only the watch on the missing dir's parent can notice the trainer.
+    config = write_config(tmp_path, daemon={"rescan_interval_seconds": 3600})
+    d: Daemon = daemons(config, tmp_path / "daemon.log")
+    d.wait_for(lambda ev: any(e["event"] == "waiting_for_checkpoint_dir" for e in ev))
+    train(tmp_path / "ckpts", 2)
+    d.wait_for(_published(2), timeout=120, what="both checkpoints, found through the watches")
+    assert d.stop() == 0
