@@ -646,7 +646,7 @@ def main() -> int:
         "latency": lambda r: scenario_latency(
             r, ["small"] if args.quick else ["small", "resnet50"], args.samples
         ),
-        "idle_detection": lambda r: scenario_idle_and_detection(r, 2 * args.samples, 20.0),
+        "idle_detection": lambda r: scenario_idle_and_detection(r, 2 * args.samples, 60.0),
         "training": lambda r: scenario_training(r, 45.0),
         "startup": lambda r: scenario_startup(r, 10_000, 1_000),
     }

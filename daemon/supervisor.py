@@ -783,11 +783,16 @@ class Supervisor:
         return WarmPool.settings(module, self._child_limits(), d.allow_gpu)
 
     def _refill_warm(self) -> None:
-        """Keep one warm worker and one warm validator ready (``warm_workers``)."""
+        """Keep one warm worker and one warm validator ready (``warm_workers``).
+
+        Only while an export slot is free: a child importing TensorFlow next
+        to a running export would take CPU from it (and from the trainer) to
+        save time for an export that cannot start yet anyway.
+        """
         self.warm.enabled = self.config.daemon.warm_workers
         if not self.warm.enabled:
             self.warm.close()
-        else:
+        elif self._running_jobs() < self.config.daemon.concurrency:
             self.warm.refill({m: self._warm_settings(m) for m in WARM_MODULES})
         self.metrics.warm_children_bytes.set(self.warm.rss_bytes())
 

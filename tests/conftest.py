@@ -18,6 +18,12 @@ REPO = Path(__file__).resolve().parent.parent
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 
 
+def niceness(pid: int) -> int:
+    """The nice value of ``pid`` from /proc (field 19; the name, field 2, may hold spaces)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
 def child_env() -> dict[str, str]:
     env = dict(os.environ, **QUIET_TF)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

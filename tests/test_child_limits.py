@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import child_env
+from conftest import child_env, niceness
 
 from daemon.config import DaemonConfig
 
@@ -27,13 +27,6 @@ print(os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"]
       os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
 time.sleep(30)
 """
-
-
-def _niceness(pid: int) -> int:
-    # /proc/PID/stat: field 19 is the nice value; the name (field 2) may hold spaces.
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[16])
 
 
 @pytest.mark.parametrize(("io_class", "shown"), [("idle", "idle"), ("best-effort", "best-effort")])
@@ -53,7 +46,7 @@ def test_children_lower_their_cpu_and_io_priority_and_cap_threads(
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().split() == ["3", "3", "-1"]
-        assert _niceness(proc.pid) == min(19, base_nice + 7)
+        assert niceness(proc.pid) == min(19, base_nice + 7)
         autogroup = Path(f"/proc/{proc.pid}/autogroup")
         if autogroup.exists():  # kernels built with CONFIG_SCHED_AUTOGROUP
             assert autogroup.read_text().split()[-2:] == ["nice", "7"], autogroup.read_text()

@@ -14,16 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import child_env, train, write_config
+from conftest import child_env, niceness, train, write_config
 
 from daemon.warm import WARM_MODULES, WarmPool
 
 LIMITS = {"nice": 3, "io_class": "default", "threads": 1}
-
-
-def _niceness(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])
 
 
 def _gone(pid: int) -> bool:
@@ -46,9 +41,9 @@ def test_pool_starts_one_child_per_module_replaces_stale_ones_and_stops_them() -
         # Limits are applied as the child starts, before TensorFlow is imported.
         want = min(19, os.nice(0) + 3)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(_niceness(p) != want for p in first.values()):
+        while time.monotonic() < deadline and any(niceness(p) != want for p in first.values()):
             time.sleep(0.05)
-        assert [_niceness(p) for p in first.values()] == [want, want]
+        assert [niceness(p) for p in first.values()] == [want, want]
 
         # The config changed (another niceness): the waiting worker no longer fits.
         other = WarmPool.settings("daemon.worker", {**LIMITS, "nice": 5}, allow_gpu=False)
