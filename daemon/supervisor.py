@@ -813,6 +813,10 @@ class Supervisor:
             job.proc = warm.hand(str(req_path))
         else:
             job.proc = self._spawn_cold(module, req_path, log_path)
+        # The PID, so that "what is process 12345 doing?" has an answer in the log.
+        self.log.info(
+            "child_started", **job.log_fields, phase=phase, pid=job.proc.pid, warm=warm is not None
+        )
         self._watch_child(job, phase)
 
     def _spawn_cold(self, module: str, req_path: Path, log_path: Path) -> subprocess.Popen[bytes]:

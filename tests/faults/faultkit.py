@@ -241,12 +241,13 @@ def wait_children_gone(base: Path, daemon_pid: int, timeout: float = 15) -> None
         time.sleep(0.05)
 
 
-def wait_child(base: Path, module: str, timeout: float = 60) -> int:
+def wait_children(base: Path, module: str, timeout: float = 60) -> list[int]:
+    """The ``module`` children working for ``base``, once there is at least one."""
     deadline = time.monotonic() + timeout
     while True:
         pids = children_of_base(base, module)
         if pids:
-            return pids[0]
+            return pids
         assert time.monotonic() < deadline, f"no {module} child for {base}"
         time.sleep(0.02)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import train, version_dirs, write_config
-from faultkit import Kit, kit_for, metric_value, pid_gone, temp_dirs, wait_child
+from faultkit import Kit, kit_for, metric_value, pid_gone, temp_dirs, wait_children
 
 pytestmark = pytest.mark.faults
 BUILDERS = str(Path(__file__).resolve().parent.parent / "builders")
@@ -40,8 +40,8 @@ def test_killed_worker_and_crashed_validator_are_retried_with_backoff_then_publi
     d = kit.daemon(config)
 
     # 1. kill -9 the worker while it exports.
-    d.wait_event("export_started")
-    worker = wait_child(base, "daemon.worker")
+    worker = d.wait_event("child_started", phase="export")["pid"]
+    assert worker in wait_children(base, "daemon.worker")
     assert list((base / ".ckpt-exporter" / "staging").glob("*/export.request.json"))
     os.kill(worker, signal.SIGKILL)
     f1 = d.wait_event("export_failed")
@@ -54,8 +54,8 @@ def test_killed_worker_and_crashed_validator_are_retried_with_backoff_then_publi
     #    TensorFlow's C++ would; the kernel's OOM killer sends SIGKILL, as above).
     retry = d.wait_event("export_started", n=2)
     assert _ts(retry) >= _ts(f1) + f1["retry_in_seconds"] - 0.05  # waited the backoff
-    d.wait_event("exported")
-    validator = wait_child(base, "daemon.validate")
+    validator = d.wait_event("child_started", phase="validate")["pid"]
+    assert validator in wait_children(base, "daemon.validate")
     os.kill(validator, signal.SIGSEGV)
     f2 = d.wait_event("export_failed", n=2)
     assert (f2["phase"], f2["reason"], f2["permanent"]) == ("validate", "child_crashed", False)
@@ -104,8 +104,10 @@ def test_hanging_export_is_killed_at_the_timeout_and_retried_with_backoff(
     d = kit.daemon(config)
     workers = []
     for n in (1, 2):
-        d.wait_event("export_started", n=n)
-        workers.append(wait_child(base, "daemon.worker"))
+        # The PID from the log, not from /proc: a warm child shows in /proc as
+        # working for the base path only once it has imported TensorFlow, and
+        # the 3 s timeout may kill it before that.
+        workers.append(d.wait_event("child_started", n=n, phase="export")["pid"])
         assert len(temp_dirs(base)) == 1
         f = d.wait_event("export_failed", n=n)
         assert (f["phase"], f["reason"], f["permanent"]) == ("export", "timeout", False)
