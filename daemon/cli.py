@@ -123,14 +123,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return code
 
 
-def run_validator(path: Path, timeout: float = 600.0) -> dict[str, Any]:
-    """Run the validator child on any SavedModel (no reference outputs)."""
+def run_validator(
+    path: Path, checkpoint: Path | None = None, timeout: float = 600.0
+) -> dict[str, Any]:
+    """Run the validator child on any SavedModel (no reference outputs).
+
+    With ``checkpoint`` (a TensorFlow checkpoint prefix) it also checks that
+    every variable of the SavedModel holds a value from that checkpoint.
+    """
     from daemon import child
 
     with tempfile.TemporaryDirectory(prefix="ckpt-exporter-validate-") as tmp:
         req = Path(tmp) / "request.json"
         result = Path(tmp) / "result.json"
-        req.write_text(json.dumps({"saved_model": str(path.resolve()), "result": str(result)}))
+        request = {"saved_model": str(path.resolve()), "result": str(result)}
+        if checkpoint is not None:
+            request["checkpoint"] = str(checkpoint.resolve())
+        req.write_text(json.dumps(request))
         proc = subprocess.run(
             child.child_command("daemon.validate", req),
             capture_output=True,
@@ -149,13 +158,16 @@ def run_validator(path: Path, timeout: float = 600.0) -> dict[str, Any]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    result = run_validator(Path(args.path))
+    result = run_validator(Path(args.path), Path(args.checkpoint) if args.checkpoint else None)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         for name, sig in sorted(result.get("signatures", {}).items()):
             verdict = "ok" if sig.get("ok") else f"FAILED: {sig.get('error')}"
             print(f"{name} ({sig.get('method')}): inputs {sig.get('inputs')} -> {verdict}")
+        if result.get("weights"):
+            w = result["weights"]
+            print(f"weights: all {w['variables']} variables hold values from {w['checkpoint']}")
         print(
             f"{args.path}: " + ("valid" if result.get("ok") else f"INVALID: {result.get('error')}")
         )
@@ -386,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="validate a SavedModel the way TF Serving loads it")
     sp.add_argument("path", help="SavedModel directory (for example a version folder)")
     sp.add_argument("--json", action="store_true", help="print the full report as JSON")
+    sp.add_argument(
+        "--checkpoint",
+        help="checkpoint prefix the SavedModel was exported from: also prove every "
+        "variable holds a value from it (weight parity)",
+    )
     sp.set_defaults(func=cmd_validate)
 
     sp = sub.add_parser(

@@ -919,6 +919,10 @@ class Supervisor:
                     "reference": str(job.staging / "reference.npz"),
                     "rtol": job.model.cfg.rtol,
                     "atol": job.model.cfg.atol,
+                    # Weight parity against the pinned copy, where the source allows.
+                    "checkpoint": str(job.pinned)
+                    if SOURCES[job.model.cfg.source].weights_in_checkpoint
+                    else None,
                 },
             )
         elif job.phase == "validate":
@@ -929,6 +933,8 @@ class Supervisor:
                 **job.log_fields,
                 seconds=round(job.durations["validate"], 3),
                 signatures=_signature_summary(result),
+                # How many exported variables were proven to come from the checkpoint.
+                weights_matched=(result.get("weights") or {}).get("variables"),
                 warm=bool(result.get("warm")),
             )
             job.phase = "publish"

@@ -12,13 +12,19 @@ was in memory is caught. Contract:
   exporter's reference for ``serving_default`` and are synthesised from the
   SignatureDef otherwise (unknown dimensions = 1);
 - require every floating output to be finite, and ``serving_default``'s
-  outputs to equal the exporter's within ``rtol``/``atol``.
+  outputs to equal the exporter's within ``rtol``/``atol``;
+- given the source ``checkpoint`` (the pinned copy), require every variable
+  saved in the SavedModel to hold exactly the value of a tensor in that
+  checkpoint (:func:`weight_parity`). Output parity alone cannot see a
+  restore that matched nothing: the exporter's reference outputs come from
+  the same unrestored model.
 
 The result lists each signature with its verdict; ``ok`` is their conjunction.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -27,6 +33,67 @@ from pathlib import Path
 from typing import Any
 
 from daemon import child
+
+#: Entries of a TF2 checkpoint that are bookkeeping, not variables.
+_NOT_VARIABLES = ("_CHECKPOINTABLE_OBJECT_GRAPH",)
+
+
+def _digest(value: Any) -> str:
+    """A digest of a tensor's dtype, shape and exact bytes (strings element by element)."""
+    import numpy as np
+
+    arr = np.asarray(value)
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    if arr.dtype == object:
+        for item in arr.reshape(-1):
+            data = item if isinstance(item, bytes) else str(item).encode()
+            h.update(len(data).to_bytes(8, "little") + data)
+    else:
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
+    """Check that every variable of ``saved_model`` came from ``checkpoint``.
+
+    Matching is by exact value (dtype, shape and bytes), not by name: the
+    SavedModel names variables by its own object graph (``variables/0``...)
+    and a trainer's checkpoint by another (``model/...``, or
+    ``optimizer/_trainable_variables/0`` when Keras tracks them there). A
+    variable left at its initializer, one the restore did not reach, or one
+    altered on the way matches no tensor of the checkpoint and fails with its
+    name. Reads one tensor at a time, so memory stays at the largest tensor.
+    """
+    import tensorflow as tf
+
+    prefix = os.path.join(saved_model, "variables", "variables")
+    try:
+        saved = tf.train.load_checkpoint(prefix)
+    except Exception as e:
+        raise child.ChildFailure(
+            "no_variables",
+            f"{saved_model} has no readable variables/ checkpoint ({e}); TF Serving would "
+            "load it with no weights restored",
+        ) from e
+    source = tf.train.load_checkpoint(checkpoint)
+    known = {
+        _digest(source.get_tensor(k))
+        for k in source.get_variable_to_shape_map()
+        if k not in _NOT_VARIABLES
+    }
+    names = sorted(k for k in saved.get_variable_to_shape_map() if k not in _NOT_VARIABLES)
+    unmatched = [k for k in names if _digest(saved.get_tensor(k)) not in known]
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (
+            f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
+        )
+        raise child.ChildFailure(
+            "weight_mismatch",
+            f"{len(unmatched)} of {len(names)} variables in {saved_model} hold a value found "
+            f"nowhere in checkpoint {checkpoint}: {shown}. The restore missed them (left at "
+            "their initializer) or they were changed after it",
+        )
+    return {"ok": True, "variables": len(names), "checkpoint": checkpoint}
 
 
 def validate(req: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +132,8 @@ def validate(req: dict[str, Any]) -> dict[str, Any]:
                 sess, name, sig, reference if name == "serving_default" else {}, rtol, atol
             )
     t_run = time.monotonic()
+    weights = weight_parity(path, req["checkpoint"]) if req.get("checkpoint") else None
+    t_weights = time.monotonic()
     failed = [n for n, r in report.items() if not r["ok"]]
     result: dict[str, Any] = {
         "ok": not failed,
@@ -72,8 +141,11 @@ def validate(req: dict[str, Any]) -> dict[str, Any]:
         "durations": {
             "load_seconds": round(t_load - t0, 3),
             "run_seconds": round(t_run - t_load, 3),
+            "weights_seconds": round(t_weights - t_run, 3),
         },
     }
+    if weights is not None:
+        result["weights"] = weights
     if failed:
         result.update(
             reason="output_mismatch"

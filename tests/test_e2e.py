@@ -105,6 +105,9 @@ def test_training_run_becomes_versions_atomically_and_restart_exports_nothing_tw
         out = served(features=tf.constant(x))
         np.testing.assert_allclose(out["output_0"].numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
     assert steps == [5, 10, 15]
+    # The validator proved every exported variable holds a value from its checkpoint.
+    validated = [e for e in d.events() if e["event"] == "validated"]
+    assert [e["weights_matched"] for e in validated] == [8, 8, 8]
 
     # The metrics endpoint reports the newest version.
     port = next(e["address"] for e in d.events() if e["event"] == "metrics_listening").split(":")[1]
@@ -206,6 +209,17 @@ def test_export_validate_and_status_commands(tmp_path: Path) -> None:
     assert report["ok"] is True
     assert report["signatures"]["serving_default"]["method"] == "tensorflow/serving/predict"
 
+    # Weight parity: version 1 holds exactly ckpt-10's values, not ckpt-5's.
+    ckpts = tmp_path / "ckpts"
+    r = cli("validate", str(base / "1"), "--checkpoint", str(ckpts / "ckpt-10"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "weights: all 8 variables hold values from" in r.stdout
+    r = cli("validate", str(base / "1"), "--checkpoint", str(ckpts / "ckpt-5"), "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["reason"] == "weight_mismatch" and report["permanent"] is True
+    assert "8 of 8 variables" in report["error"] and str(ckpts / "ckpt-5") in report["error"]
+
     r = cli("status", "--config", str(config), "--json")
     assert r.returncode == 0
     (row,) = json.loads(r.stdout)
@@ -296,3 +310,43 @@ def test_a_checkpoint_dir_created_after_start_is_noticed_without_a_rescan(
     train(tmp_path / "ckpts", 2)
     d.wait_for(_published(2), timeout=120, what="both checkpoints, found through the watches")
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("restore", "change", "expected"),
+    [
+        # One bias nudged after the restore: caught although everything else matches.
+        (True, "model.layers[-1].bias.assign_add(tf.fill([1], 1e-3))", "2 of 8 variables"),
+        # No restore at all: every variable still holds its initializer.
+        (False, "pass", "8 of 8 variables"),
+    ],
+    ids=["one_variable_altered", "restore_matched_nothing"],
+)
+def test_weight_parity_names_what_did_not_come_from_the_checkpoint(
+    tmp_path: Path, restore: bool, change: str, expected: str
+) -> None:
+    train(tmp_path / "ckpts", 1)
+    prefix = tmp_path / "ckpts" / "ckpt-5"
+    read = f"tf.train.Checkpoint(model=model).read({str(prefix)!r})" if restore else ""
+    script = f"""
+import tensorflow as tf
+from daemon.demo.model import build_model
+model = build_model()
+{read}
+{change}
+model.export({str(tmp_path / "sm")!r}, verbose=False)
+"""
+    subprocess.run(
+        [sys.executable, "-c", script],
+        env=child_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    r = cli("validate", str(tmp_path / "sm"), "--checkpoint", str(prefix), "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["reason"] == "weight_mismatch", report
+    # Keras' ExportArchive saves each variable twice (variables/N and _all_variables/N).
+    assert expected in report["error"], report["error"]
+    assert "/.ATTRIBUTES/VARIABLE_VALUE" in report["error"]  # named by the SavedModel's paths

@@ -68,7 +68,10 @@ class SourceKind:
     - ``check(options, has_builder)`` returns cross-key problems (each naming
       its key relative to the options table), or an empty list;
     - ``path_keys`` are options holding paths, resolved against the
-      config file's folder like every other path of the config.
+      config file's folder like every other path of the config;
+    - ``weights_in_checkpoint``: the pinned checkpoint is a TensorFlow
+      checkpoint holding every exported variable, so the validator can
+      prove each one came from it (weight parity).
     """
 
     name: str
@@ -78,3 +81,4 @@ class SourceKind:
     builder: Literal["required", "optional", "unused"] = "required"
     check: Callable[[Mapping[str, Any], bool], list[str]] | None = None
     path_keys: tuple[str, ...] = ()
+    weights_in_checkpoint: bool = False

@@ -197,6 +197,7 @@ KIND = SourceKind(
     scanner=TFCheckpointSource,
     exporter=__name__,
     builder="required",
+    weights_in_checkpoint=True,
 )
 
 
