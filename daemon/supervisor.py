@@ -402,7 +402,6 @@ class Supervisor:
                     self._advance(st.job)
             self._update_status()
             return
-        self._refill_warm()
         now = time.monotonic()
         if now >= self._next_rescan:
             self._next_rescan = now + self.config.daemon.rescan_interval_seconds
@@ -417,6 +416,9 @@ class Supervisor:
         for st in list(self.models.values()):
             if st.job is not None:
                 self._advance(st.job)
+        # After the jobs moved on (one may have just finished) and before new
+        # ones start, so that the next job finds its children started.
+        self._refill_warm()
         for st in self.models.values():
             if st.retiring:
                 continue
