@@ -1053,6 +1053,7 @@ class Supervisor:
             "export": {k: v for k, v in job.export_result.items() if k != "ok"},
             "validation": {
                 "signatures": job.validation.get("signatures", {}),
+                "weights": job.validation.get("weights"),
                 "durations": job.validation.get("durations", {}),
             },
             "durations_seconds": {k: round(v, 3) for k, v in job.durations.items()},

@@ -95,6 +95,7 @@ def test_training_run_becomes_versions_atomically_and_restart_exports_nothing_tw
     for v in sorted(versions):
         meta = read_metadata(versions[v])
         assert meta is not None and meta["version"] == v
+        assert meta["validation"]["weights"]["variables"] == 8  # the proof travels with it
         steps.append(meta["checkpoint"]["step"])
         model = build_model()
         tf.train.Checkpoint(model=model).read(
