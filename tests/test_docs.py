@@ -27,3 +27,13 @@ def test_every_config_key_is_documented_in_the_example() -> None:
     assert not missing, f"config.example.toml does not document {sorted(missing)}"
     unknown = documented - set(DAEMON_SCHEMA) - set(MODEL_SCHEMA) - {"inputs"}
     assert not unknown, f"config.example.toml documents keys the code does not know: {unknown}"
+
+
+def test_every_config_key_is_in_the_readme_tables() -> None:
+    readme = (ROOT / "README.md").read_text()
+    rows = [ln for ln in readme.splitlines() if ln.startswith("| `")]
+    named = {
+        k for ln in rows for k in re.findall(r"`\[?(?:models\.)?([a-z_]+)\]?`", ln.split("|")[1])
+    }
+    missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA)) - named
+    assert not missing, f"README.md's key tables lack {sorted(missing)}"
