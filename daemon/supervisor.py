@@ -680,7 +680,8 @@ class Supervisor:
         st.last_plan = decision
         running = 1 if st.job else 0
         self.metrics.pending.labels(name).set(decision.pending + running)
-        st.wait_until = decision.wait_until
+        waits = [t for t in (decision.wait_until, result.recheck_at) if t is not None]
+        st.wait_until = min(waits, default=None)
         if decision.next is None or st.job is not None or self.stopping or st.retiring:
             return
         if st.paused is not None:

@@ -365,7 +365,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         {"models": [model(source="keras")]},
-        ["models[0] (m).source: must be one of 'tf_checkpoint' (got 'keras')"],
+        ["models[0] (m).source: must be one of 'tf_checkpoint', 'saved_model' (got 'keras')"],
         id="unknown source",
     ),
     pytest.param(

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 from daemon.config import DAEMON_SCHEMA, MODEL_SCHEMA, parse_config
+from daemon.sources import SOURCES
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -23,9 +24,10 @@ def test_every_config_key_is_documented_in_the_example() -> None:
     # Keys may be commented out (optional tables), so look for "key =" anywhere.
     documented = set(re.findall(r"^[#\s]*([a-z_]+)\s*=", text, re.M))
     documented |= {"signature"} if "[models.signature]" in text else set()
-    missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA)) - documented
+    source_options = {k for kind in SOURCES.values() for k in kind.options}
+    missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA) | source_options) - documented
     assert not missing, f"config.example.toml does not document {sorted(missing)}"
-    unknown = documented - set(DAEMON_SCHEMA) - set(MODEL_SCHEMA) - {"inputs"}
+    unknown = documented - set(DAEMON_SCHEMA) - set(MODEL_SCHEMA) - source_options - {"inputs"}
     assert not unknown, f"config.example.toml documents keys the code does not know: {unknown}"
 
 
@@ -37,3 +39,6 @@ def test_every_config_key_is_in_the_readme_tables() -> None:
     }
     missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA)) - named
     assert not missing, f"README.md's key tables lack {sorted(missing)}"
+    # Source options are described with their source, in backticks.
+    options = {k for kind in SOURCES.values() for k in kind.options}
+    assert not {k for k in options if f"`{k}`" not in readme}

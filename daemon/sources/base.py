@@ -44,6 +44,9 @@ class ScanResult:
     incomplete: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     directory_exists: bool = True
+    #: Wall-clock time at which an incomplete checkpoint should be complete if
+    #: nothing changes (a tree settling): scan again then, not at the next rescan.
+    recheck_at: float | None = None
 
 
 class Source(Protocol):
