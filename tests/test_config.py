@@ -364,8 +364,8 @@ ERROR_CASES = [
         )
     ),
     pytest.param(
-        {"models": [model(source="keras")]},
-        ["models[0] (m).source: must be one of 'tf_checkpoint', 'saved_model' (got 'keras')"],
+        {"models": [model(source="onnx")]},
+        ["models[0] (m).source: must be one of 'tf_checkpoint', 'saved_model', 'keras' (got 'onnx')"],
         id="unknown source",
     ),
     pytest.param(
