@@ -365,7 +365,10 @@ ERROR_CASES = [
     ),
     pytest.param(
         {"models": [model(source="onnx")]},
-        ["models[0] (m).source: must be one of 'tf_checkpoint', 'saved_model', 'keras' (got 'onnx')"],
+        [
+            "models[0] (m).source: must be one of 'tf_checkpoint', 'saved_model', 'keras' "
+            "(got 'onnx')"
+        ],
         id="unknown source",
     ),
     pytest.param(
