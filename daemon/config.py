@@ -55,6 +55,10 @@ DTYPES = (
 #: worker_io_class values: ioprio classes, or "default" to leave it alone.
 IO_CLASSES = ("idle", "best-effort", "default")
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9725"
+#: Serving signatures a traced model can get, as the Model Garden exporters
+#: name them: the model's own inputs, uint8 images, encoded image bytes, or
+#: serialized tf.train.Example.
+INPUT_TYPES = ("default", "image_tensor", "encoded_image", "tf_example")
 
 
 class ConfigError(Exception):
@@ -125,6 +129,7 @@ class ModelConfig:
     rtol: float = 1e-4
     atol: float = 1e-5
     signature: tuple[InputSpec, ...] = ()
+    input_type: str = "default"
     #: The validated ``[models.<source>]`` table (defaults filled in; JSON-able).
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -201,6 +206,7 @@ MODEL_SCHEMA: Schema = {
     "rtol": ((int, float), ModelConfig.rtol, non_negative),
     "atol": ((int, float), ModelConfig.atol, non_negative),
     "signature": ((dict,), {}, None),
+    "input_type": ((str,), ModelConfig.input_type, one_of(*INPUT_TYPES)),
 }
 
 
@@ -312,6 +318,12 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
             continue  # a required key is missing or invalid: reported already
         options = _source_options(table, values, where, problems, resolve)
         if options is None:
+            continue
+        if values["input_type"] != "default" and SOURCES[values["source"]].builder == "unused":
+            problems.append(
+                f"{where}.input_type: only for sources that export a Keras model or tf.Module "
+                f"(tf_checkpoint, keras), not source = {values['source']!r}; remove it"
+            )
             continue
         pp = values["python_path"]
         if not all(isinstance(x, str) for x in pp):

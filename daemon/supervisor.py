@@ -89,7 +89,7 @@ INCOMPLETE_REPORT_SECONDS = 5.0
 #: Failures that say the model's code or config is wrong, not the checkpoint:
 #: rejecting the checkpoint would lose it for good once the user fixes the
 #: builder, so instead the model pauses until the next reload or start.
-MODEL_FAILURES = frozenset({"builder_import", "builder_error", "no_signature"})
+MODEL_FAILURES = frozenset({"builder_import", "builder_error", "no_signature", "command_failed"})
 
 
 @dataclass
@@ -769,6 +769,7 @@ class Supervisor:
             "signature": [
                 {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in st.cfg.signature
             ],
+            "input_type": st.cfg.input_type,
         }
         self._spawn(job, "export", "daemon.worker", request)
 

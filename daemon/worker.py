@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from daemon import child
+from daemon import child, serving_inputs
 
 
 def import_builder(spec: str, python_path: list[str]) -> Any:
@@ -121,15 +121,18 @@ def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
     import tensorflow as tf
 
     t0 = time.monotonic()
-    specs = _input_specs(obj, req["signature"])
+    model_specs = _input_specs(obj, req["signature"])
     is_keras = isinstance(obj, keras.Model)
-    n = len(specs)
+    n = len(model_specs)
 
-    def serve(*args: Any) -> dict[str, Any]:
+    def call(*args: Any) -> dict[str, Any]:
         if is_keras:
             return _as_dict(obj(list(args) if n > 1 else args[0], training=False))
         return _as_dict(obj(*args))
 
+    specs, serve, feeds = serving_inputs.serving_signature(
+        req.get("input_type", "default"), model_specs, call
+    )
     export_dir = req["export_dir"]
     if is_keras:
         archive = keras.export.ExportArchive()
@@ -143,10 +146,6 @@ def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
         )
     t_export = time.monotonic()
 
-    feeds = {}
-    for s in specs:
-        shape = [None if d is None else int(d) for d in s.shape]
-        feeds[s.name] = child.synth_input(s.name, s.dtype.name, shape)
     outputs = endpoint(*[tf.constant(feeds[s.name], dtype=s.dtype) for s in specs])
     arrays = {f"in/{k}": v for k, v in feeds.items()}
     arrays.update({f"out/{k}": np.asarray(v) for k, v in outputs.items()})

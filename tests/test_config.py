@@ -366,8 +366,8 @@ ERROR_CASES = [
     pytest.param(
         {"models": [model(source="onnx")]},
         [
-            "models[0] (m).source: must be one of 'tf_checkpoint', 'saved_model', 'keras' "
-            "(got 'onnx')"
+            "models[0] (m).source: must be one of 'tf_checkpoint', 'tf1_checkpoint', "
+            "'saved_model', 'keras', 'command' (got 'onnx')"
         ],
         id="unknown source",
     ),

@@ -42,3 +42,13 @@ def test_every_config_key_is_in_the_readme_tables() -> None:
     # Source options are described with their source, in backticks.
     options = {k for kind in SOURCES.values() for k in kind.options}
     assert not {k for k in options if f"`{k}`" not in readme}
+
+
+def test_every_toml_snippet_in_the_readme_is_a_valid_config() -> None:
+    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 4
+    sources = set()
+    for block in blocks:
+        cfg = parse_config(tomllib.loads(block), "README.md", ROOT)
+        sources |= {m.source for m in cfg.models}
+    assert sources >= set(SOURCES) - {"tf_checkpoint"}  # one snippet per other format

@@ -109,22 +109,34 @@ def test_options_have_defaults_and_a_builder_is_optional() -> None:
     }
 
 
+#: Written by the real writers: ModelCheckpoint during fit (a whole-model
+#: archive and weights only, per epoch), and model.save for the legacy format.
 _SAVE = """
-import sys, keras
+import sys, keras, numpy as np
 from daemon.demo.model import build_model
 out = sys.argv[1]
+model = build_model()
+model.compile(optimizer="adam", loss="mse")
+x, y = np.random.rand(64, 4).astype("float32"), np.random.rand(64, 1).astype("float32")
+model.fit(x, y, epochs=2, verbose=0, callbacks=[
+    keras.callbacks.ModelCheckpoint(out + "/model-{epoch}.keras"),
+    keras.callbacks.ModelCheckpoint(out + "/model-{epoch}.weights.h5", save_weights_only=True),
+])
 for epoch in (1, 2):
-    model = build_model()
-    model.save(f"{out}/model-{epoch}.keras")
-    model.save_weights(f"{out}/model-{epoch}.weights.h5")
+    model.fit(x, y, epochs=1, verbose=0)
+    model.save(f"{out}/model-{epoch}.h5")
 """
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     ("pattern", "builder"),
-    [("*.keras", ""), ("*.weights.h5", "daemon.demo.model:build_model")],
-    ids=["keras_archive", "weights_with_builder"],
+    [
+        ("*.keras", ""),
+        ("*.weights.h5", "daemon.demo.model:build_model"),
+        ("model-?.h5", ""),
+    ],
+    ids=["keras_archive", "weights_with_builder", "legacy_h5"],
 )
 def test_keras_saves_become_validated_versions(
     tmp_path: Path, daemons: Any, pattern: str, builder: str
@@ -145,9 +157,10 @@ def test_keras_saves_become_validated_versions(
     d: Daemon = daemons(config, tmp_path / "daemon.log")
     ev = d.wait_for(lambda ev: sum(e["event"] == "published" for e in ev) >= 2, what="two versions")
     published = [e for e in ev if e["event"] == "published"]
+    suffix = pattern.split("*")[-1].split("?")[-1]
     assert [(Path(e["checkpoint"]).name, e["step"]) for e in published] == [
-        (pattern.replace("*", "model-1"), 1),
-        (pattern.replace("*", "model-2"), 2),
+        (f"model-1{suffix}", 1),
+        (f"model-2{suffix}", 2),
     ]
     assert sorted(version_dirs(tmp_path / "serving" / "m")) == [1, 2]
     validated = [e for e in ev if e["event"] == "validated"]

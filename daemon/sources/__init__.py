@@ -10,13 +10,20 @@ Adding a format is adding a module here and a line in :data:`SOURCES`.
 
 from __future__ import annotations
 
-from daemon.sources import keras_file, saved_model, tf_checkpoint
+from daemon.sources import command, keras_file, saved_model, tf1_checkpoint, tf_checkpoint
 from daemon.sources.base import Checkpoint, ScanResult, Source, SourceKind
 from daemon.sources.tf_checkpoint import TFCheckpointSource
 
 #: ``source = "..."`` config value -> what the daemon knows about that format.
 SOURCES: dict[str, SourceKind] = {
-    kind.name: kind for kind in (tf_checkpoint.KIND, saved_model.KIND, keras_file.KIND)
+    kind.name: kind
+    for kind in (
+        tf_checkpoint.KIND,
+        tf1_checkpoint.KIND,
+        saved_model.KIND,
+        keras_file.KIND,
+        command.KIND,
+    )
 }
 
 __all__ = ["SOURCES", "Checkpoint", "ScanResult", "Source", "SourceKind", "TFCheckpointSource"]

@@ -196,8 +196,14 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
             model.load_weights(path)
         else:
             t_build = time.monotonic()
+            # compile=False: serving needs no optimizer or loss, and deserialising
+            # a legacy .h5 file's training config fails in Keras 3 ("Could not
+            # deserialize 'keras.metrics.mse'") although its model loads fine.
             model = keras.models.load_model(
-                path, custom_objects=custom, safe_mode=bool(options.get("safe_mode", True))
+                path,
+                custom_objects=custom,
+                compile=False,
+                safe_mode=bool(options.get("safe_mode", True)),
             )
     except child.ChildFailure:
         raise

@@ -157,9 +157,6 @@ KIND = SourceKind(
 
 def export(req: dict[str, Any]) -> dict[str, Any]:
     """Copy the pinned SavedModel and record its TF2 outputs as the reference."""
-    import numpy as np
-    import tensorflow as tf
-
     source, export_dir = req["checkpoint"], req["export_dir"]
     t0 = time.monotonic()
     shutil.copytree(source, export_dir, dirs_exist_ok=True)
@@ -169,34 +166,46 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
     if with_metadata.exists():
         with_metadata.unlink()
     t_copy = time.monotonic()
+    result = tf2_reference(source, req["reference"])
+    result["durations"] = {
+        "copy_seconds": round(t_copy - t0, 3),
+        "reference_seconds": round(time.monotonic() - t_copy, 3),
+    }
+    return result
+
+
+def tf2_reference(saved_model: str, reference: str) -> dict[str, Any]:
+    """Run ``serving_default`` of ``saved_model`` with TF2 on the validator's inputs.
+
+    Writes the inputs and outputs to ``reference`` (the ``.npz`` the validator
+    compares with) and returns the export result's description fields. For
+    SavedModels the daemon did not trace itself, TF2's own loader is the
+    independent second opinion; the validator's graph-mode load is the first.
+    """
+    import numpy as np
+    import tensorflow as tf
+
     try:
-        loaded = tf.saved_model.load(source)
+        loaded = tf.saved_model.load(saved_model)
     except Exception as e:
-        raise child.ChildFailure("load_failed", f"cannot load SavedModel {source}: {e}") from e
+        raise child.ChildFailure("load_failed", f"cannot load SavedModel {saved_model}: {e}") from e
     fn = getattr(loaded, "signatures", {}).get("serving_default")
     if fn is None:
         raise child.ChildFailure(
             "no_serving_default",
-            f"{source} has no 'serving_default' signature; TF Serving requests without a "
+            f"{saved_model} has no 'serving_default' signature; TF Serving requests without a "
             "signature name would fail",
         )
     specs = fn.structured_input_signature[1]
-    feeds = {
-        key: child.synth_input(key, spec.dtype.name, list(spec.shape))
-        for key, spec in specs.items()
-    }
+    feeds = {k: child.synth_input(k, s.dtype.name, list(s.shape)) for k, s in specs.items()}
     outputs = fn(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in feeds.items()})
     arrays = {f"in/{k}": v for k, v in feeds.items()}
     arrays.update({f"out/{k}": np.asarray(v) for k, v in outputs.items()})
-    np.savez(req["reference"], **arrays)
+    np.savez(reference, **arrays)
     return {
         "kind": "saved_model",
         "inputs": {k: [s.dtype.name, list(s.shape)] for k, s in specs.items()},
         "outputs": sorted(outputs),
         "variables": len(loaded.variables) if hasattr(loaded, "variables") else None,
         "saved_counters": {},
-        "durations": {
-            "copy_seconds": round(t_copy - t0, 3),
-            "reference_seconds": round(time.monotonic() - t_copy, 3),
-        },
     }

@@ -43,3 +43,13 @@ def slowish() -> Any:
 
 def raises() -> Any:
     raise RuntimeError("builder failed on purpose")
+
+
+def tiny_cnn() -> Any:
+    """An image model: 8x8 RGB in, one score out."""
+    import keras
+
+    inputs = keras.Input(shape=(8, 8, 3), name="image")
+    x = keras.layers.Conv2D(2, 3, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(1, name="score")(x))

@@ -1,0 +1,143 @@
+"""What a served model takes as input: its own tensors, or the Model Garden's kinds.
+
+Runs in the worker child (imports TensorFlow). ``input_type`` of a model:
+
+- ``default``: the model's own inputs (``keras.Input`` specs, a ``tf.Module``'s
+  ``input_signature``, or ``[models.signature]``);
+- ``image_tensor``: uint8 images ``[batch, height, width, channels]``, cast to
+  the model's dtype in the graph;
+- ``encoded_image``: a batch of JPEG/PNG bytes, decoded (and resized to the
+  model's height and width where it has them) in the graph;
+- ``tf_example``: a batch of serialized ``tf.train.Example``, parsed in the
+  graph; the feature spec is the model's inputs (one feature per input, named
+  like it, without the batch dimension), so ``[models.signature]`` sets it.
+
+The three kinds take one input named ``input_tensor``, as the Model Garden's
+exporters name it. :func:`serving_signature` also makes the example inputs
+the exporter records as the reference: valid for the kind (a real PNG, a
+real serialized Example), so the validator can replay them through the
+SignatureDef exactly as a client would send them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from daemon import child
+
+INPUT_KEY = "input_tensor"
+
+
+def _dims(spec: Any) -> list[int | None]:
+    return [None if d is None else int(d) for d in spec.shape]
+
+
+def serving_signature(
+    input_type: str, specs: Sequence[Any], call: Callable[..., Any]
+) -> tuple[list[Any], Callable[..., Any], dict[str, Any]]:
+    """The serving input specs, the function to export, and example inputs by name.
+
+    ``specs`` are the model's own ``tf.TensorSpec``s, ``call(*tensors)`` runs
+    the model on them.
+    """
+    import tensorflow as tf
+
+    if input_type == "default":
+        feeds = {s.name: child.synth_input(s.name, s.dtype.name, _dims(s)) for s in specs}
+        return list(specs), call, feeds
+    if input_type == "tf_example":
+        return _tf_example(specs, call)
+    if len(specs) != 1 or specs[0].shape.rank != 4:
+        raise child.ChildFailure(
+            "no_signature",
+            f"input_type = {input_type!r} needs a model with one image input "
+            f"[batch, height, width, channels]; this one takes "
+            f"{[(s.name, _dims(s)) for s in specs]}",
+        )
+    (spec,) = specs
+    _, h, w, c = _dims(spec)
+    image = _example_image(h or 8, w or 8, c or 3)
+    if input_type == "image_tensor":
+
+        def serve_images(images: Any) -> Any:
+            return call(tf.cast(images, spec.dtype))
+
+        return (
+            [tf.TensorSpec([None, h, w, c], tf.uint8, name=INPUT_KEY)],
+            serve_images,
+            {INPUT_KEY: image[None]},
+        )
+
+    def decode(data: Any) -> Any:
+        img = tf.io.decode_image(data, channels=c or 3, expand_animations=False)
+        if h and w:
+            img = tf.image.resize(img, [h, w])
+        return tf.cast(img, spec.dtype)
+
+    def serve_encoded(encoded: Any) -> Any:
+        images = tf.map_fn(
+            decode, encoded, fn_output_signature=tf.TensorSpec([h, w, c], spec.dtype)
+        )
+        return call(images)
+
+    png = tf.io.encode_png(image).numpy()
+    return (
+        [tf.TensorSpec([None], tf.string, name=INPUT_KEY)],
+        serve_encoded,
+        {INPUT_KEY: _bytes_batch(png)},
+    )
+
+
+def _example_image(h: int, w: int, c: int) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, 256, size=(h, w, c), dtype=np.uint8)
+
+
+def _bytes_batch(*items: bytes) -> Any:
+    import numpy as np
+
+    return np.array(list(items), dtype=object)
+
+
+def _tf_example(
+    specs: Sequence[Any], call: Callable[..., Any]
+) -> tuple[list[Any], Callable[..., Any], dict[str, Any]]:
+    import numpy as np
+    import tensorflow as tf
+
+    # tf.train.Example holds float, int64 and bytes lists only: parse as
+    # those, then cast to what the model takes.
+    def wire(dtype: Any) -> Any:
+        if dtype.is_floating:
+            return tf.float32
+        if dtype.is_integer or dtype.is_bool:
+            return tf.int64
+        return tf.string
+
+    features = {
+        s.name: tf.io.FixedLenFeature([d or 1 for d in _dims(s)[1:]], wire(s.dtype)) for s in specs
+    }
+
+    def serve_examples(serialized: Any) -> Any:
+        parsed = tf.io.parse_example(serialized, features)
+        return call(*[tf.cast(parsed[s.name], s.dtype) for s in specs])
+
+    example = tf.train.Example()
+    for s in specs:
+        value = child.synth_input(s.name, s.dtype.name, [d or 1 for d in _dims(s)[1:]])
+        flat = np.asarray(value).reshape(-1)
+        feature = example.features.feature[s.name]
+        kind = wire(s.dtype)
+        if kind == tf.float32:
+            feature.float_list.value.extend(flat.astype("float32").tolist())
+        elif kind == tf.int64:
+            feature.int64_list.value.extend(flat.astype("int64").tolist())
+        else:
+            feature.bytes_list.value.extend(bytes(x) for x in flat)
+    return (
+        [tf.TensorSpec([None], tf.string, name=INPUT_KEY)],
+        serve_examples,
+        {INPUT_KEY: _bytes_batch(example.SerializeToString())},
+    )
