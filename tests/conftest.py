@@ -30,6 +30,19 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def run_script(script: str, *args: str) -> None:
+    """Run a Python snippet with real TensorFlow in a subprocess (``sys.argv[1:]`` = ``args``)."""
+    r = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def train(
     ckpt_dir: Path,
     checkpoints: int,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, child_env, version_dirs, write_config
+from conftest import Daemon, run_script, version_dirs, write_config
 
 from daemon.config import ConfigError, parse_config
 
@@ -50,13 +48,7 @@ def test_each_input_type_serves_and_validates(
 ) -> None:
     import tensorflow as tf
 
-    subprocess.run(
-        [sys.executable, "-c", _SAVE, str(tmp_path / "ckpts"), BUILDERS],
-        env=child_env(),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_script(_SAVE, str(tmp_path / "ckpts"), BUILDERS)
     config = write_config(
         tmp_path, builder="models_for_tests:tiny_cnn", python_path=[BUILDERS], input_type=input_type
     )

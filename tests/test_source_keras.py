@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, child_env, version_dirs, write_config
+from conftest import Daemon, run_script, version_dirs, write_config
 
 from daemon.config import ConfigError, parse_config
 from daemon.sources.keras_file import KerasFileSource
@@ -143,13 +141,7 @@ def test_keras_saves_become_validated_versions(
 ) -> None:
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
-    subprocess.run(
-        [sys.executable, "-c", _SAVE, str(ckpts)],
-        env=child_env(),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_script(_SAVE, str(ckpts))
     config = write_config(tmp_path, builder=builder, source="keras")
     config.write_text(
         config.read_text() + f'\n[models.keras]\npattern = "{pattern}"\nsettle_seconds = 1\n'

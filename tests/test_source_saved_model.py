@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, child_env, version_dirs, write_config
+from conftest import Daemon, run_script, version_dirs, write_config
 
 from daemon.config import ConfigError, parse_config
 from daemon.sources.saved_model import SavedModelSource
@@ -133,13 +131,7 @@ def test_published_when_tf_serving_can_load_it_rejected_when_only_tf2_can(
 ) -> None:
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
-    subprocess.run(
-        [sys.executable, "-c", _WRITE, str(ckpts)],
-        env=child_env(),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_script(_WRITE, str(ckpts))
     config = write_config(tmp_path, builder="", source="saved_model")
     config.write_text(config.read_text() + "\n[models.saved_model]\nsettle_seconds = 1\n")
     d: Daemon = daemons(config, tmp_path / "daemon.log")

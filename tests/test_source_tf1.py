@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, child_env, version_dirs, write_config
+from conftest import Daemon, run_script, version_dirs, write_config
 
 from daemon.config import ConfigError, parse_config
 from daemon.sources.tf1_checkpoint import TF1CheckpointSource
@@ -43,13 +41,7 @@ with v1.Session() as s:
 def tf1_ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tf1") / "ckpts"
     out.mkdir()
-    subprocess.run(
-        [sys.executable, "-c", _TRAIN, str(out)],
-        env=child_env(),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_script(_TRAIN, str(out))
     return out
 
 

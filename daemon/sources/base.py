@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,23 @@ class ScanResult:
     #: Wall-clock time at which an incomplete checkpoint should be complete if
     #: nothing changes (a tree settling): scan again then, not at the next rescan.
     recheck_at: float | None = None
+
+
+def list_directory(directory: Path, result: ScanResult) -> dict[str, os.DirEntry[str]] | None:
+    """The entries of ``directory`` by name, or None with ``result`` saying why not.
+
+    A directory that does not exist yet is no problem (``directory_exists``
+    is cleared: the trainer has not started); a file in its place is one.
+    Other errors (permissions) propagate: the supervisor reports them.
+    """
+    try:
+        with os.scandir(directory) as it:
+            return {e.name: e for e in it}
+    except FileNotFoundError:
+        result.directory_exists = False
+    except NotADirectoryError:
+        result.problems.append(f"{directory} is not a directory")
+    return None
 
 
 class Source(Protocol):

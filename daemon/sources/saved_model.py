@@ -41,7 +41,7 @@ from typing import Any
 
 from daemon import child
 from daemon.schema import non_negative
-from daemon.sources.base import Checkpoint, ScanResult, SourceKind
+from daemon.sources.base import Checkpoint, ScanResult, SourceKind, list_directory
 from daemon.versions import METADATA_RELPATH
 
 _STEP_RE = re.compile(r"(\d+)$")
@@ -61,15 +61,10 @@ class SavedModelSource:
 
     def scan(self, directory: Path) -> ScanResult:
         result = ScanResult()
-        try:
-            with os.scandir(directory) as it:
-                entries = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            result.directory_exists = False
+        found = list_directory(directory, result)
+        if found is None:
             return result
-        except NotADirectoryError:
-            result.problems.append(f"{directory} is not a directory")
-            return result
+        entries = sorted(n for n, e in found.items() if e.is_dir(follow_symlinks=False))
         now_ns = time.time_ns()
         for name in entries:
             if name.startswith(_SKIP_PREFIXES):

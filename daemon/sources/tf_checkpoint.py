@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import child, worker
-from daemon.sources.base import Checkpoint, ScanResult, SourceKind
+from daemon.sources.base import Checkpoint, ScanResult, SourceKind, list_directory
 
 STATE_FILE = "checkpoint"
 _STEP_RE = re.compile(r"-(\d+)$")
@@ -78,14 +78,8 @@ class TFCheckpointSource:
 
     def scan(self, directory: Path) -> ScanResult:
         result = ScanResult()
-        try:
-            with os.scandir(directory) as it:
-                entries = {e.name: e for e in it}
-        except FileNotFoundError:
-            result.directory_exists = False
-            return result
-        except NotADirectoryError:
-            result.problems.append(f"{directory} is not a directory")
+        entries = list_directory(directory, result)
+        if entries is None:
             return result
 
         prefixes: set[str] = set()
