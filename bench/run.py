@@ -55,6 +55,8 @@ ENV = dict(
     PYTHONUNBUFFERED="1",
     PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]),
 )
+from daemon.warm import warm_children_of  # noqa: E402  (after sys.path)
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -160,14 +162,7 @@ class Daemon:
             time.sleep(0.05)
 
     def warm_children(self) -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                argv = (entry / "cmdline").read_bytes().decode().split("\0")
-                i = argv.index("--warm")
-                if json.loads(argv[i + 1]).get("parent_pid") == self.proc.pid:
-                    pids.append(int(entry.name))
-        return pids
+        return warm_children_of(self.proc.pid)
 
     def settle(self, timeout: float = 120) -> None:
         """Wait until the supervisor and its warm children have stopped using CPU.

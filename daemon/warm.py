@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 #: The modules whose children can be started warm.
@@ -57,6 +58,22 @@ class WarmChild:
 
 def warm_command(module: str, settings: str) -> list[str]:
     return [sys.executable, "-m", module, "--warm", settings]
+
+
+def warm_children_of(parent_pid: int) -> list[int]:
+    """PIDs of the processes started by :func:`warm_command` for ``parent_pid``, from /proc.
+
+    For observers outside the pool (the fault tests, the benchmarks): a warm
+    child that was handed work still carries its ``--warm`` settings.
+    """
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError, AttributeError):
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
+            settings = json.loads(argv[argv.index("--warm") + 1])
+            if settings.get("parent_pid") == parent_pid:
+                pids.append(int(entry.name))
+    return sorted(pids)
 
 
 class WarmPool:

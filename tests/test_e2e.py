@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, child_env, train, version_dirs, write_config
+from conftest import Daemon, child_env, run_script, train, version_dirs, write_config
 
 from daemon.versions import METADATA_RELPATH, TEMP_PREFIX, read_metadata
 
@@ -239,13 +239,7 @@ def serve(x):
     return {{"y": m(x)}}
 tf.saved_model.save(m, {str(tmp_path / "sm")!r}, signatures={{"serving_default": serve}})
 """
-    subprocess.run(
-        [sys.executable, "-c", script],
-        env=child_env(),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_script(script)
     r = cli("validate", str(tmp_path / "sm"))
     assert r.returncode == 1
     assert "Could not find variable" in r.stdout
@@ -337,13 +331,7 @@ model = build_model()
 {change}
 model.export({str(tmp_path / "sm")!r}, verbose=False)
 """
-    subprocess.run(
-        [sys.executable, "-c", script],
-        env=child_env(),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_script(script)
     r = cli("validate", str(tmp_path / "sm"), "--checkpoint", str(prefix), "--json")
     assert r.returncode == 1, r.stdout + r.stderr
     report = json.loads(r.stdout)

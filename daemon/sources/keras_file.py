@@ -29,6 +29,7 @@ import hashlib
 import importlib
 import os
 import re
+import stat
 import sys
 import time
 import zipfile
@@ -90,7 +91,7 @@ class KerasFileSource:
                 st = path.stat()
             except FileNotFoundError:
                 continue  # deleted between the listing and the stat
-            if not path.is_file():
+            if not stat.S_ISREG(st.st_mode):
                 continue
             seen.add(path)
             settled_at = st.st_mtime_ns + int(self.settle_seconds * 1e9)
@@ -205,8 +206,6 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
                 compile=False,
                 safe_mode=bool(options.get("safe_mode", True)),
             )
-    except child.ChildFailure:
-        raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise child.ChildFailure(
             "checkpoint_corrupt", f"cannot load {os.path.basename(path)}: {type(e).__name__}: {e}"

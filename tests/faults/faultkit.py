@@ -28,6 +28,7 @@ from typing import Any
 from conftest import child_env
 
 from daemon.versions import METADATA_RELPATH, STATE_DIRNAME, TEMP_PREFIX, read_metadata
+from daemon.warm import warm_children_of
 
 HERE = Path(__file__).resolve().parent
 READER = HERE / "serving_reader.py"
@@ -214,18 +215,6 @@ def children_of_base(base: Path, module: str | None = None) -> list[int]:
         with contextlib.suppress(OSError):
             if staging in cmd or os.readlink(f"/proc/{pid}/fd/1").startswith(staging):
                 pids.append(pid)
-    return sorted(pids)
-
-
-def warm_children_of(daemon_pid: int) -> list[int]:
-    """PIDs of the warm children a daemon started (``-m MODULE --warm SETTINGS``)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            argv = (entry / "cmdline").read_bytes().decode().split("\0")
-            i = argv.index("--warm")
-            if json.loads(argv[i + 1]).get("parent_pid") == daemon_pid:
-                pids.append(int(entry.name))
     return sorted(pids)
 
 
