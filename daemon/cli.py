@@ -162,12 +162,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
+        for check in result.get("checks", []):
+            verdict = "ok" if check.get("ok") else f"FAILED ({check.get('reason')})"
+            print(f"check {check['check']}: {verdict} in {check.get('seconds')} s")
         for name, sig in sorted(result.get("signatures", {}).items()):
             verdict = "ok" if sig.get("ok") else f"FAILED: {sig.get('error')}"
-            print(f"{name} ({sig.get('method')}): inputs {sig.get('inputs')} -> {verdict}")
+            print(
+                f"  signature {name} ({sig.get('method')}): inputs {sig.get('inputs')} "
+                f"({sig.get('inputs_from')}) -> {verdict}"
+            )
+        if result.get("warmup"):
+            w = result["warmup"]
+            print(f"  warmup: {w['records']} records replayed ({w['replayed']})")
         if result.get("weights"):
             w = result["weights"]
-            print(f"weights: all {w['variables']} variables hold values from {w['checkpoint']}")
+            print(f"  weights: all {w['variables']} variables hold values from {w['checkpoint']}")
         print(
             f"{args.path}: " + ("valid" if result.get("ok") else f"INVALID: {result.get('error')}")
         )

@@ -12,6 +12,7 @@ and this keeps the supervisor's dependency set to what the product needs.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tomllib
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.gate import GATE_SCHEMA, Gate, parse_gate
 from daemon.schema import (
     REQUIRED,
     Schema,
@@ -30,6 +32,9 @@ from daemon.schema import (
     positive,
 )
 from daemon.sources import SOURCES
+
+#: TF Serving's limit on warmup records (see daemon.warmup, which imports TensorFlow).
+MAX_RECORDS = 1000
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 BUILDER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -130,6 +135,10 @@ class ModelConfig:
     atol: float = 1e-5
     signature: tuple[InputSpec, ...] = ()
     input_type: str = "default"
+    sample_inputs: Path | None = None
+    golden_outputs: Path | None = None
+    warmup_records: int = 0
+    gate: Gate = field(default_factory=Gate)
     #: The validated ``[models.<source>]`` table (defaults filled in; JSON-able).
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -172,6 +181,12 @@ def _builder(v: Any) -> str | None:
     return 'must be "module:function", for example "mytrainer.model:build_model"'
 
 
+def _warmup_records(v: Any) -> str | None:
+    if 0 <= v <= MAX_RECORDS:
+        return None
+    return f"must be from 0 (none) to {MAX_RECORDS} (TF Serving reads at most {MAX_RECORDS})"
+
+
 DAEMON_SCHEMA: Schema = {
     "metrics_address": ((str,), DaemonConfig.metrics_address, _address),
     "log_format": ((str,), DaemonConfig.log_format, one_of(*LOG_FORMATS)),
@@ -207,6 +222,10 @@ MODEL_SCHEMA: Schema = {
     "atol": ((int, float), ModelConfig.atol, non_negative),
     "signature": ((dict,), {}, None),
     "input_type": ((str,), ModelConfig.input_type, one_of(*INPUT_TYPES)),
+    "sample_inputs": ((str,), "", None),
+    "golden_outputs": ((str,), "", None),
+    "warmup_records": ((int,), 0, _warmup_records),
+    "gate": ((dict,), {}, None),
 }
 
 
@@ -277,6 +296,31 @@ def _source_options(
     return options if len(problems) == n else None
 
 
+def _validation_files(
+    values: Mapping[str, Any], where: str, problems: list[str], resolve: Callable[[str], Path]
+) -> dict[str, Any]:
+    """``sample_inputs`` and ``golden_outputs`` resolved and present; ``warmup_records`` usable."""
+    out: dict[str, Any] = {"warmup_records": values["warmup_records"]}
+    for key in ("sample_inputs", "golden_outputs"):
+        out[key] = resolve(values[key]) if values[key] else None
+        if out[key] is not None and not out[key].is_file():
+            problems.append(
+                f"{where}.{key}: {out[key]} is not a file; give an .npz written by numpy.savez "
+                "(one array per signature input or output)"
+            )
+    if out["golden_outputs"] is not None and out["sample_inputs"] is None:
+        problems.append(
+            f"{where}.golden_outputs: needs sample_inputs, the inputs these outputs answer"
+        )
+    # find_spec of a top-level package looks for it without importing it (and TensorFlow).
+    if values["warmup_records"] and importlib.util.find_spec("tensorflow_serving") is None:
+        problems.append(
+            f"{where}.warmup_records: needs the tensorflow-serving-api protos, which are not "
+            "installed: pip install --no-deps tensorflow-serving-api (or set it to 0)"
+        )
+    return out
+
+
 def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
     """Validate parsed TOML ``data``; relative paths resolve against ``root``."""
     problems: list[str] = []
@@ -330,6 +374,15 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
             problems.append(f"{where}.python_path: must be a list of folder paths (strings)")
             continue
         sig = _parse_signature(values["signature"], f"{where}.signature", problems)
+        n = len(problems)
+        checks = _validation_files(values, where, problems, resolve)
+        gate_values = apply_schema(values["gate"], GATE_SCHEMA, f"{where}.gate", problems)
+        if len(problems) > n:
+            continue
+        gate, gate_problems = parse_gate(
+            gate_values, set(values["gate"]), f"{where}.gate", resolve(values["checkpoint_dir"])
+        )
+        problems.extend(gate_problems)
         values.update(
             checkpoint_dir=resolve(values["checkpoint_dir"]),
             base_path=resolve(values["base_path"]),
@@ -339,6 +392,8 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
             rtol=float(values["rtol"]),
             atol=float(values["atol"]),
             options=options,
+            gate=gate,
+            **checks,
         )
         m = ModelConfig(**values)
         if m.checkpoint_dir == m.base_path:

@@ -27,7 +27,7 @@ PHASE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 180
 LATENCY_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 OUTCOMES = ("published", "failed", "rejected")
-PHASES = ("pin", "export", "validate", "publish")
+PHASES = ("pin", "export", "validate", "gate", "publish")
 #: Child roles (the processes the supervisor starts per export).
 ROLES = ("export", "validate")
 #: Failure reasons known in advance, by phase, pre-initialised so that
@@ -55,6 +55,8 @@ KNOWN_FAILURES: dict[str, tuple[str, ...]] = {
         "signature_failed",
         "no_variables",
         "weight_mismatch",
+        "golden_mismatch",
+        "warmup_failed",
         "timeout",
         "child_crashed",
         "no_space",
@@ -62,6 +64,14 @@ KNOWN_FAILURES: dict[str, tuple[str, ...]] = {
     "publish": ("publish_failed", "version_refused"),
 }
 VALIDATION_OUTCOMES = ("passed", "failed")
+#: (outcome, reason) of publication gates, pre-initialised like the failures.
+GATE_DECISIONS = (
+    ("passed", "metric"),
+    ("passed", "command"),
+    ("blocked", "metric"),
+    ("blocked", "metric_missing"),
+    ("blocked", "command"),
+)
 WATCH_BACKENDS = ("inotify", "polling", "other")
 
 
@@ -87,6 +97,13 @@ class Metrics:
             "ckpt_exporter_validations",
             "Validations of exported SavedModels by outcome.",
             ["model", "outcome"],
+            registry=r,
+        )
+        self.gate_decisions = Counter(
+            "ckpt_exporter_gate_decisions",
+            "Publication gate decisions by outcome (passed, blocked) and reason "
+            "(metric, metric_missing, command); a blocked checkpoint is not retried.",
+            ["model", "outcome", "reason"],
             registry=r,
         )
         self.worker_restarts = Counter(
@@ -177,6 +194,8 @@ class Metrics:
             self.validations.labels(model, outcome)
         for role in ROLES:
             self.worker_restarts.labels(model, role)
+        for outcome, reason in GATE_DECISIONS:
+            self.gate_decisions.labels(model, outcome, reason)
         self.scan_errors.labels(model)
         self.latency.labels(model)
         for g in self._model_gauges():

@@ -43,6 +43,35 @@ def string_list(v: Any) -> str | None:
     return None if all(isinstance(x, str) for x in v) else "must be a list of strings"
 
 
+def command_line(*placeholders: str) -> Check:
+    """A non-empty argv whose words use only ``{placeholder}``s from ``placeholders``."""
+
+    def check(argv: Any) -> str | None:
+        problem = string_list(argv) or nonempty(argv)
+        if problem:
+            return problem
+        for arg in argv:
+            problem = template_problem(arg, placeholders)
+            if problem:
+                return problem
+        return None
+
+    return check
+
+
+def template_problem(text: str, placeholders: tuple[str, ...]) -> str | None:
+    """Why ``text`` is not a ``str.format`` template over ``placeholders``, or None."""
+    try:
+        text.format_map(dict.fromkeys(placeholders, ""))
+    except KeyError as e:
+        return f"unknown placeholder {{{e.args[0]}}} in {text!r}; known: " + ", ".join(
+            f"{{{p}}}" for p in placeholders
+        )
+    except (ValueError, IndexError) as e:
+        return f"bad braces in {text!r} ({e}); write literal braces as {{{{ and }}}}"
+    return None
+
+
 def string_table(v: Any) -> str | None:
     if all(isinstance(x, str) and x for x in v.values()):
         return None

@@ -29,7 +29,8 @@ from daemon import child
 INPUT_KEY = "input_tensor"
 
 
-def _dims(spec: Any) -> list[int | None]:
+def dims(spec: Any) -> list[int | None]:
+    """The dimensions of a ``tf.TensorSpec``, None where unknown."""
     return [None if d is None else int(d) for d in spec.shape]
 
 
@@ -44,7 +45,7 @@ def serving_signature(
     import tensorflow as tf
 
     if input_type == "default":
-        feeds = {s.name: child.synth_input(s.name, s.dtype.name, _dims(s)) for s in specs}
+        feeds = {s.name: child.synth_input(s.name, s.dtype.name, dims(s)) for s in specs}
         return list(specs), call, feeds
     if input_type == "tf_example":
         return _tf_example(specs, call)
@@ -53,10 +54,10 @@ def serving_signature(
             "no_signature",
             f"input_type = {input_type!r} needs a model with one image input "
             f"[batch, height, width, channels]; this one takes "
-            f"{[(s.name, _dims(s)) for s in specs]}",
+            f"{[(s.name, dims(s)) for s in specs]}",
         )
     (spec,) = specs
-    _, h, w, c = _dims(spec)
+    _, h, w, c = dims(spec)
     image = _example_image(h or 8, w or 8, c or 3)
     if input_type == "image_tensor":
 
@@ -117,7 +118,7 @@ def _tf_example(
         return tf.string
 
     features = {
-        s.name: tf.io.FixedLenFeature([d or 1 for d in _dims(s)[1:]], wire(s.dtype)) for s in specs
+        s.name: tf.io.FixedLenFeature([d or 1 for d in dims(s)[1:]], wire(s.dtype)) for s in specs
     }
 
     def serve_examples(serialized: Any) -> Any:
@@ -126,7 +127,7 @@ def _tf_example(
 
     example = tf.train.Example()
     for s in specs:
-        value = child.synth_input(s.name, s.dtype.name, [d or 1 for d in _dims(s)[1:]])
+        value = child.synth_input(s.name, s.dtype.name, [d or 1 for d in dims(s)[1:]])
         flat = np.asarray(value).reshape(-1)
         feature = example.features.feature[s.name]
         kind = wire(s.dtype)

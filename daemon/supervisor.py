@@ -42,6 +42,7 @@ from typing import Any
 from daemon import __version__, child, exitcodes, logs, systemd
 from daemon.builders import check_builders
 from daemon.config import Config, ConfigError, ModelConfig, load_config
+from daemon.gate import MetricReader, command_argv, decide, threshold
 from daemon.health import HealthSnapshot, evaluate
 from daemon.metrics import HTTPServer, Metrics
 from daemon.operations import (
@@ -69,6 +70,7 @@ from daemon.publish import (
 from daemon.rejected import read_rejected, write_rejected
 from daemon.sources import SOURCES, Checkpoint, ScanResult, Source
 from daemon.versions import (
+    REPORT_RELPATH,
     Published,
     VersionError,
     checkpoint_step,
@@ -89,7 +91,19 @@ INCOMPLETE_REPORT_SECONDS = 5.0
 #: Failures that say the model's code or config is wrong, not the checkpoint:
 #: rejecting the checkpoint would lose it for good once the user fixes the
 #: builder, so instead the model pauses until the next reload or start.
-MODEL_FAILURES = frozenset({"builder_import", "builder_error", "no_signature", "command_failed"})
+MODEL_FAILURES = frozenset(
+    {
+        "builder_import",
+        "builder_error",
+        "no_signature",
+        "command_failed",
+        "sample_inputs",
+        "warmup_unavailable",
+        "gate_unusable",
+    }
+)
+#: How often a checkpoint waiting for its gate metric looks for it again.
+GATE_POLL_SECONDS = 5.0
 
 
 @dataclass
@@ -110,6 +124,7 @@ class Job:
     durations: dict[str, float] = field(default_factory=dict)
     export_result: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)  # the gate decisions, for the metadata
     lock_wait_logged: bool = False
     done: bool = False
 
@@ -150,6 +165,7 @@ class ModelState:
     next_cfg: ModelConfig | None = None  # a reload's new config, applied once idle
     retiring: bool = False  # removed by a reload; goes once its export ends
     paused: dict[str, Any] | None = None  # a MODEL_FAILURES failure, until reload
+    metric_reader: MetricReader = field(default_factory=MetricReader)
 
     def history(self) -> History:
         return History(
@@ -362,7 +378,9 @@ class Supervisor:
         previous = self.on_published
         self.on_published = lambda _m, v, _p, _r: published.append(v)
         try:
-            self._start_job(st, ckpt)
+            # The operator named this checkpoint: the metric gate does not
+            # apply (the command gate, part of the pipeline, still does).
+            self._start_job(st, ckpt, {})
             job = st.job
             while job is not None and not job.done and not self.stopping:
                 with contextlib.suppress(queue.Empty):
@@ -690,14 +708,110 @@ class Supervisor:
             st.dirty = True  # look again when a slot frees up
             return
         if decision.superseded:
-            self.log.info(
+            self._report_once(
+                st,
+                f"superseded:{decision.next.fingerprint}",
                 "checkpoints_superseded",
-                model=name,
+                level="info",
                 count=len(decision.superseded),
                 newest=decision.next.name,
                 policy="latest",
             )
-        self._start_job(st, decision.next)
+        gate: dict[str, Any] = {}
+        if st.cfg.gate.metric:
+            passed = self._metric_gate(st, decision.next)
+            if passed is None:
+                return
+            gate["metric"] = passed
+        self._start_job(st, decision.next, gate)
+
+    def _metric_gate(self, st: ModelState, ckpt: Checkpoint) -> dict[str, Any] | None:
+        """Decide the model's metric gate for ``ckpt`` before anything is exported.
+
+        Returns the decision's record (for the version's metadata) when the
+        checkpoint may go on; None when it must wait for its metric (the model
+        looks again in :data:`GATE_POLL_SECONDS`) or was gated out (recorded,
+        not retried; the model is planned again).
+        """
+        gate, name = st.cfg.gate, st.cfg.name
+        try:
+            value = st.metric_reader.read(gate, ckpt.name, ckpt.step)
+        except (OSError, ValueError) as e:
+            self._report_once(
+                st,
+                f"gate_unreadable:{ckpt.fingerprint}",
+                "gate_metric_unreadable",
+                checkpoint=str(ckpt.prefix),
+                error=str(e),
+                hint="fix the metrics file; the checkpoint waits until wait_seconds",
+            )
+            value = None
+        if value is None:
+            waited = time.time() - ckpt.written_ns / 1e9
+            if waited < gate.wait_seconds:
+                self._report_once(
+                    st,
+                    f"gate_wait:{ckpt.fingerprint}",
+                    "gate_waiting",
+                    level="info",
+                    checkpoint=str(ckpt.prefix),
+                    step=ckpt.step,
+                    metric=gate.metric,
+                    source=gate.json_file or gate.tensorboard_dir,
+                    wait_seconds=gate.wait_seconds,
+                )
+                poll = time.time() + GATE_POLL_SECONDS
+                st.wait_until = min(poll, st.wait_until) if st.wait_until else poll
+                return None
+            self._gated_out(
+                st,
+                ckpt,
+                "metric_missing",
+                f"no {gate.metric!r} for step {ckpt.step} in "
+                f"{gate.json_file or gate.tensorboard_dir} within {gate.wait_seconds:g} s "
+                "(wait_seconds)",
+            )
+            return None
+        best = threshold(gate, [p.metadata for p in sorted(st.published, key=lambda p: p.version)])
+        record = {"metric": gate.metric, "value": value, "mode": gate.mode, "better_than": best}
+        if not decide(value, gate.mode, best):
+            word = "lower" if gate.mode == "min" else "higher"
+            self._gated_out(
+                st,
+                ckpt,
+                "metric",
+                f"{gate.metric} = {value:g} is not {word} than {best:g}"
+                + (" (the last published version's)" if isinstance(gate.better_than, str) else ""),
+                **record,
+            )
+            return None
+        self.metrics.gate_decisions.labels(name, "passed", "metric").inc()
+        self.log.info("gate_passed", model=name, checkpoint=str(ckpt.prefix), **record)
+        return record
+
+    def _gated_out(
+        self, st: ModelState, ckpt: Checkpoint, reason: str, message: str, **fields: Any
+    ) -> None:
+        """Record ``ckpt`` as gated out: counted, logged, never retried (kept in rejected.json)."""
+        self.metrics.gate_decisions.labels(st.cfg.name, "blocked", reason).inc()
+        st.rejected[ckpt.fingerprint] = {
+            "checkpoint": str(ckpt.prefix),
+            "reason": "gated_out",
+            "gate": reason,
+            "error": message,
+            "at": time.time(),
+        }
+        write_rejected(st.cfg.base_path, st.rejected)
+        self.log.info(
+            "gated_out",
+            model=st.cfg.name,
+            checkpoint=str(ckpt.prefix),
+            step=ckpt.step,
+            gate=reason,
+            detail=message,
+            **fields,
+        )
+        st.dirty = True
 
     def _report_incomplete(self, st: ModelState, result: ScanResult) -> None:
         """Say once per prefix that an incomplete checkpoint is skipped, if it stays so.
@@ -730,8 +844,8 @@ class Supervisor:
 
     # --- the job pipeline ---------------------------------------------------
 
-    def _start_job(self, st: ModelState, ckpt: Checkpoint) -> None:
-        job = Job(model=st, ckpt=ckpt)
+    def _start_job(self, st: ModelState, ckpt: Checkpoint, gate: dict[str, Any]) -> None:
+        job = Job(model=st, ckpt=ckpt, gate=gate)
         log = self.log.bind(**job.log_fields)
         base = st.cfg.base_path
         try:
@@ -770,6 +884,9 @@ class Supervisor:
                 {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in st.cfg.signature
             ],
             "input_type": st.cfg.input_type,
+            "model": st.cfg.name,
+            "sample_inputs": _str_or_none(st.cfg.sample_inputs),
+            "warmup_records": st.cfg.warmup_records,
         }
         self._spawn(job, "export", "daemon.worker", request)
 
@@ -867,6 +984,9 @@ class Supervisor:
                 )
             return
         assert job.staging is not None
+        if job.phase == "gate":
+            self._command_gate_done(job)
+            return
         result = child.read_result(job.staging / f"{job.phase}.result.json")
         if result is None and job.proc.returncode == exitcodes.NO_SPACE:
             self._fail(
@@ -894,6 +1014,8 @@ class Supervisor:
                 output=_tail(job.staging / f"{job.phase}.log"),
             )
             return
+        if job.phase == "validate":
+            self._write_report(job, result)
         if not result.get("ok"):
             self._fail(
                 job,
@@ -923,6 +1045,9 @@ class Supervisor:
                     "reference": str(job.staging / "reference.npz"),
                     "rtol": job.model.cfg.rtol,
                     "atol": job.model.cfg.atol,
+                    "sample_inputs": _str_or_none(job.model.cfg.sample_inputs),
+                    "golden_outputs": _str_or_none(job.model.cfg.golden_outputs),
+                    "warmup_records": job.model.cfg.warmup_records,
                     # Weight parity against the pinned copy, where the source allows.
                     "checkpoint": str(job.pinned)
                     if SOURCES[job.model.cfg.source].weights_in_checkpoint
@@ -939,12 +1064,99 @@ class Supervisor:
                 signatures=_signature_summary(result),
                 # How many exported variables were proven to come from the checkpoint.
                 weights_matched=(result.get("weights") or {}).get("variables"),
+                warmup_records=(result.get("warmup") or {}).get("records"),
                 warm=bool(result.get("warm")),
             )
-            job.phase = "publish"
-            job.phase_started = time.monotonic()
-            job.proc = None
-            self._publish(job)
+            if job.model.cfg.gate.command:
+                self._start_command_gate(job)
+                return
+            self._to_publish(job)
+
+    def _to_publish(self, job: Job) -> None:
+        job.phase = "publish"
+        job.phase_started = time.monotonic()
+        job.proc = None
+        self._publish(job)
+
+    def _write_report(self, job: Job, result: dict[str, Any]) -> None:
+        """Put the validation report into the export folder (published or kept with it).
+
+        Best effort: a report that cannot be written (full disk) must not
+        decide the export's fate; the publish step's own writes will.
+        """
+        if job.temp_dir is None:
+            return
+        report = {
+            "model": job.model.cfg.name,
+            "checkpoint": str(job.ckpt.prefix),
+            "fingerprint": job.ckpt.fingerprint,
+            "step": job.step,
+            "verdict": "passed" if result.get("ok") else "failed",
+            "validated_at": time.time(),
+            **{k: v for k, v in result.items() if k not in ("warm", "saved_model")},
+        }
+        try:
+            write_json_atomic(job.temp_dir / REPORT_RELPATH, report)
+        except OSError as e:
+            self.log.warning("report_not_written", **job.log_fields, error=str(e))
+
+    def _start_command_gate(self, job: Job) -> None:
+        """Run the model's gate command on the validated export (phase ``gate``)."""
+        assert job.staging is not None and job.temp_dir is not None
+        cfg = job.model.cfg
+        argv = command_argv(cfg.gate, job.temp_dir, job.ckpt.prefix, cfg.name, job.step)
+        log_path = job.staging / "gate.log"
+        try:
+            with log_path.open("wb") as out:
+                job.proc = subprocess.Popen(
+                    argv,
+                    cwd=job.temp_dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # killed as a group on timeout or shutdown
+                )
+        except OSError as e:
+            self._fail(
+                job,
+                "gate_unusable",
+                f"cannot run the gate command {argv[0]!r}: {e.strerror or e}",
+                permanent=True,
+            )
+            return
+        self.log.info("child_started", **job.log_fields, phase="gate", pid=job.proc.pid, warm=False)
+        self._watch_child(job, "gate")
+
+    def _command_gate_done(self, job: Job) -> None:
+        """Publish when the gate command exited 0; gate the checkpoint out otherwise."""
+        assert job.proc is not None and job.staging is not None
+        code = job.proc.returncode
+        output = _tail(job.staging / "gate.log")
+        if code < 0:
+            self._fail(
+                job,
+                "child_crashed",
+                f"the gate command was killed by {signal.Signals(-code).name}",
+                permanent=False,
+                output=output,
+            )
+            return
+        self._phase_done(job, "gate")
+        name = job.model.cfg.name
+        if code != 0:
+            self._gated_out(
+                job.model,
+                job.ckpt,
+                "command",
+                f"the gate command exited with status {code}",
+                output_tail=output,
+            )
+            self._finish(job)
+            return
+        self.metrics.gate_decisions.labels(name, "passed", "command").inc()
+        job.gate["command"] = {"argv": list(job.model.cfg.gate.command), "exit_status": 0}
+        self.log.info("gate_passed", **job.log_fields, gate="command")
+        self._to_publish(job)
 
     def _publish(self, job: Job) -> None:
         st, cfg = job.model, job.model.cfg
@@ -1054,10 +1266,16 @@ class Supervisor:
             },
             "export": {k: v for k, v in job.export_result.items() if k != "ok"},
             "validation": {
+                "report": str(REPORT_RELPATH),
+                "checks": [c.get("check") for c in job.validation.get("checks", [])],
                 "signatures": job.validation.get("signatures", {}),
                 "weights": job.validation.get("weights"),
+                "warmup": job.validation.get("warmup"),
                 "durations": job.validation.get("durations", {}),
             },
+            # The metric decision is what "better_than = last_published" compares with next.
+            "gate": job.gate.get("metric"),
+            "gate_command": job.gate.get("command"),
             "durations_seconds": {k: round(v, 3) for k, v in job.durations.items()},
             "exported_at": time.time(),
         }
@@ -1250,6 +1468,10 @@ def _watchdog_interval() -> float:
     if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return 0.0
     return int(usec) / 2 / 1e6
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float = 0.0) -> None:

@@ -1,38 +1,44 @@
-"""The validator: load a SavedModel the way TF Serving does and run every signature.
+"""The validator: load a SavedModel the way TF Serving does and prove what it will serve.
 
 Runs as ``python -m daemon.validate REQUEST.json`` in a fresh process that never
 imported the user's builder, so an export that only works because user code
-was in memory is caught. Contract:
+was in memory is caught. Checks, in order, each recorded in the report:
 
-- load the MetaGraph tagged ``serve`` into a graph-mode session, which runs the
-  restore op and then the init ops, as the model server's C++ loader does (a
-  TF2 ``tf.saved_model.load`` would accept exports the server rejects);
-- require a ``serving_default`` signature;
-- run every SignatureDef through its tensor names; inputs come from the
-  exporter's reference for ``serving_default`` and are synthesised from the
-  SignatureDef otherwise (unknown dimensions = 1);
-- require every floating output to be finite, and ``serving_default``'s
-  outputs to equal the exporter's within ``rtol``/``atol``;
-- given the source ``checkpoint`` (the pinned copy), require every variable
-  saved in the SavedModel to hold exactly the value of a tensor in that
-  checkpoint (:func:`weight_parity`). Output parity alone cannot see a
-  restore that matched nothing: the exporter's reference outputs come from
-  the same unrestored model.
+- ``serving_load``: load the MetaGraph tagged ``serve`` into a graph-mode
+  session, which runs the restore op and then the init ops, as the model
+  server's C++ loader does (a TF2 ``tf.saved_model.load`` accepts exports the
+  server rejects); require a ``serving_default`` signature;
+- ``signatures``: run every SignatureDef through its tensor names with inputs
+  of its own dtypes and shapes (see :class:`_Inputs`); classify and regress
+  signatures must also follow the key, dtype and shape rules of TF Serving's
+  Classify and Regress APIs; every floating output must be finite, and
+  ``serving_default``'s must equal the exporter's within ``rtol``/``atol``;
+- ``golden_outputs``: with a golden ``.npz``, outputs equal it within tolerance;
+- ``warmup``: replay ``assets.extra/tf_serving_warmup_requests`` record by record
+  as the server does at load (:mod:`daemon.warmup`);
+- ``weight_parity``: given the source ``checkpoint`` (the pinned copy), every
+  variable saved in the SavedModel holds exactly the value of a tensor in that
+  checkpoint (:func:`weight_parity`). Output parity alone cannot see a restore
+  that matched nothing: the exporter's reference comes from the same model.
 
-The result lists each signature with its verdict; ``ok`` is their conjunction.
+The result is the validation report: ``ok``, the checks run with their
+timings, each signature's inputs (and where they came from) and outputs, and
+on failure ``reason``, ``error`` and ``permanent``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from daemon import child
+from daemon import child, samples, warmup
 
 #: Entries of a TF2 checkpoint that are bookkeeping, not variables.
 _NOT_VARIABLES = ("_CHECKPOINTABLE_OBJECT_GRAPH",)
@@ -96,140 +102,351 @@ def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
     return {"ok": True, "variables": len(names), "checkpoint": checkpoint}
 
 
+class _Checks:
+    """The report's ``checks`` list: one entry per check, timed, with its verdict."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        self.items: list[dict[str, Any]] = report.setdefault("checks", [])
+
+    @contextlib.contextmanager
+    def run(self, name: str, **details: Any) -> Iterator[dict[str, Any]]:
+        entry: dict[str, Any] = {"check": name, **details}
+        self.items.append(entry)
+        t0 = time.monotonic()
+        try:
+            yield entry
+        except child.ChildFailure as e:
+            entry.update(ok=False, reason=e.reason)
+            raise
+        finally:
+            entry["seconds"] = round(time.monotonic() - t0, 3)
+        entry.setdefault("ok", True)
+
+
 def validate(req: dict[str, Any]) -> dict[str, Any]:
+    """Run every check of the module contract; the result is the validation report.
+
+    The report lists the checks run (with their timings), each signature's
+    inputs and verdict, weight parity and warmup; on failure ``reason``,
+    ``error`` and ``permanent`` say what failed, and the checks up to it stay.
+    """
+    report: dict[str, Any] = {"ok": False, "saved_model": req["saved_model"], "signatures": {}}
+    try:
+        _validate(req, report, _Checks(report))
+    except child.ChildFailure as e:
+        report.update(ok=False, reason=e.reason, error=str(e), permanent=e.permanent)
+    report["durations"] = {
+        f"{c['check']}_seconds": c["seconds"] for c in report.get("checks", []) if "seconds" in c
+    }
+    return report
+
+
+def _validate(req: dict[str, Any], report: dict[str, Any], checks: _Checks) -> None:
     import numpy as np
     import tensorflow as tf
 
     path = req["saved_model"]
-    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise child.ChildFailure("not_a_saved_model", f"{path} has no saved_model.pb")
+    where = req.get("sample_inputs") or ""
+    samples_by_sig = samples.load_npz(req.get("sample_inputs"), "sample_inputs")
+    golden = samples.load_npz(req.get("golden_outputs"), "golden_outputs")
     reference: dict[str, Any] = {}
     if req.get("reference"):
         with np.load(req["reference"], allow_pickle=True) as z:
             reference = {k: z[k] for k in z.files}
     rtol, atol = float(req.get("rtol", 1e-4)), float(req.get("atol", 1e-5))
 
-    t0 = time.monotonic()
     graph = tf.Graph()
-    report: dict[str, Any] = {}
     with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
-        try:
-            meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
-        except Exception as e:
-            raise child.ChildFailure(
-                "load_failed", f"TF Serving's loader would fail on {path}: {e}"
-            ) from e
-        t_load = time.monotonic()
-        sigs = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
-        if "serving_default" not in sigs:
-            raise child.ChildFailure(
-                "no_serving_default",
-                f"{path} has no 'serving_default' signature (it has {sorted(sigs) or 'none'}); "
-                "requests without a signature name would fail",
-            )
-        for name, sig in sorted(sigs.items()):
-            report[name] = _run_signature(
-                sess, name, sig, reference if name == "serving_default" else {}, rtol, atol
-            )
-    t_run = time.monotonic()
-    weights = weight_parity(path, req["checkpoint"]) if req.get("checkpoint") else None
-    t_weights = time.monotonic()
-    failed = [n for n, r in report.items() if not r["ok"]]
-    result: dict[str, Any] = {
-        "ok": not failed,
-        "signatures": report,
-        "durations": {
-            "load_seconds": round(t_load - t0, 3),
-            "run_seconds": round(t_run - t_load, 3),
-            "weights_seconds": round(t_weights - t_run, 3),
-        },
-    }
-    if weights is not None:
-        result["weights"] = weights
-    if failed:
-        result.update(
-            reason="output_mismatch"
-            if any(report[n].get("reason") == "output_mismatch" for n in failed)
-            else "signature_failed",
-            error="; ".join(f"{n}: {report[n]['error']}" for n in failed),
-            permanent=True,
-        )
+        with checks.run("serving_load", tags=["serve"]):
+            if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+                raise child.ChildFailure("not_a_saved_model", f"{path} has no saved_model.pb")
+            try:
+                meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+            except Exception as e:
+                raise child.ChildFailure(
+                    "load_failed", f"TF Serving's loader would fail on {path}: {e}"
+                ) from e
+            sigs = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
+            if "serving_default" not in sigs:
+                raise child.ChildFailure(
+                    "no_serving_default",
+                    f"{path} has no 'serving_default' signature (it has "
+                    f"{sorted(sigs) or 'none'}); requests without a signature name would fail",
+                )
+        inputs = _Inputs(sess, sigs, reference, samples_by_sig, where)
+        with checks.run("signatures", count=len(sigs)) as entry:
+            outputs: dict[str, dict[str, Any]] = {}
+            for name, sig in sorted(sigs.items()):
+                report["signatures"][name], outputs[name] = _run_signature(
+                    sess,
+                    name,
+                    sig,
+                    inputs,
+                    reference if name == "serving_default" else {},
+                    rtol,
+                    atol,
+                )
+            failed = [n for n, r in report["signatures"].items() if not r["ok"]]
+            entry["failed"] = failed
+            if failed:
+                reasons = {report["signatures"][n]["reason"] for n in failed}
+                raise child.ChildFailure(
+                    "output_mismatch" if "output_mismatch" in reasons else "signature_failed",
+                    "; ".join(f"{n}: {report['signatures'][n]['error']}" for n in failed),
+                )
+        if golden:
+            with checks.run("golden_outputs", file=req.get("golden_outputs")) as entry:
+                entry["compared"] = _compare_golden(golden, outputs, rtol, atol, req)
+        warmup_file = os.path.exists(os.path.join(path, str(warmup.WARMUP_RELPATH)))
+        if warmup_file or req.get("warmup_records"):
+            with checks.run("warmup", file=str(warmup.WARMUP_RELPATH)) as entry:
+                if not warmup_file:
+                    raise child.ChildFailure(
+                        "warmup_failed",
+                        f"{path} has no {warmup.WARMUP_RELPATH} although warmup_records = "
+                        f"{req.get('warmup_records')}",
+                        permanent=False,
+                    )
+                replayed = warmup.replay(path, sigs, lambda sig, feed: _run(sess, sig, feed))
+                report["warmup"] = replayed
+                entry.update(replayed or {})
+    if req.get("checkpoint"):
+        with checks.run("weight_parity", checkpoint=req["checkpoint"]):
+            report["weights"] = weight_parity(path, req["checkpoint"])
+    report["ok"] = True
+
+
+def _run(sess: Any, sig: Any, feed: dict[str, Any]) -> dict[str, Any]:
+    """Run ``sig`` through its tensor names, as TF Serving's Predict does."""
+    fetch = {key: info.name for key, info in sig.outputs.items()}
+    result: dict[str, Any] = sess.run(fetch, feed)
     return result
 
 
-def _run_signature(
-    sess: Any, name: str, sig: Any, reference: dict[str, Any], rtol: float, atol: float
-) -> dict[str, Any]:
+class _Inputs:
+    """Chooses each signature input's value, and says where it came from.
+
+    In order: the exporter's reference (``serving_default``: what the
+    in-memory model answered, made from ``sample_inputs`` when given); the
+    user's ``sample_inputs`` for that signature; the reference value of a
+    ``serving_default`` input fed through the same tensor (an Estimator's
+    ``classification`` signature and ``serving_default`` share one); else
+    synthesised from the SignatureDef: numbers from a seeded generator, and
+    strings as a ``tf.Example`` built from the graph's ``ParseExample`` op,
+    so that a classify or regress signature parses what it is given.
+    """
+
+    def __init__(
+        self,
+        sess: Any,
+        sigs: dict[str, Any],
+        reference: dict[str, Any],
+        samples_by_sig: dict[str, dict[str, Any]],
+        where: str,
+    ) -> None:
+        self.sess = sess
+        self.samples = samples_by_sig
+        self.where = where
+        self.by_tensor: dict[str, Any] = {}
+        default = sigs["serving_default"]
+        for key, info in default.inputs.items():
+            if f"in/{key}" in reference:
+                self.by_tensor[info.name] = reference[f"in/{key}"]
+        self._example: bytes | None = None
+
+    def values(self, name: str, sig: Any, reference: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The inputs of signature ``name`` by key, and where they came from."""
+        import numpy as np
+        import tensorflow as tf
+
+        specs = {k: (tf.dtypes.as_dtype(i.dtype).name, _dims(i)) for k, i in sig.inputs.items()}
+        if reference and all(f"in/{k}" in reference for k in specs):
+            return {k: reference[f"in/{k}"] for k in specs}, "reference"
+        given = samples.inputs_for(
+            self.samples, name, specs, self.where, required=name == "serving_default"
+        )
+        if given is not None:
+            return given, "sample_inputs"
+        if all(i.name in self.by_tensor for i in sig.inputs.values()):
+            return {k: self.by_tensor[i.name] for k, i in sig.inputs.items()}, "reference"
+        out = {}
+        for key, (dtype, dims) in specs.items():
+            if dtype == "string" and self.example() is not None:
+                shape = [1 if d is None or d < 0 else d for d in dims]
+                out[key] = np.full(shape, self.example(), dtype=object)
+            else:
+                out[key] = child.synth_input(key, dtype, dims)
+        return out, "synthesised"
+
+    def example(self) -> bytes | None:
+        """A serialized ``tf.Example`` with every feature the graph parses, or None."""
+        if self._example is None:
+            self._example = _example_for_graph(self.sess) or b""
+        return self._example or None
+
+
+def _dims(info: Any) -> list[int | None]:
+    if info.tensor_shape.unknown_rank:
+        return []  # fed as a scalar, as the exporters synthesise it
+    return [None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim]
+
+
+#: ParseExample ops and the positions of their (sparse keys, dense keys) inputs.
+_PARSE_OPS = ("ParseExampleV2", "ParseExample")
+
+
+def _example_for_graph(sess: Any) -> bytes | None:
+    """A deterministic ``tf.Example`` filling each feature of the graph's first parse op.
+
+    The keys are graph constants (inputs of ``ParseExampleV2``/``ParseExample``)
+    and the dtypes and dense shapes are the op's attributes, so the Example
+    parses exactly as a client's would; None when the graph parses none.
+    """
     import numpy as np
     import tensorflow as tf
 
-    feed = {}
-    shapes = {}
-    for key, info in sig.inputs.items():
-        dtype = tf.dtypes.as_dtype(info.dtype)
-        if f"in/{key}" in reference:
-            value = reference[f"in/{key}"]
-        else:
-            dims = [d.size for d in info.tensor_shape.dim]
-            value = child.synth_input(f"{key}", dtype.name, dims)
-        feed[info.name] = value
-        shapes[key] = list(np.shape(value))
-    fetch = {key: info.name for key, info in sig.outputs.items()}
-    entry: dict[str, Any] = {"method": sig.method_name, "inputs": shapes}
+    op = next((o for o in sess.graph.get_operations() if o.type in _PARSE_OPS), None)
+    if op is None:
+        return None
     try:
-        out = sess.run(fetch, feed)
+        if op.type == "ParseExampleV2":
+            sparse_keys = [k.decode() for k in sess.run(op.inputs[2]).reshape(-1)]
+            dense_keys = [k.decode() for k in sess.run(op.inputs[3]).reshape(-1)]
+        else:
+            ns, nd = op.get_attr("Nsparse"), op.get_attr("Ndense")
+            keys = [k.decode() for k in sess.run(list(op.inputs[2 : 2 + ns + nd]))]
+            sparse_keys, dense_keys = keys[:ns], keys[ns:]
+        dense_types = op.get_attr("Tdense")
+        dense_shapes = op.get_attr("dense_shapes")
+        sparse_types = op.get_attr("sparse_types")
+    except Exception:
+        return None  # keys computed at run time: fall back to plain strings
+    example = tf.train.Example()
+
+    def fill(key: str, dtype: Any, count: int) -> None:
+        value = child.synth_input(key, tf.dtypes.as_dtype(dtype).name, [count])
+        feature = example.features.feature[key]
+        flat = np.asarray(value).reshape(-1)
+        if tf.dtypes.as_dtype(dtype).is_floating:
+            feature.float_list.value.extend(flat.astype("float32").tolist())
+        elif tf.dtypes.as_dtype(dtype) == tf.string:
+            feature.bytes_list.value.extend(bytes(x) for x in flat)
+        else:
+            feature.int64_list.value.extend(flat.astype("int64").tolist())
+
+    for key, dtype, shape in zip(dense_keys, dense_types, dense_shapes, strict=False):
+        dims = tf.TensorShape(shape).as_list() if tf.TensorShape(shape).rank is not None else [1]
+        fill(key, dtype, int(np.prod([d if d and d > 0 else 1 for d in dims])))
+    for key, dtype in zip(sparse_keys, sparse_types, strict=False):
+        fill(key, dtype, 1)
+    data: bytes = example.SerializeToString()
+    return data
+
+
+def _run_signature(
+    sess: Any,
+    name: str,
+    sig: Any,
+    inputs: _Inputs,
+    reference: dict[str, Any],
+    rtol: float,
+    atol: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one signature; its report entry and its outputs (empty when it failed)."""
+    import numpy as np
+
+    entry: dict[str, Any] = {"method": sig.method_name}
+    problem = warmup.signature_rules(sig.method_name, sig)
+    if problem:
+        return dict(entry, ok=False, reason="signature_rules", error=problem), {}
+    values, origin = inputs.values(name, sig, reference)
+    entry["inputs"] = {k: [str(np.asarray(v).dtype), list(np.shape(v))] for k, v in values.items()}
+    entry["inputs_from"] = origin
+    try:
+        out = _run(sess, sig, {sig.inputs[k].name: v for k, v in values.items()})
     except Exception as e:
-        # TensorFlow puts a generic "Graph execution error:" first; keep the cause.
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        lines = [ln for ln in lines if not ln.startswith("Graph execution error")] or lines
-        msg = lines[0] if lines else type(e).__name__
-        return dict(entry, ok=False, reason="run_failed", error=f"run failed: {msg}")
+        hint = " (synthesised inputs: give sample_inputs)" if origin == "synthesised" else ""
+        return dict(
+            entry,
+            ok=False,
+            reason="run_failed",
+            error=f"run failed: {warmup.first_line(e)}{hint}",
+        ), {}
     entry["outputs"] = {k: list(np.shape(v)) for k, v in out.items()}
+    batch = len(next(iter(values.values()))) if values else 0
+    problem = warmup.output_rules(sig.method_name, out, batch)
+    if problem:
+        return dict(entry, ok=False, reason="signature_rules", error=problem), out
     for k, v in out.items():
         arr = np.asarray(v)
         if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
-            return dict(entry, ok=False, reason="not_finite", error=f"output {k!r} is not finite")
-    if reference:
-        expected = {k[4:] for k in reference if k.startswith("out/")}
-        if expected != set(out):
             return dict(
-                entry,
-                ok=False,
-                reason="output_mismatch",
-                error=f"outputs {sorted(out)} differ from the exporter's {sorted(expected)}",
-            )
-        worst = 0.0
-        for k, v in out.items():
-            ref = reference[f"out/{k}"]
-            arr = np.asarray(v)
-            if arr.shape != ref.shape:
-                return dict(
-                    entry,
-                    ok=False,
-                    reason="output_mismatch",
-                    error=f"output {k!r} has shape {arr.shape}, the exporter's {ref.shape}",
-                )
-            if arr.dtype.kind in "fc":
-                diff = float(np.max(np.abs(arr - ref))) if arr.size else 0.0
-                worst = max(worst, diff)
-                if not np.allclose(arr, ref, rtol=rtol, atol=atol):
-                    return dict(
-                        entry,
-                        ok=False,
-                        reason="output_mismatch",
-                        max_abs_diff=diff,
-                        error=f"output {k!r} differs from the exporter's by up to {diff:.3g} "
-                        f"(rtol={rtol}, atol={atol})",
-                    )
-            elif not np.array_equal(arr, ref):
-                return dict(
-                    entry,
-                    ok=False,
-                    reason="output_mismatch",
-                    error=f"output {k!r} differs from the exporter's",
-                )
+                entry, ok=False, reason="not_finite", error=f"output {k!r} is not finite"
+            ), out
+    if reference:
+        expected = {k[4:]: reference[k] for k in reference if k.startswith("out/")}
+        mismatch, worst = _compare(out, expected, rtol, atol, "the exporter's")
+        if mismatch:
+            return dict(entry, ok=False, reason="output_mismatch", error=mismatch), out
         entry["max_abs_diff"] = worst
-    return dict(entry, ok=True)
+    return dict(entry, ok=True), out
+
+
+def _compare(
+    actual: dict[str, Any], expected: dict[str, Any], rtol: float, atol: float, whose: str
+) -> tuple[str | None, float]:
+    """(what differs or None, the largest absolute difference of floating outputs)."""
+    import numpy as np
+
+    if set(expected) != set(actual):
+        return f"outputs {sorted(actual)} differ from {whose} {sorted(expected)}", 0.0
+    worst = 0.0
+    for k, v in sorted(actual.items()):
+        arr, ref = np.asarray(v), np.asarray(expected[k])
+        if arr.shape != ref.shape:
+            return f"output {k!r} has shape {arr.shape}, {whose} {ref.shape}", worst
+        if arr.dtype.kind in "fc":
+            diff = float(np.max(np.abs(arr - ref))) if arr.size else 0.0
+            worst = max(worst, diff)
+            if not np.allclose(arr, ref, rtol=rtol, atol=atol):
+                return (
+                    f"output {k!r} differs from {whose} by up to {diff:.3g} "
+                    f"(rtol={rtol}, atol={atol})",
+                    worst,
+                )
+        elif not np.array_equal(arr, ref):
+            return f"output {k!r} differs from {whose}", worst
+    return None, worst
+
+
+def _compare_golden(
+    golden: dict[str, dict[str, Any]],
+    outputs: dict[str, dict[str, Any]],
+    rtol: float,
+    atol: float,
+    req: dict[str, Any],
+) -> dict[str, float]:
+    """Check each signature's outputs against ``golden_outputs``; max diff per signature."""
+    where = req.get("golden_outputs")
+    compared = {}
+    for name, expected in sorted(golden.items()):
+        if name not in outputs:
+            raise child.ChildFailure(
+                "sample_inputs", f"golden_outputs {where}: there is no signature {name!r}"
+            )
+        unknown = sorted(set(expected) - set(outputs[name]))
+        if unknown:
+            raise child.ChildFailure(
+                "sample_inputs",
+                f"golden_outputs {where}: signature {name!r} has no outputs {unknown} "
+                f"(it has {sorted(outputs[name])})",
+            )
+        actual = {k: outputs[name][k] for k in expected}
+        mismatch, worst = _compare(actual, expected, rtol, atol, "golden_outputs'")
+        if mismatch:
+            raise child.ChildFailure("golden_mismatch", f"signature {name!r}: {mismatch}")
+        compared[name] = worst
+    return compared
 
 
 def main(argv: list[str]) -> int:

@@ -28,6 +28,8 @@ _ASCII_SPACE = " \t\n\v\f\r"
 
 #: Where a published version records what it was made from.
 METADATA_RELPATH = Path("assets.extra") / "ckpt_exporter.json"
+#: The validation report of an export, published with it or kept with a failed one.
+REPORT_RELPATH = Path("assets.extra") / "ckpt_exporter_validation.json"
 
 #: The daemon's private folder inside a base path. Its name does not parse as
 #: an integer, so TF Serving never takes it for a version.

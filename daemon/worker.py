@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from daemon import child, serving_inputs
+from daemon import child, samples, serving_inputs, warmup
 
 
 def import_builder(spec: str, python_path: list[str]) -> Any:
@@ -133,6 +133,9 @@ def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
     specs, serve, feeds = serving_inputs.serving_signature(
         req.get("input_type", "default"), model_specs, call
     )
+    feeds = samples.reference_inputs(
+        req, {s.name: (s.dtype.name, serving_inputs.dims(s)) for s in specs}, feeds
+    )
     export_dir = req["export_dir"]
     if is_keras:
         archive = keras.export.ExportArchive()
@@ -166,7 +169,26 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
     if kind is None:
         raise child.ChildFailure("bad_request", f"unknown source {req.get('source')!r}")
     result: dict[str, Any] = importlib.import_module(kind.exporter).export(req)
+    if req.get("warmup_records"):
+        result["warmup"] = write_warmup(req)
     return {"ok": True, **result}
+
+
+def write_warmup(req: dict[str, Any]) -> dict[str, Any]:
+    """Write the export's warmup file from the reference inputs (``warmup_records``).
+
+    A SavedModel that brings its own warmup file (the ``saved_model`` and
+    ``command`` sources) keeps it: the validator replays whatever is there.
+    """
+    import numpy as np
+
+    path = os.path.join(req["export_dir"], str(warmup.WARMUP_RELPATH))
+    if os.path.exists(path):
+        return {"records": None, "kept": str(warmup.WARMUP_RELPATH)}
+    with np.load(req["reference"], allow_pickle=True) as z:
+        inputs = {k[3:]: z[k] for k in z.files if k.startswith("in/")}
+    n = warmup.write_warmup(req["export_dir"], inputs, int(req["warmup_records"]), req["model"])
+    return {"records": n}
 
 
 def main(argv: list[str]) -> int:

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 from daemon.config import DAEMON_SCHEMA, MODEL_SCHEMA, parse_config
+from daemon.gate import GATE_SCHEMA
 from daemon.sources import SOURCES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,8 @@ def test_every_config_key_is_documented_in_the_example() -> None:
     # Keys may be commented out (optional tables), so look for "key =" anywhere.
     documented = set(re.findall(r"^[#\s]*([a-z_]+)\s*=", text, re.M))
     documented |= {"signature"} if "[models.signature]" in text else set()
-    source_options = {k for kind in SOURCES.values() for k in kind.options}
+    documented |= {"gate"} if "[models.gate]" in text else set()
+    source_options = {k for kind in SOURCES.values() for k in kind.options} | set(GATE_SCHEMA)
     missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA) | source_options) - documented
     assert not missing, f"config.example.toml does not document {sorted(missing)}"
     unknown = documented - set(DAEMON_SCHEMA) - set(MODEL_SCHEMA) - source_options - {"inputs"}

@@ -33,29 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from daemon import child
-from daemon.schema import REQUIRED, nonempty, string_list
+from daemon.schema import REQUIRED, command_line
 from daemon.sources.base import SourceKind
 from daemon.sources.saved_model import tf2_reference
 from daemon.sources.tf_checkpoint import TFCheckpointSource
 
 PLACEHOLDERS = ("checkpoint", "checkpoint_dir", "output_dir")
-
-
-def argv_problem(argv: Any) -> str | None:
-    """Why ``argv`` is not a usable command line, or None."""
-    problem = string_list(argv) or nonempty(argv)
-    if problem:
-        return problem
-    for arg in argv:
-        try:
-            arg.format_map(dict.fromkeys(PLACEHOLDERS, ""))
-        except KeyError as e:
-            return f"unknown placeholder {{{e.args[0]}}} in {arg!r}; known: " + ", ".join(
-                f"{{{p}}}" for p in PLACEHOLDERS
-            )
-        except (ValueError, IndexError) as e:
-            return f"bad braces in {arg!r} ({e}); write literal braces as {{{{ and }}}}"
-    return None
 
 
 def _subdir(v: Any) -> str | None:
@@ -69,7 +52,7 @@ KIND = SourceKind(
     scanner=TFCheckpointSource,
     exporter=__name__,
     options={
-        "argv": ((list,), REQUIRED, argv_problem),
+        "argv": ((list,), REQUIRED, command_line(*PLACEHOLDERS)),
         "saved_model_subdir": ((str,), "", _subdir),
     },
     builder="unused",
@@ -127,7 +110,7 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
     for entry in produced.iterdir():
         # Same filesystem (staging lives in the base path): renames, no copying.
         os.rename(entry, export_dir / entry.name)
-    result = tf2_reference(str(export_dir), req["reference"])
+    result = tf2_reference(str(export_dir), req)
     result["kind"] = "command"
     result["durations"] = {
         "command_seconds": round(t_run - t0, 3),

@@ -39,10 +39,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon import child
+from daemon import child, samples
 from daemon.schema import non_negative
 from daemon.sources.base import Checkpoint, ScanResult, SourceKind, list_directory
-from daemon.versions import METADATA_RELPATH
+from daemon.versions import METADATA_RELPATH, REPORT_RELPATH
 
 _STEP_RE = re.compile(r"(\d+)$")
 _SKIP_PREFIXES = (".", "temp-", "tmp-")
@@ -156,12 +156,11 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     shutil.copytree(source, export_dir, dirs_exist_ok=True)
     # A SavedModel republished from another base path carries that daemon's
-    # metadata; this publication writes its own.
-    with_metadata = Path(export_dir) / METADATA_RELPATH
-    if with_metadata.exists():
-        with_metadata.unlink()
+    # metadata and report; this publication writes its own.
+    for relpath in (METADATA_RELPATH, REPORT_RELPATH):
+        (Path(export_dir) / relpath).unlink(missing_ok=True)
     t_copy = time.monotonic()
-    result = tf2_reference(source, req["reference"])
+    result = tf2_reference(source, req)
     result["durations"] = {
         "copy_seconds": round(t_copy - t0, 3),
         "reference_seconds": round(time.monotonic() - t_copy, 3),
@@ -169,10 +168,11 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def tf2_reference(saved_model: str, reference: str) -> dict[str, Any]:
+def tf2_reference(saved_model: str, req: Mapping[str, Any]) -> dict[str, Any]:
     """Run ``serving_default`` of ``saved_model`` with TF2 on the validator's inputs.
 
-    Writes the inputs and outputs to ``reference`` (the ``.npz`` the validator
+    The inputs are the request's ``sample_inputs`` or synthesised. Writes
+    them and the outputs to ``req["reference"]`` (the ``.npz`` the validator
     compares with) and returns the export result's description fields. For
     SavedModels the daemon did not trace itself, TF2's own loader is the
     independent second opinion; the validator's graph-mode load is the first.
@@ -192,11 +192,17 @@ def tf2_reference(saved_model: str, reference: str) -> dict[str, Any]:
             "signature name would fail",
         )
     specs = fn.structured_input_signature[1]
-    feeds = {k: child.synth_input(k, s.dtype.name, list(s.shape)) for k, s in specs.items()}
+    shapes = {
+        k: (s.dtype.name, s.shape.as_list() if s.shape.rank is not None else [])
+        for k, s in specs.items()
+    }
+    feeds = samples.reference_inputs(
+        req, shapes, {k: child.synth_input(k, *shapes[k]) for k in shapes}
+    )
     outputs = fn(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in feeds.items()})
     arrays = {f"in/{k}": v for k, v in feeds.items()}
     arrays.update({f"out/{k}": np.asarray(v) for k, v in outputs.items()})
-    np.savez(reference, **arrays)
+    np.savez(req["reference"], **arrays)
     return {
         "kind": "saved_model",
         "inputs": {k: [s.dtype.name, list(s.shape)] for k, s in specs.items()},

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon import child
+from daemon import child, samples
 from daemon.schema import REQUIRED, nonempty, one_of, string_table
 from daemon.sources.base import ScanResult, SourceKind
 from daemon.sources.tf_checkpoint import TFCheckpointSource
@@ -124,10 +124,13 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
         )
         # Requests without a signature name use serving_default: always offer it.
         signatures = {"serving_default": sig, options["signature_name"]: sig}
-        feeds = {
-            key: child.synth_input(key, t.dtype.name, t.shape.as_list() if t.shape.rank else [])
+        shapes = {
+            key: (t.dtype.name, t.shape.as_list() if t.shape.rank is not None else [])
             for key, t in inputs.items()
         }
+        feeds = samples.reference_inputs(
+            req, shapes, {k: child.synth_input(k, *shapes[k]) for k in shapes}
+        )
         values = sess.run(outputs, {inputs[k]: v for k, v in feeds.items()})
         # SavedModelBuilder refuses an existing folder; the export folder exists
         # (the supervisor made it), so build inside it and move the result up.

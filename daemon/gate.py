@@ -1,0 +1,232 @@
+"""Publication gates: publish a checkpoint only when a condition holds.
+
+Two kinds, either or both per model (``[models.gate]``):
+
+- a **metric gate**, decided in the supervisor *before* the export (no
+  TensorFlow, no export spent on a checkpoint that will not ship): the value
+  of ``metric`` at the checkpoint's step, read from a JSON file or from the
+  trainer's TensorBoard event files, must be better (``mode`` ``min`` or
+  ``max``) than ``better_than``: a number, or ``"last_published"``, the value
+  recorded in the newest published version's metadata (Estimator's
+  ``BestExporter`` rule). The first publication, or one after versions made
+  without the gate, has nothing to beat and passes;
+- a **command gate**, run by the supervisor *after* validation, given the
+  export folder: exit status 0 allows publication.
+
+A metric that is not there yet is waited for (evaluations usually land after
+the checkpoint) up to ``wait_seconds``; then the checkpoint is gated out as
+``metric_missing``. A gated-out checkpoint is recorded like a rejected one and
+never retried.
+
+This module is pure apart from reading the metric files; :func:`decide` and
+:func:`threshold` are pure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.schema import Schema, command_line, non_negative, one_of, template_problem
+from daemon.tensorboard import EventFileReader
+
+MODES = ("min", "max")
+LAST_PUBLISHED = "last_published"
+#: Placeholders of ``json_file`` and of ``command``'s words.
+JSON_FILE_PLACEHOLDERS = ("name", "step")
+COMMAND_PLACEHOLDERS = ("export_dir", "checkpoint", "model", "step")
+
+
+def _better_than(v: Any) -> str | None:
+    if isinstance(v, str):
+        return None if v == LAST_PUBLISHED else f'must be a number or "{LAST_PUBLISHED}"'
+    return None if math.isfinite(v) else "must be a finite number"
+
+
+def _command(v: Any) -> str | None:
+    return command_line(*COMMAND_PLACEHOLDERS)(v) if v else None
+
+
+GATE_SCHEMA: Schema = {
+    "metric": ((str,), "", None),
+    "mode": ((str,), "min", one_of(*MODES)),
+    "better_than": ((str, int, float), LAST_PUBLISHED, _better_than),
+    "json_file": ((str,), "", lambda v: template_problem(v, JSON_FILE_PLACEHOLDERS)),
+    "tensorboard_dir": ((str,), "", None),
+    "tag": ((str,), "", None),
+    "wait_seconds": ((int, float), 600.0, non_negative),
+    "command": ((list,), [], _command),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A model's validated ``[models.gate]`` table (paths absolute)."""
+
+    metric: str = ""
+    mode: str = "min"
+    better_than: str | float = LAST_PUBLISHED
+    json_file: str = ""
+    tensorboard_dir: str = ""
+    tag: str = ""
+    wait_seconds: float = 600.0
+    command: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.metric or self.command)
+
+
+def parse_gate(
+    values: Mapping[str, Any], given: Collection[str], where: str, checkpoint_dir: Path
+) -> tuple[Gate, list[str]]:
+    """A :class:`Gate` from schema-checked ``values``, and the problems of their combination.
+
+    ``given`` are the keys the config spelled out (``values`` has defaults too).
+    Relative ``json_file`` and ``tensorboard_dir`` are resolved against the
+    checkpoint folder: the trainer writes its metrics next to its checkpoints.
+    """
+    problems: list[str] = []
+    metric = values["metric"]
+    sources = [k for k in ("json_file", "tensorboard_dir") if values[k]]
+    if metric and len(sources) != 1:
+        problems.append(
+            f"{where}.metric: give exactly one of json_file or tensorboard_dir to read "
+            f"{metric!r} from (got {', '.join(sources) or 'neither'})"
+        )
+    if not metric:
+        problems.extend(
+            f'{where}.{k}: only used with metric; add metric = "..." or remove it'
+            for k in ("json_file", "tensorboard_dir", "tag")
+            if values[k]
+        )
+    command = tuple(values["command"])
+    if given and not metric and not command:
+        problems.append(f"{where}: a gate needs metric or command (or remove the table)")
+
+    def resolve(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else checkpoint_dir / path)
+
+    better = values["better_than"]
+    gate = Gate(
+        metric=metric,
+        mode=values["mode"],
+        better_than=better if isinstance(better, str) else float(better),
+        json_file=resolve(values["json_file"]) if values["json_file"] else "",
+        tensorboard_dir=resolve(values["tensorboard_dir"]) if values["tensorboard_dir"] else "",
+        tag=values["tag"],
+        wait_seconds=float(values["wait_seconds"]),
+        command=command,
+    )
+    return gate, problems
+
+
+# --- the metric --------------------------------------------------------------
+
+
+def threshold(gate: Gate, published: Sequence[Mapping[str, Any]]) -> float | None:
+    """The value to beat: ``better_than``, or the newest published version's metric.
+
+    ``published`` holds the metadata of the published versions, oldest
+    first. None means there is nothing to beat (the gate passes).
+    """
+    if not isinstance(gate.better_than, str):
+        return gate.better_than
+    for meta in reversed(published):
+        recorded = meta.get("gate")
+        if isinstance(recorded, dict) and recorded.get("metric") == gate.metric:
+            value = recorded.get("value")
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            return None
+        return None  # the newest version was made without this gate
+    return None
+
+
+def decide(value: float, mode: str, best: float | None) -> bool:
+    """Whether ``value`` passes: strictly better than ``best`` (None: always).
+
+    NaN never passes: a diverged evaluation must not ship.
+    """
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if mode == "min" else value > best
+
+
+def _records(text: str) -> list[Any]:
+    """The records of a metrics file: one JSON value (object or list), or JSON Lines."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return data if isinstance(data, list) else [data]
+
+
+def read_json_metric(
+    path: Path, metric: str, step: int | None, per_checkpoint: bool
+) -> float | None:
+    """The value of ``metric`` for ``step`` in a JSON metrics file, or None if not there yet.
+
+    Records are objects; the one whose ``step`` equals the checkpoint's counts
+    (the last such one). A file named per checkpoint (``json_file`` with
+    ``{name}`` or ``{step}``) may hold a record without ``step``. A file that
+    does not parse is treated as not written yet (the trainer may be writing
+    it); a value that is not a number raises ValueError naming the file.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+        records = _records(text)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None
+    found = None
+    for rec in records:
+        if not isinstance(rec, dict) or metric not in rec:
+            continue
+        rec_step = rec.get("step")
+        if rec_step == step or (rec_step is None and per_checkpoint):
+            found = rec[metric]
+    if found is None:
+        return None
+    if isinstance(found, bool) or not isinstance(found, int | float):
+        raise ValueError(f"{path}: {metric!r} is {found!r}, not a number")
+    return float(found)
+
+
+class MetricReader:
+    """Reads a gate's metric for a checkpoint; keeps the TensorBoard parse state between calls."""
+
+    def __init__(self) -> None:
+        self._events = EventFileReader()
+
+    def read(self, gate: Gate, name: str, step: int | None) -> float | None:
+        """The metric's value for the checkpoint ``name`` at ``step``; None if not (yet) there."""
+        if gate.json_file:
+            per_checkpoint = any("{" + p + "}" in gate.json_file for p in JSON_FILE_PLACEHOLDERS)
+            path = Path(gate.json_file.format(name=name, step="" if step is None else step))
+            return read_json_metric(path, gate.metric, step, per_checkpoint)
+        if step is None:
+            return None  # TensorBoard values are per step; this checkpoint has none
+        values = self._events.scalars(Path(gate.tensorboard_dir), gate.tag or gate.metric)
+        return values.get(step)
+
+
+def command_argv(
+    gate: Gate, export_dir: Path, checkpoint: Path, model: str, step: int | None
+) -> list[str]:
+    """The gate command with its placeholders filled in."""
+    fill = {
+        "export_dir": str(export_dir),
+        "checkpoint": str(checkpoint),
+        "model": model,
+        "step": "" if step is None else str(step),
+    }
+    return [word.format_map(fill) for word in gate.command]

@@ -1,0 +1,150 @@
+"""User-given sample inputs and golden outputs (``.npz`` files), read in the children.
+
+``sample_inputs`` holds one array per input of ``serving_default``, named like
+the input (``x``), and optionally arrays for other signatures named
+``SIGNATURE/INPUT``. The exporter runs the model on them to make the
+reference, the validator replays them, the warmup records carry them: real
+inputs catch what synthesised ones cannot (a string input that must parse, a
+value range the model needs).
+
+``golden_outputs`` holds expected outputs the same way (``OUTPUT`` for
+``serving_default``, ``SIGNATURE/OUTPUT`` otherwise), compared within the
+model's ``rtol``/``atol``: a checkpoint whose answers moved too far is not
+published.
+
+Contract: a file that cannot be read, or an array that does not fit its
+input (dtype kind, rank, known dimensions), raises
+:class:`~daemon.child.ChildFailure` with reason ``sample_inputs`` naming the
+file and the key: the model's config is at fault, not the checkpoint, so the
+supervisor pauses the model instead of rejecting checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from daemon import child
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+def load_npz(path: str | None, what: str) -> dict[str, dict[str, Any]]:
+    """``{signature: {name: array}}`` from an ``.npz`` (``{}`` without a path)."""
+    import numpy as np
+
+    if not path:
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise child.ChildFailure(
+            "sample_inputs", f"{what} {path}: cannot read it as an .npz file ({e})"
+        ) from e
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in arrays.items():
+        sig, _, name = key.rpartition("/")
+        out.setdefault(sig or DEFAULT_SIGNATURE, {})[name] = value
+    return out
+
+
+def fit_input(value: Any, key: str, dtype: str, shape: Sequence[int | None], where: str) -> Any:
+    """``value`` as an input of ``dtype`` and ``shape``, or ChildFailure naming ``key``.
+
+    Numbers convert within their kind (float64 to float32, int64 to int32:
+    ``np.savez`` keeps NumPy's wide defaults); anything else is refused
+    rather than silently truncated. Bytes arrays become the object arrays
+    TensorFlow feeds as strings.
+    """
+    import numpy as np
+
+    arr = np.asarray(value)
+    if dtype == "string":
+        if arr.dtype.kind not in "SUO":
+            raise child.ChildFailure(
+                "sample_inputs", f"{where}: {key!r} must hold strings, it holds {arr.dtype}"
+            )
+        arr = np.vectorize(
+            lambda s: s if isinstance(s, bytes) else str(s).encode(), otypes=[object]
+        )(arr)
+    else:
+        target = np.dtype("float32" if dtype == "bfloat16" else dtype)
+        ok = arr.dtype == target or (
+            np.can_cast(arr.dtype, target, casting="same_kind") and arr.dtype.kind != "b"
+        )
+        if not ok:
+            raise child.ChildFailure(
+                "sample_inputs",
+                f"{where}: {key!r} holds {arr.dtype}, the signature takes {dtype}",
+            )
+        arr = arr.astype(target)
+    dims = list(shape)
+    if len(arr.shape) != len(dims) or any(
+        d is not None and d >= 0 and d != n for d, n in zip(dims, arr.shape, strict=True)
+    ):
+        shown = [-1 if d is None else d for d in dims]
+        raise child.ChildFailure(
+            "sample_inputs",
+            f"{where}: {key!r} has shape {list(arr.shape)}, the signature takes {shown} "
+            "(-1: any size)",
+        )
+    return arr
+
+
+def inputs_for(
+    samples: Mapping[str, dict[str, Any]],
+    signature: str,
+    specs: Mapping[str, tuple[str, Sequence[int | None]]],
+    where: str,
+    *,
+    required: bool,
+) -> dict[str, Any] | None:
+    """The sample inputs of ``signature`` checked against ``specs`` (key: dtype, shape).
+
+    None when the file has none for this signature and they are not
+    ``required``; a file that gives some inputs of a signature must give all.
+    """
+    given = samples.get(signature)
+    if not given:
+        if required and samples:
+            prefix = "" if signature == DEFAULT_SIGNATURE else signature + "/"
+            raise child.ChildFailure(
+                "sample_inputs",
+                f"{where}: no arrays for signature {signature!r}; it takes "
+                f"{sorted(specs)} (name them {prefix}INPUT)",
+            )
+        return None
+    unknown = sorted(set(given) - set(specs))
+    missing = sorted(set(specs) - set(given))
+    if unknown or missing:
+        raise child.ChildFailure(
+            "sample_inputs",
+            f"{where}: signature {signature!r} takes {sorted(specs)}; the file "
+            + "; ".join(
+                part
+                for part in (
+                    f"lacks {missing}" if missing else "",
+                    f"has unknown {unknown}" if unknown else "",
+                )
+                if part
+            ),
+        )
+    return {k: fit_input(given[k], k, *specs[k], where) for k in specs}
+
+
+def reference_inputs(
+    req: Mapping[str, Any],
+    specs: Mapping[str, tuple[str, Sequence[int | None]]],
+    synthesised: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The inputs the exporter records its reference outputs on.
+
+    The request's ``sample_inputs`` for ``serving_default`` when the model has
+    them (all of them, checked against ``specs``), else ``synthesised``.
+    """
+    path = req.get("sample_inputs")
+    given = inputs_for(
+        load_npz(path, "sample_inputs"), DEFAULT_SIGNATURE, specs, str(path), required=True
+    )
+    return dict(synthesised) if given is None else given
