@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import string
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,16 +109,20 @@ def parse_gate(
     if given and not metric and not command:
         problems.append(f"{where}: a gate needs metric or command (or remove the table)")
 
-    def resolve(p: str) -> str:
+    def resolve(p: str, template: bool = False) -> str:
         path = Path(p).expanduser()
-        return str(path if path.is_absolute() else checkpoint_dir / path)
+        if path.is_absolute():
+            return str(path)
+        if template:  # the folder is a path, not a template: its braces stay literal
+            return str(Path(str(checkpoint_dir).replace("{", "{{").replace("}", "}}")) / path)
+        return str(checkpoint_dir / path)
 
     better = values["better_than"]
     gate = Gate(
         metric=metric,
         mode=values["mode"],
         better_than=better if isinstance(better, str) else float(better),
-        json_file=resolve(values["json_file"]) if values["json_file"] else "",
+        json_file=resolve(values["json_file"], template=True) if values["json_file"] else "",
         tensorboard_dir=resolve(values["tensorboard_dir"]) if values["tensorboard_dir"] else "",
         tag=values["tag"],
         wait_seconds=float(values["wait_seconds"]),
@@ -133,13 +138,18 @@ def threshold(gate: Gate, published: Sequence[Mapping[str, Any]]) -> float | Non
     """The value to beat: ``better_than``, or the newest published version's metric.
 
     ``published`` holds the metadata of the published versions, oldest
-    first. None means there is nothing to beat (the gate passes).
+    first. None means there is nothing to beat (the gate passes), also when
+    the newest version was gated on another metric or mode.
     """
     if not isinstance(gate.better_than, str):
         return gate.better_than
     for meta in reversed(published):
         recorded = meta.get("gate")
-        if isinstance(recorded, dict) and recorded.get("metric") == gate.metric:
+        same = isinstance(recorded, dict) and (recorded.get("metric"), recorded.get("mode")) == (
+            gate.metric,
+            gate.mode,
+        )
+        if same and isinstance(recorded, dict):
             value = recorded.get("value")
             if isinstance(value, int | float) and not isinstance(value, bool):
                 return float(value)
@@ -151,9 +161,9 @@ def threshold(gate: Gate, published: Sequence[Mapping[str, Any]]) -> float | Non
 def decide(value: float, mode: str, best: float | None) -> bool:
     """Whether ``value`` passes: strictly better than ``best`` (None: always).
 
-    NaN never passes: a diverged evaluation must not ship.
+    NaN and infinities never pass: a diverged evaluation must not ship.
     """
-    if math.isnan(value):
+    if not math.isfinite(value):
         return False
     if best is None:
         return True
@@ -165,7 +175,13 @@ def _records(text: str) -> list[Any]:
     try:
         data = json.loads(text)
     except ValueError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = []
+        for line in text.splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line being written (or torn); the others still count
+        return records
     return data if isinstance(data, list) else [data]
 
 
@@ -210,7 +226,8 @@ class MetricReader:
     def read(self, gate: Gate, name: str, step: int | None) -> float | None:
         """The metric's value for the checkpoint ``name`` at ``step``; None if not (yet) there."""
         if gate.json_file:
-            per_checkpoint = any("{" + p + "}" in gate.json_file for p in JSON_FILE_PLACEHOLDERS)
+            fields = {f for _, f, _, _ in string.Formatter().parse(gate.json_file) if f}
+            per_checkpoint = bool(fields & set(JSON_FILE_PLACEHOLDERS))
             path = Path(gate.json_file.format(name=name, step="" if step is None else step))
             return read_json_metric(path, gate.metric, step, per_checkpoint)
         if step is None:

@@ -52,6 +52,7 @@ KNOWN_FAILURES: dict[str, tuple[str, ...]] = {
         "load_failed",
         "no_serving_default",
         "output_mismatch",
+        "not_finite",
         "signature_failed",
         "no_variables",
         "weight_mismatch",

@@ -21,6 +21,8 @@ supervisor pauses the model instead of rejecting checkpoints.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,9 +38,16 @@ def load_npz(path: str | None, what: str) -> dict[str, dict[str, Any]]:
     if not path:
         return {}
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # an .npy: one unnamed array
+            raise ValueError("it holds one array (.npy), not named arrays (numpy.savez)")
+        with loaded as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+        # NpzFile returns a member that is not an .npy as its raw bytes.
+        raw = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+        if raw:
+            raise ValueError(f"{raw} are not .npy arrays")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise child.ChildFailure(
             "sample_inputs", f"{what} {path}: cannot read it as an .npz file ({e})"
         ) from e
@@ -53,9 +62,10 @@ def fit_input(value: Any, key: str, dtype: str, shape: Sequence[int | None], whe
     """``value`` as an input of ``dtype`` and ``shape``, or ChildFailure naming ``key``.
 
     Numbers convert within their kind (float64 to float32, int64 to int32:
-    ``np.savez`` keeps NumPy's wide defaults); anything else is refused
-    rather than silently truncated. Bytes arrays become the object arrays
-    TensorFlow feeds as strings.
+    ``np.savez`` keeps NumPy's wide defaults) when every value fits the
+    narrower dtype; anything else is refused rather than silently truncated,
+    wrapped or overflowed. Bytes arrays become the object arrays TensorFlow
+    feeds as strings.
     """
     import numpy as np
 
@@ -78,7 +88,20 @@ def fit_input(value: Any, key: str, dtype: str, shape: Sequence[int | None], whe
                 "sample_inputs",
                 f"{where}: {key!r} holds {arr.dtype}, the signature takes {dtype}",
             )
-        arr = arr.astype(target)
+        with np.errstate(over="ignore"):  # overflow is refused just below
+            out = arr.astype(target)
+        if arr.dtype.kind in "iu" and target.kind in "iu" and arr.size:
+            info = np.iinfo(target)
+            wraps = int(arr.min()) < info.min or int(arr.max()) > info.max
+        else:
+            wraps = target.kind == "f" and bool(np.any(np.isfinite(arr) & ~np.isfinite(out)))
+        if wraps:
+            raise child.ChildFailure(
+                "sample_inputs",
+                f"{where}: {key!r} holds values out of the range of {dtype}, the signature's "
+                f"dtype ({arr.dtype} values would wrap or overflow)",
+            )
+        arr = out
     dims = list(shape)
     if len(arr.shape) != len(dims) or any(
         d is not None and d >= 0 and d != n for d, n in zip(dims, arr.shape, strict=True)

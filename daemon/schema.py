@@ -10,6 +10,7 @@ for ``[daemon]`` and ``[[models]]``, and each checkpoint source for its own
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -60,16 +61,27 @@ def command_line(*placeholders: str) -> Check:
 
 
 def template_problem(text: str, placeholders: tuple[str, ...]) -> str | None:
-    """Why ``text`` is not a ``str.format`` template over ``placeholders``, or None."""
+    """Why ``text`` is not a ``str.format`` template over ``placeholders``, or None.
+
+    Each field must be a bare placeholder name (``{step}``, ``{step:06d}``), not
+    an attribute or index of one (``{step.real}``), which would fail at run time.
+    """
     try:
-        text.format_map(dict.fromkeys(placeholders, ""))
-    except KeyError as e:
-        return f"unknown placeholder {{{e.args[0]}}} in {text!r}; known: " + ", ".join(
-            f"{{{p}}}" for p in placeholders
-        )
-    except (ValueError, IndexError) as e:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
         return f"bad braces in {text!r} ({e}); write literal braces as {{{{ and }}}}"
-    return None
+    for name in fields:
+        if name not in placeholders:
+            return f"unknown placeholder {{{name}}} in {text!r}; known: " + ", ".join(
+                f"{{{p}}}" for p in placeholders
+            )
+    for sample in ("", 0):  # a format spec fits strings (paths) or numbers (steps)
+        try:
+            text.format_map(dict.fromkeys(placeholders, sample))
+            return None
+        except (ValueError, TypeError):
+            continue
+    return f"bad format spec in {text!r}"
 
 
 def string_table(v: Any) -> str | None:

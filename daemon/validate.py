@@ -190,8 +190,13 @@ def _validate(req: dict[str, Any], report: dict[str, Any], checks: _Checks) -> N
             entry["failed"] = failed
             if failed:
                 reasons = {report["signatures"][n]["reason"] for n in failed}
+                # The most specific reason that covers them, for the metrics.
+                reason = next(
+                    (r for r in ("output_mismatch", "not_finite") if r in reasons),
+                    "signature_failed",
+                )
                 raise child.ChildFailure(
-                    "output_mismatch" if "output_mismatch" in reasons else "signature_failed",
+                    reason,
                     "; ".join(f"{n}: {report['signatures'][n]['error']}" for n in failed),
                 )
         if golden:

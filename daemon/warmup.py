@@ -156,7 +156,9 @@ def replay(
         return None
     pb = _apis()
     try:
-        raw = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+        # The plain iterator: replay runs inside the validator's graph-mode
+        # session, where tf.data datasets cannot be iterated.
+        raw = list(tf.compat.v1.io.tf_record_iterator(path))
     except Exception as e:
         raise child.ChildFailure("warmup_failed", f"{path} is not a TFRecord file: {e}") from e
     if len(raw) > MAX_RECORDS:

@@ -110,11 +110,18 @@ def write_config(
         "retry_backoff_seconds": 1,
     }
     daemon_keys.update(daemon or {})
-    lines = ["[daemon]"] + [f"{k} = {json.dumps(v)}" for k, v in daemon_keys.items()]
-    lines += ["", "[[models]]"] + [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    lines = ["[daemon]"] + [f"{k} = {_toml(v)}" for k, v in daemon_keys.items()]
+    lines += ["", "[[models]]"] + [f"{k} = {_toml(v)}" for k, v in keys.items()]
     path = tmp / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _toml(value: Any) -> str:
+    """A TOML value: JSON's spelling, except tables (inline: ``{ "k" = v }``)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
 
 
 class Daemon:
