@@ -181,6 +181,29 @@ with tf.io.TFRecordWriter(path + "/assets.extra/tf_serving_warmup_requests") as 
     assert "takes float32" in rejected["error"]
 
 
+def test_a_missing_variables_dir_is_caught_at_the_serving_load(tmp_path: Path) -> None:
+    """A SavedModel whose variables/ went missing never reaches the signatures."""
+    train(tmp_path / "ckpts", 1)
+    prefix = tmp_path / "ckpts" / "ckpt-5"
+    sm = tmp_path / "sm"
+    script = f"""
+import shutil, tensorflow as tf
+from daemon.demo.model import build_model
+model = build_model()
+tf.train.Checkpoint(model=model).read({str(prefix)!r}).expect_partial()
+model.export({str(sm)!r}, verbose=False)
+shutil.rmtree({str(sm / "variables")!r})
+"""
+    run_script(script)
+    r = cli("validate", str(sm), "--checkpoint", str(prefix), "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] is False and report["permanent"] is True
+    assert report["reason"] == "load_failed", report
+    assert "variables/variables" in report["error"]
+    assert report["checks"] == [{**report["checks"][0], "check": "serving_load", "ok": False}]
+
+
 CLASSIFY_SCRIPT = """
 import sys
 import numpy as np, tensorflow as tf
