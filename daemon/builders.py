@@ -58,8 +58,8 @@ def _find(name: str, folders: Sequence[str]) -> ModuleSpec | None:
     return spec
 
 
-def builder_problem(spec: str, python_path: Sequence[Path]) -> str | None:
-    """Why the module of ``spec`` (``"module:function"``) cannot be found, or None."""
+def _locate(spec: str, python_path: Sequence[Path]) -> tuple[ModuleSpec | None, str | None]:
+    """The module spec of ``spec`` (``"module:function"``), or None and why not."""
     module_name = spec.partition(":")[0]
     parts = module_name.split(".")
     found = _find(parts[0], [str(p) for p in python_path] + [os.getcwd()])
@@ -73,17 +73,32 @@ def builder_problem(spec: str, python_path: Sequence[Path]) -> str | None:
             break
         if found.submodule_search_locations is None:
             package = ".".join(parts[:i])
-            return f"builder module {package!r} is a module, not a package: it has no {parts[i]!r}"
+            return None, (
+                f"builder module {package!r} is a module, not a package: it has no {parts[i]!r}"
+            )
         # A package's folders are known from its spec, without running its __init__.
         found = _find(".".join(parts[: i + 1]), list(found.submodule_search_locations))
     if found is not None:
-        return None
+        return found, None
     where = ", ".join(str(p) for p in python_path) or "none"
-    return (
+    return None, (
         f"module {module_name!r} not found (python_path: {where}; then the working directory "
         f"{os.getcwd()} and the daemon's Python environment); fix the module name or add "
         "its folder to python_path"
     )
+
+
+def builder_problem(spec: str, python_path: Sequence[Path]) -> str | None:
+    """Why the module of ``spec`` (``"module:function"``) cannot be found, or None."""
+    return _locate(spec, python_path)[1]
+
+
+def builder_file(spec: str, python_path: Sequence[Path]) -> Path | None:
+    """The source file of the builder's module, where it has one (found without running it)."""
+    found, _ = _locate(spec, python_path)
+    if found is None or not found.has_location or not found.origin:
+        return None
+    return Path(found.origin)
 
 
 def check_builders(cfg: Config) -> None:

@@ -138,6 +138,7 @@ class ModelConfig:
     sample_inputs: Path | None = None
     golden_outputs: Path | None = None
     warmup_records: int = 0
+    incremental_export: bool = True
     gate: Gate = field(default_factory=Gate)
     #: The validated ``[models.<source>]`` table (defaults filled in; JSON-able).
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -225,6 +226,7 @@ MODEL_SCHEMA: Schema = {
     "sample_inputs": ((str,), "", None),
     "golden_outputs": ((str,), "", None),
     "warmup_records": ((int,), 0, _warmup_records),
+    "incremental_export": ((bool,), ModelConfig.incremental_export, None),
     "gate": ((dict,), {}, None),
 }
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, child, exitcodes, logs, systemd
-from daemon.builders import check_builders
+from daemon import __version__, child, exitcodes, incremental, logs, systemd
+from daemon.builders import builder_file, check_builders
 from daemon.config import Config, ConfigError, ModelConfig, load_config
 from daemon.gate import MetricReader, command_argv, decide, threshold
 from daemon.health import HealthSnapshot, evaluate
@@ -125,6 +125,8 @@ class Job:
     export_result: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)  # the gate decisions, for the metadata
+    export_request: dict[str, Any] = field(default_factory=dict)
+    export_key: str | None = None  # set when the model may export incrementally
     lock_wait_logged: bool = False
     done: bool = False
 
@@ -166,6 +168,8 @@ class ModelState:
     retiring: bool = False  # removed by a reload; goes once its export ends
     paused: dict[str, Any] | None = None  # a MODEL_FAILURES failure, until reload
     metric_reader: MetricReader = field(default_factory=MetricReader)
+    #: Checkpoints whose incremental export failed validation: exported in full next.
+    full_export_only: set[str] = field(default_factory=set)
 
     def history(self) -> History:
         return History(
@@ -887,8 +891,40 @@ class Supervisor:
             "model": st.cfg.name,
             "sample_inputs": _str_or_none(st.cfg.sample_inputs),
             "warmup_records": st.cfg.warmup_records,
+            "template": self._incremental_template(st, job),
         }
+        job.export_request = request
         self._spawn(job, "export", "daemon.worker", request)
+
+    def _incremental_template(self, st: ModelState, job: Job) -> str | None:
+        """The newest published version this export may reuse the graph of, or None.
+
+        Only versions made with the same :func:`~daemon.incremental.export_key`
+        (builder, its module's bytes, inputs, source, libraries) qualify; the
+        worker still checks that every variable fits (see :mod:`daemon.incremental`).
+        """
+        cfg = st.cfg
+        if not cfg.incremental_export or not SOURCES[cfg.source].weights_in_checkpoint:
+            return None
+        if cfg.source != "tf_checkpoint" or job.ckpt.fingerprint in st.full_export_only:
+            return None
+        job.export_key = incremental.export_key(
+            {
+                "tool_version": __version__,
+                "libraries": incremental.library_versions(),
+                "source": cfg.source,
+                "builder": cfg.builder,
+                "python_path": [str(p) for p in cfg.python_path],
+                "checkpoint_key": cfg.checkpoint_key,
+                "signature": [dataclasses.asdict(s) for s in cfg.signature],
+                "input_type": cfg.input_type,
+            },
+            builder_file(cfg.builder, cfg.python_path),
+        )
+        for p in sorted(st.published, key=lambda p: p.version, reverse=True):
+            if p.metadata.get("export_key") == job.export_key:
+                return str(p.path)
+        return None
 
     def _child_limits(self) -> dict[str, Any]:
         """CPU, I/O and thread limits for the worker and validator children."""
@@ -1016,6 +1052,9 @@ class Supervisor:
             return
         if job.phase == "validate":
             self._write_report(job, result)
+            if not result.get("ok") and job.export_result.get("incremental", {}).get("template"):
+                self._retry_in_full(job, result)
+                return
         if not result.get("ok"):
             self._fail(
                 job,
@@ -1034,6 +1073,9 @@ class Supervisor:
                 seconds=round(job.durations["export"], 3),
                 variables=result.get("variables"),
                 warm=bool(result.get("warm")),
+                # Which version's graph was reused, or why not (daemon.incremental).
+                incremental_from=(result.get("incremental") or {}).get("template"),
+                incremental_fallback=(result.get("incremental") or {}).get("fallback"),
             )
             assert job.temp_dir is not None
             self._spawn(
@@ -1071,6 +1113,30 @@ class Supervisor:
                 self._start_command_gate(job)
                 return
             self._to_publish(job)
+
+    def _retry_in_full(self, job: Job, result: dict[str, Any]) -> None:
+        """An incremental export failed validation: export the checkpoint again in full.
+
+        The template's graph may be what is wrong (code the builder imports
+        changed, for example), so the checkpoint is not blamed until a full
+        export of it fails too.
+        """
+        st = job.model
+        self.metrics.validations.labels(st.cfg.name, "failed").inc()
+        self.log.warning(
+            "incremental_export_failed",
+            **job.log_fields,
+            reason=result.get("reason"),
+            error=str(result.get("error"))[:500],
+            hint="exporting this checkpoint again in full",
+        )
+        st.full_export_only.add(job.ckpt.fingerprint)
+        assert job.temp_dir is not None
+        shutil.rmtree(job.temp_dir, ignore_errors=True)
+        job.temp_dir.mkdir()
+        job.export_result = {}
+        job.phase_started = time.monotonic()
+        self._spawn(job, "export", "daemon.worker", dict(job.export_request, template=None))
 
     def _to_publish(self, job: Job) -> None:
         job.phase = "publish"
@@ -1246,6 +1312,7 @@ class Supervisor:
             durations={k: round(v, 3) for k, v in job.durations.items()},
             checkpoint_to_published_seconds=round(latency, 3),
         )
+        st.full_export_only.discard(job.ckpt.fingerprint)
         self._finish(job)
         if self.on_published is not None:
             self.on_published(cfg.name, version, path, job.validation)
@@ -1265,6 +1332,8 @@ class Supervisor:
                 "saved_counters": job.export_result.get("saved_counters", {}),
             },
             "export": {k: v for k, v in job.export_result.items() if k != "ok"},
+            # Which later exports may reuse this version's graph (daemon.incremental).
+            "export_key": job.export_key,
             "validation": {
                 "report": str(REPORT_RELPATH),
                 "checks": [c.get("check") for c in job.validation.get("checks", [])],

@@ -7,7 +7,10 @@ one of the two places TensorFlow is imported. Contract:
    returns a Keras model or a ``tf.Module`` whose variables already exist;
 2. restore the pinned checkpoint's object ``checkpoint_key`` into it and fail
    (permanently) unless every variable of the model was restored;
-3. export with a ``serving_default`` signature whose outputs are a dict. Keras
+3. export with a ``serving_default`` signature whose outputs are a dict (or,
+   given a ``template`` version of the same model, write only the new weights
+   into its graph: :mod:`daemon.incremental`; anything that does not fit falls
+   back to the full export). Keras
    models go through Keras' ``ExportArchive`` (what ``model.export()`` uses),
    because a Keras 3 model written by ``tf.saved_model.save`` loads in TF2 yet
    fails in TF Serving's graph-mode loader ("Could not find variable");
@@ -26,7 +29,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from daemon import child, samples, serving_inputs, warmup
+from daemon import child, incremental, samples, serving_inputs, warmup
 
 
 def import_builder(spec: str, python_path: list[str]) -> Any:
@@ -137,16 +140,25 @@ def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
         req, {s.name: (s.dtype.name, serving_inputs.dims(s)) for s in specs}, feeds
     )
     export_dir = req["export_dir"]
-    if is_keras:
-        archive = keras.export.ExportArchive()
-        archive.track(obj)
-        endpoint = archive.add_endpoint("serving_default", serve, input_signature=specs)
-        archive.write_out(export_dir, verbose=False)
-    else:
-        endpoint = tf.function(serve, input_signature=specs)
-        tf.saved_model.save(
-            obj, export_dir, signatures={"serving_default": endpoint.get_concrete_function()}
-        )
+    incremental_result: dict[str, Any] = {}
+    endpoint: Any = serve  # incremental: the reference comes from the eager model
+    if req.get("template"):
+        try:
+            n = incremental.write(obj, req["template"], export_dir)
+            incremental_result = {"template": req["template"], "variables": n}
+        except incremental.Fallback as e:
+            incremental_result = {"fallback": str(e)}
+    if "template" not in incremental_result:
+        if is_keras:
+            archive = keras.export.ExportArchive()
+            archive.track(obj)
+            endpoint = archive.add_endpoint("serving_default", serve, input_signature=specs)
+            archive.write_out(export_dir, verbose=False)
+        else:
+            endpoint = tf.function(serve, input_signature=specs)
+            tf.saved_model.save(
+                obj, export_dir, signatures={"serving_default": endpoint.get_concrete_function()}
+            )
     t_export = time.monotonic()
 
     outputs = endpoint(*[tf.constant(feeds[s.name], dtype=s.dtype) for s in specs])
@@ -157,6 +169,7 @@ def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
         "inputs": {s.name: [s.dtype.name, [d for d in s.shape]] for s in specs},
         "outputs": sorted(outputs),
         "kind": "keras" if is_keras else "tf.Module",
+        "incremental": incremental_result,
         "save_seconds": round(t_export - t0, 3),
     }
 
