@@ -290,30 +290,48 @@ def baseline(model: str, src: Path, prefixes: list[str], root: Path) -> dict[str
     }
 
 
+#: Latency measures: (name, warm_workers, incremental_export).
+KINDS = (("cold", False, False), ("warm", True, False), ("warm_incremental", True, True))
+
+
 def daemon_latency(
-    model: str, src: Path, prefixes: list[str], root: Path, *, warm: bool
+    model: str, src: Path, prefixes: list[str], root: Path, *, warm: bool, incremental: bool
 ) -> dict[str, Any]:
-    with workspace(root, f"latency-{model}-{'warm' if warm else 'cold'}") as ws:
+    """Checkpoint-to-published times of ``prefixes`` (with ``incremental``, all but the first).
+
+    An incremental export needs a published version of the same model: the
+    first checkpoint makes it (a full export, not timed), as in a training
+    run where every export after the first is incremental.
+    """
+    kind = next(k for k, w, i in KINDS if (w, i) == (warm, incremental))
+    with workspace(root, f"latency-{model}-{kind}") as ws:
         d = Daemon(
             ws,
-            [model_table(ws, "m", f"models:{model}")],
+            [model_table(ws, "m", f"models:{model}", incremental_export=incremental)],
             warm_workers=warm,
             export_timeout_seconds=3600,
         )
         try:
             d.wait("started")
             d.settle()
+            if incremental:
+                land(src, prefixes[0], ws / "ckpts" / "m")
+                d.wait("published", n=1)
+                d.settle()
+            skip = 1 if incremental else 0
             latencies, detection, phases = [], [], []
-            for i, prefix in enumerate(prefixes, start=1):
+            for i, prefix in enumerate(prefixes[skip:], start=1 + skip):
                 t0 = land(src, prefix, ws / "ckpts" / "m")
                 pub = d.wait("published", n=i)
                 started = d.wait("export_started", n=i)
                 latencies.append(ts(pub) - t0)
                 detection.append(ts(started) - t0)
                 phases.append(pub["durations"])
-                log(f"{model} {'warm' if warm else 'cold'} #{i}: {latencies[-1]:.2f} s")
+                log(f"{model} {kind} #{i}: {latencies[-1]:.2f} s")
                 d.settle()
-            warm_used = all(e["warm"] for e in d.events("exported") + d.events("validated"))
+            exported = d.events("exported")[skip:]
+            warm_used = all(e["warm"] for e in exported + d.events("validated")[skip:])
+            incremental_used = all(e.get("incremental_from") for e in exported)
         finally:
             d.stop()
     return {
@@ -321,6 +339,7 @@ def daemon_latency(
         "detection_seconds": summary(detection),
         "phases": {k: statistics.fmean(p[k] for p in phases) for k in phases[0]},
         "warm_children_used": warm_used,
+        "incremental_used": incremental_used,
     }
 
 
@@ -329,14 +348,16 @@ def scenario_latency(root: Path, models: list[str], samples: int) -> dict[str, A
     for model in models:
         n = samples if model == "small" else max(2, samples // 2)
         src = root / f"src-{model}"
-        log(f"writing {2 * n} {model} checkpoints")
-        prefixes = make_checkpoints(model, src, 2 * n)
+        log(f"writing {3 * n + 1} {model} checkpoints")
+        prefixes = make_checkpoints(model, src, 3 * n + 1)
         res = {"baseline": baseline(model, src, prefixes[:n], root)}
         log(f"{model} baseline: {res['baseline']['seconds']['mean']:.2f} s")
-        res["cold"] = daemon_latency(model, src, prefixes[:n], root, warm=False)
-        res["warm"] = daemon_latency(model, src, prefixes[n:], root, warm=True)
+        # Each measure gets checkpoints of its own: a daemon never sees one twice.
+        groups = [prefixes[:n], prefixes[n : 2 * n], prefixes[2 * n :]]
+        for (kind, warm, incremental), group in zip(KINDS, groups, strict=True):
+            res[kind] = daemon_latency(model, src, group, root, warm=warm, incremental=incremental)
         base = res["baseline"]["seconds"]["mean"]
-        for kind in ("cold", "warm"):
+        for kind, _, _ in KINDS:
             res[kind]["ratio_to_baseline"] = res[kind]["seconds"]["mean"] / base
         out[model] = res
         shutil.rmtree(src, ignore_errors=True)
@@ -549,11 +570,14 @@ def table(results: dict[str, Any]) -> str:
         rows.append(
             (f"{model}: plain script (import, restore, save, reload)", f"{b:.2f} s", "1.00")
         )
-        for kind in ("cold", "warm"):
+        for kind, _, _ in KINDS:
+            if kind not in r:
+                continue
             s = r[kind]["seconds"]
+            label = kind.replace("_", " ") + ("" if kind.endswith("incremental") else ", full")
             rows.append(
                 (
-                    f"{model}: daemon {kind}, checkpoint to published (validated)",
+                    f"{model}: daemon {label}, checkpoint to published (validated)",
                     f"{s['mean']:.2f} s (p50 {s['p50']:.2f})",
                     f"{r[kind]['ratio_to_baseline']:.2f}",
                 )

@@ -59,6 +59,12 @@ def _digest(value: Any) -> str:
     return h.hexdigest()
 
 
+def _signatures(reader: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each checkpoint entry's dtype and shape, read from the index without the data."""
+    dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
+    return {k: (dtypes[k].name, tuple(shapes[k])) for k in shapes if k not in _NOT_VARIABLES}
+
+
 def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
     """Check that every variable of ``saved_model`` came from ``checkpoint``.
 
@@ -82,12 +88,14 @@ def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
             "load it with no weights restored",
         ) from e
     source = tf.train.load_checkpoint(checkpoint)
+    saved_sigs = _signatures(saved)
+    names = sorted(saved_sigs)
+    # Only a source tensor of a (dtype, shape) some saved variable has can match
+    # one: optimizer slots of other shapes and step counters are not read.
+    wanted = set(saved_sigs.values())
     known = {
-        _digest(source.get_tensor(k))
-        for k in source.get_variable_to_shape_map()
-        if k not in _NOT_VARIABLES
+        _digest(source.get_tensor(k)) for k, sig in _signatures(source).items() if sig in wanted
     }
-    names = sorted(k for k in saved.get_variable_to_shape_map() if k not in _NOT_VARIABLES)
     unmatched = [k for k in names if _digest(saved.get_tensor(k)) not in known]
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (

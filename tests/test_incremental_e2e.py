@@ -1,0 +1,163 @@
+"""End-to-end incremental export: later checkpoints reuse the published graph, proven equal.
+
+Real trainer, real daemon, real SavedModels. The decisive properties: an
+incremental version serves exactly the checkpoint's weights through the old
+graph (the validator's weight parity and output comparison, and a TF2 load
+here); what does not fit falls back to a full export; a graph that no longer
+computes what the builder's model computes is exported again in full rather
+than blamed on the checkpoint; the switch turns it off.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, child_env, run_script, train, version_dirs, write_config
+
+from daemon.versions import read_metadata
+
+pytestmark = pytest.mark.e2e
+
+
+def _published(n: int) -> Any:
+    return lambda ev: sum(e["event"] == "published" for e in ev) >= n
+
+
+def _exported(d: Daemon) -> list[dict[str, Any]]:
+    return [e for e in d.events() if e["event"] == "exported"]
+
+
+def test_later_checkpoints_reuse_the_published_graph_and_serve_their_own_weights(
+    tmp_path: Path, daemons: Any
+) -> None:
+    train(tmp_path / "ckpts", 3)  # ckpt-5, ckpt-10, ckpt-15
+    d = daemons(write_config(tmp_path), tmp_path / "daemon.log")
+    d.wait_for(_published(3), timeout=240)
+    assert d.stop() == 0
+    base = tmp_path / "serving" / "m"
+    versions = version_dirs(base)
+    exported = _exported(d)
+    assert [e["incremental_from"] for e in exported] == [None, str(versions[1]), str(versions[2])]
+    assert all(e["incremental_fallback"] is None for e in exported)
+    validated = [e for e in d.events() if e["event"] == "validated"]
+    assert [e["weights_matched"] for e in validated] == [8, 8, 8]
+
+    metas = {v: read_metadata(p) or {} for v, p in versions.items()}
+    keys = {m["export_key"] for m in metas.values()}
+    assert len(keys) == 1 and next(iter(keys)).startswith("sha256:")
+    assert metas[3]["export"]["incremental"] == {"template": str(versions[2]), "variables": 8}
+    # The graph is the first version's, byte for byte; the weights are not.
+    assert (versions[3] / "saved_model.pb").read_bytes() == (
+        versions[1] / "saved_model.pb"
+    ).read_bytes()
+    assert (versions[3] / "variables" / "variables.data-00000-of-00001").read_bytes() != (
+        versions[1] / "variables" / "variables.data-00000-of-00001"
+    ).read_bytes()
+    assert not (versions[3] / "fingerprint.pb").exists()
+
+    # TF2's loader (object graph + checkpoint) serves ckpt-15's model too.
+    script = f"""
+import numpy as np, tensorflow as tf
+from daemon.demo.model import build_model
+model = build_model()
+tf.train.Checkpoint(model=model).read({str(tmp_path / "ckpts" / "ckpt-15")!r}).expect_partial()
+x = np.linspace(-2, 2, 8, dtype="float32").reshape(2, 4)
+served = tf.saved_model.load({str(versions[3])!r}).signatures["serving_default"]
+out = served(features=tf.constant(x))["output_0"].numpy()
+np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-5, atol=1e-6)
+"""
+    run_script(script)
+
+
+def test_incremental_export_can_be_switched_off(tmp_path: Path, daemons: Any) -> None:
+    train(tmp_path / "ckpts", 2)
+    d = daemons(write_config(tmp_path, incremental_export=False), tmp_path / "daemon.log")
+    d.wait_for(_published(2), timeout=240)
+    assert d.stop() == 0
+    assert [e["incremental_from"] for e in _exported(d)] == [None, None]
+    metas = [read_metadata(p) or {} for p in version_dirs(tmp_path / "serving" / "m").values()]
+    assert [m["export_key"] for m in metas] == [None, None]
+    assert [m["export"]["incremental"] for m in metas] == [{}, {}]
+
+
+BUILDER = """
+import keras
+import helper
+
+def build():
+    inputs = keras.Input(shape=(4,), name="features")
+    hidden = keras.layers.Dense(16, activation=helper.ACTIVATION, name="hidden")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(1, name="prediction")(hidden))
+"""
+
+
+def test_a_graph_that_no_longer_matches_the_builder_is_exported_again_in_full(
+    tmp_path: Path, daemons: Any
+) -> None:
+    """The builder's own file is unchanged (same export key); a module it imports is not."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "bld.py").write_text(BUILDER)
+    (code / "helper.py").write_text('ACTIVATION = "relu"\n')
+    train(tmp_path / "ckpts", 1)  # ckpt-5
+    config = write_config(tmp_path, builder="bld:build", python_path=[str(code)])
+    d = daemons(config, tmp_path / "daemon.log")
+    d.wait_for(_published(1), timeout=120)
+
+    (code / "helper.py").write_text('ACTIVATION = "tanh"\n')
+    # A second run of the trainer: ckpt-7, other weights, the same variables.
+    trainer = [sys.executable, "-m", "daemon.demo.trainer", str(tmp_path / "ckpts")]
+    args = ["--checkpoints", "1", "--steps-per-checkpoint", "7", "--interval", "0", "--seed", "1"]
+    subprocess.run([*trainer, *args], env=child_env(), check=True, capture_output=True, timeout=300)
+    ev = d.wait_for(_published(2), timeout=240)
+    assert d.stop() == 0
+    (failed,) = [e for e in ev if e["event"] == "incremental_export_failed"]
+    assert failed["checkpoint"].endswith("ckpt-7") and failed["reason"] == "output_mismatch"
+    exported = [e for e in _exported(d) if e["checkpoint"].endswith("ckpt-7")]
+    assert [bool(e["incremental_from"]) for e in exported] == [True, False]
+    assert not any(e["event"] in ("export_rejected", "export_failed") for e in ev)
+    versions = version_dirs(tmp_path / "serving" / "m")
+    assert (versions[2] / "saved_model.pb").read_bytes() != (
+        versions[1] / "saved_model.pb"
+    ).read_bytes()
+
+
+def test_a_template_that_does_not_fit_the_model_falls_back_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    script = f"""
+import os, keras, tensorflow as tf
+from daemon import incremental
+from daemon.demo.model import build_model
+template, out = {str(tmp_path / "template")!r}, {str(tmp_path / "out")!r}
+build_model().export(template, verbose=False)
+os.mkdir(out)
+
+inputs = keras.Input(shape=(4,), name="features")
+hidden = keras.layers.Dense(16, name="hidden")(inputs)
+extra = keras.layers.Dense(8, name="extra")(hidden)
+bigger = keras.Model(inputs, keras.layers.Dense(1, name="prediction")(extra))
+try:
+    incremental.write(bigger, template, out)
+    raise SystemExit("a model with an extra layer was written into the old graph")
+except incremental.Fallback as e:
+    assert "extra/kernel" in str(e), e
+assert os.listdir(out) == [], os.listdir(out)
+
+class Same(tf.Module):
+    def __init__(self):
+        self.a = tf.Variable(tf.zeros([4, 16]), name="hidden/kernel")
+        self.b = tf.Variable(tf.zeros([4, 16]), name="hidden/kernel")
+try:
+    incremental.write(Same(), template, out)
+    raise SystemExit("two variables with one name were matched")
+except incremental.Fallback as e:
+    assert "two variables of the model are named 'hidden/kernel'" in str(e), e
+assert os.listdir(out) == []
+print("ok")
+"""
+    run_script(script)
