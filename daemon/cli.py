@@ -124,12 +124,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def run_validator(
-    path: Path, checkpoint: Path | None = None, timeout: float = 600.0
+    path: Path,
+    checkpoint: Path | None = None,
+    timeout: float = 600.0,
+    *,
+    sample_inputs: Path | None = None,
+    golden_outputs: Path | None = None,
 ) -> dict[str, Any]:
     """Run the validator child on any SavedModel (no reference outputs).
 
     With ``checkpoint`` (a TensorFlow checkpoint prefix) it also checks that
-    every variable of the SavedModel holds a value from that checkpoint.
+    every variable of the SavedModel holds a value from that checkpoint; with
+    ``sample_inputs`` the signatures run on them, and ``golden_outputs`` are
+    compared with what they answer.
     """
     from daemon import child
 
@@ -139,6 +146,9 @@ def run_validator(
         request = {"saved_model": str(path.resolve()), "result": str(result)}
         if checkpoint is not None:
             request["checkpoint"] = str(checkpoint.resolve())
+        for key, file in (("sample_inputs", sample_inputs), ("golden_outputs", golden_outputs)):
+            if file is not None:
+                request[key] = str(file.resolve())
         req.write_text(json.dumps(request))
         proc = subprocess.run(
             child.child_command("daemon.validate", req),
@@ -158,7 +168,15 @@ def run_validator(
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    result = run_validator(Path(args.path), Path(args.checkpoint) if args.checkpoint else None)
+    def optional(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    result = run_validator(
+        Path(args.path),
+        optional(args.checkpoint),
+        sample_inputs=optional(args.sample_inputs),
+        golden_outputs=optional(args.golden_outputs),
+    )
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -411,6 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         help="checkpoint prefix the SavedModel was exported from: also prove every "
         "variable holds a value from it (weight parity)",
+    )
+    sp.add_argument(
+        "--sample-inputs",
+        help=".npz with one array per signature input (INPUT, or SIGNATURE/INPUT): run on these",
+    )
+    sp.add_argument(
+        "--golden-outputs",
+        help=".npz of the outputs expected for --sample-inputs (OUTPUT, or SIGNATURE/OUTPUT)",
     )
     sp.set_defaults(func=cmd_validate)
 

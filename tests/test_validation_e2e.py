@@ -350,3 +350,36 @@ def test_a_command_gate_sees_the_validated_export_and_its_exit_status_decides(
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_validate_command_takes_sample_inputs_and_golden_outputs(tmp_path: Path) -> None:
+    import numpy as np
+
+    sm = tmp_path / "sm"
+    x = np.linspace(-1, 1, 8, dtype="float32").reshape(2, 4)
+    samples = _npz(tmp_path / "samples.npz", features=x)
+    script = f"""
+import numpy as np
+from daemon.demo.model import build_model
+model = build_model()
+model.export({str(sm)!r}, verbose=False)
+np.savez({str(tmp_path / "golden.npz")!r}, output_0=model(np.load({str(samples)!r})["features"]))
+"""
+    run_script(script)
+    r = cli(
+        "validate", str(sm), "--sample-inputs", str(samples),
+        "--golden-outputs", str(tmp_path / "golden.npz"), "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["signatures"]["serving_default"]["inputs_from"] == "sample_inputs"
+    assert [c["check"] for c in report["checks"]] == [
+        "serving_load",
+        "signatures",
+        "golden_outputs",
+    ]
+
+    wrong = _npz(tmp_path / "wrong.npz", output_0=np.zeros((2, 1), np.float32) + 50)
+    r = cli("validate", str(sm), "--sample-inputs", str(samples), "--golden-outputs", str(wrong))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "check golden_outputs: FAILED (golden_mismatch)" in r.stdout
