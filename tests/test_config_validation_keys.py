@@ -13,22 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_config import model
 
 from daemon.config import MAX_RECORDS, Config, ConfigError, ModelConfig, parse_config
 
 WHERE = "models[0] (m)"
-
-
-def model(**overrides: Any) -> dict[str, Any]:
-    """A valid [[models]] table with ``overrides``."""
-    table: dict[str, Any] = {
-        "name": "m",
-        "checkpoint_dir": "/train/m/ckpts",
-        "base_path": "/serve/m",
-        "builder": "trainer.model:build",
-    }
-    table.update(overrides)
-    return table
 
 
 def parse(root: Path, **overrides: Any) -> ModelConfig:
