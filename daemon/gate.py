@@ -143,18 +143,16 @@ def threshold(gate: Gate, published: Sequence[Mapping[str, Any]]) -> float | Non
     """
     if not isinstance(gate.better_than, str):
         return gate.better_than
-    for meta in reversed(published):
-        recorded = meta.get("gate")
-        same = isinstance(recorded, dict) and (recorded.get("metric"), recorded.get("mode")) == (
-            gate.metric,
-            gate.mode,
-        )
-        if same and isinstance(recorded, dict):
-            value = recorded.get("value")
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
-            return None
+    if not published:
+        return None
+    recorded = published[-1].get("gate")
+    if not isinstance(recorded, dict):
         return None  # the newest version was made without this gate
+    if (recorded.get("metric"), recorded.get("mode")) != (gate.metric, gate.mode):
+        return None
+    value = recorded.get("value")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
     return None
 
 

@@ -79,8 +79,12 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def variable_keys(template: str) -> dict[str, tuple[str, Any, list[int]]]:
-    """``checkpoint key -> (variable name, dtype, shape)`` of a SavedModel's variables."""
+def variable_keys(template: str) -> tuple[dict[str, tuple[str, Any, list[int]]], bytes]:
+    """``checkpoint key -> (variable name, dtype, shape)`` of a SavedModel's variables.
+
+    Also returns the variables checkpoint's object graph entry, which the new
+    checkpoint carries unchanged.
+    """
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
 
@@ -88,8 +92,9 @@ def variable_keys(template: str) -> dict[str, tuple[str, Any, list[int]]]:
         proto = saved_model_pb2.SavedModel()
         proto.ParseFromString(Path(template, "saved_model.pb").read_bytes())
         reader = tf.train.load_checkpoint(os.path.join(template, "variables", "variables"))
+        graph_bytes = reader.get_tensor(OBJECT_GRAPH_KEY)
         ckpt_graph = trackable_object_graph_pb2.TrackableObjectGraph()
-        ckpt_graph.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
+        ckpt_graph.ParseFromString(graph_bytes)
     except Exception as e:
         raise Fallback(f"cannot read the template version {template}: {e}") from e
     if len(proto.meta_graphs) != 1:
@@ -112,7 +117,7 @@ def variable_keys(template: str) -> dict[str, tuple[str, Any, list[int]]]:
     saved = set(reader.get_variable_to_shape_map()) - {OBJECT_GRAPH_KEY}
     if saved != set(keys):
         raise Fallback(f"{template}: checkpoint entries {sorted(saved ^ set(keys))[:3]} unmatched")
-    return keys
+    return keys, graph_bytes
 
 
 def write(obj: Any, template: str, export_dir: str) -> int:
@@ -123,7 +128,7 @@ def write(obj: Any, template: str, export_dir: str) -> int:
     """
     import tensorflow as tf
 
-    keys = variable_keys(template)
+    keys, graph_bytes = variable_keys(template)
     by_name: dict[str, Any] = {}
     for var in obj.variables:
         # A Keras 3 variable wraps the tf.Variable that the SavedModel names.
@@ -146,9 +151,8 @@ def write(obj: Any, template: str, export_dir: str) -> int:
             )
         names.append(key)
         tensors.append(tf.convert_to_tensor(v))
-    reader = tf.train.load_checkpoint(os.path.join(template, "variables", "variables"))
     names.append(OBJECT_GRAPH_KEY)
-    tensors.append(tf.constant(reader.get_tensor(OBJECT_GRAPH_KEY)))
+    tensors.append(tf.constant(graph_bytes))
     try:
         for entry in os.listdir(template):
             if entry in _NOT_COPIED:
