@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,12 +172,15 @@ def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
     """Set up this child and return its request; the first call of every child.
 
     Cold: ``python -m MODULE REQUEST.json``. Warm (see :mod:`daemon.warm`):
-    ``python -m MODULE --warm SETTINGS`` sets up from the settings, imports
-    TensorFlow, then reads the request path from stdin (EOF: exit 0) and
-    sends its output to the request's ``log`` file. Either way the priority
-    and environment are applied exactly once, before TensorFlow is imported.
+    ``python -m MODULE --warm SETTINGS [--done-fd N]`` sets up from the
+    settings, imports TensorFlow, then reads the request path from stdin (EOF:
+    exit 0) and sends its output to the request's ``log`` file. Either way the
+    priority and environment are applied exactly once, before TensorFlow is
+    imported. With ``--done-fd`` and ``max_exports > 1`` in the settings, the
+    child may serve more requests: see :func:`next_request`.
     """
-    if len(argv) == 3 and argv[1] == "--warm":
+    global _reuse
+    if len(argv) in (3, 5) and argv[1] == "--warm":
         settings = json.loads(argv[2])
         die_with_parent(int(settings["parent_pid"]))
         prepare_from_request(settings, allow_gpu=bool(settings.get("allow_gpu")))
@@ -184,18 +188,67 @@ def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
 
         if not validator:
             import keras  # noqa: F401
-        line = sys.stdin.readline().strip()
-        if not line:
+        if len(argv) == 5 and argv[3] == "--done-fd" and int(settings.get("max_exports", 1)) > 1:
+            _reuse = _Reuse(done_fd=int(argv[4]), max_requests=int(settings["max_exports"]))
+        req = _read_request(argv[0])
+        if req is None:
             raise SystemExit(exitcodes.OK)
-        req = load_request([argv[0], line])
-        if req.get("log"):
-            _redirect_output(req["log"])
-        req["warm"] = True
         return req
     req = load_request(argv)
     if req.get("parent_pid"):
         die_with_parent(req["parent_pid"])
     prepare_from_request(req, allow_gpu=not validator and bool(req.get("allow_gpu")))
+    return req
+
+
+@dataclass
+class _Reuse:
+    """A reusable warm child's side of the done pipe (see :mod:`daemon.warm`)."""
+
+    done_fd: int
+    max_requests: int
+    served: int = 1
+
+
+_reuse: _Reuse | None = None
+
+
+def next_request(code: int) -> dict[str, Any] | None:
+    """After a request ended with exit code ``code``: the next request, or None to exit.
+
+    Only a reusable warm child goes on, and only after a success: it writes
+    ``done`` on its pipe (the result file is already in place) and waits for
+    the next request path on stdin. It stops after ``max_exports`` requests
+    (so its memory cannot grow without end) and at EOF. A failure ends the
+    process, so whatever state the failure left behind dies with it.
+    """
+    r = _reuse
+    if r is None or code != exitcodes.OK or r.served >= r.max_requests:
+        return None
+    try:
+        os.write(r.done_fd, DONE)
+    except OSError:
+        return None  # the supervisor is gone or gave up on this child
+    req = _read_request(sys.argv[0])
+    if req is not None:
+        r.served += 1
+        req["reused"] = r.served - 1
+    return req
+
+
+#: Written on the done pipe after each request of a reusable child.
+DONE = b"done\n"
+
+
+def _read_request(prog: str) -> dict[str, Any] | None:
+    """The next request path from stdin, loaded, with output sent to its log; None at EOF."""
+    line = sys.stdin.readline().strip()
+    if not line:
+        return None
+    req = load_request([prog, line])
+    if req.get("log"):
+        _redirect_output(req["log"])
+    req["warm"] = True
     return req
 
 

@@ -97,6 +97,8 @@ class DaemonConfig:
     worker_io_class: str = "idle"
     worker_threads: int = 0
     warm_workers: bool = True
+    exporter_max_exports: int = 20
+    exporter_idle_seconds: float = 1800.0
     keep_failed: int = 3
     retry_backoff_seconds: float = 30.0
     shutdown_grace_seconds: float = 60.0
@@ -200,6 +202,8 @@ DAEMON_SCHEMA: Schema = {
     "worker_io_class": ((str,), DaemonConfig.worker_io_class, one_of(*IO_CLASSES)),
     "worker_threads": ((int,), DaemonConfig.worker_threads, non_negative),
     "warm_workers": ((bool,), DaemonConfig.warm_workers, None),
+    "exporter_max_exports": ((int,), DaemonConfig.exporter_max_exports, positive),
+    "exporter_idle_seconds": ((int, float), DaemonConfig.exporter_idle_seconds, positive),
     "keep_failed": ((int,), DaemonConfig.keep_failed, non_negative),
     "retry_backoff_seconds": ((int, float), DaemonConfig.retry_backoff_seconds, positive),
     "shutdown_grace_seconds": ((int, float), DaemonConfig.shutdown_grace_seconds, non_negative),

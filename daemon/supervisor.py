@@ -79,7 +79,8 @@ from daemon.versions import (
     published_versions,
     step_version,
 )
-from daemon.warm import WARM_MODULES, WarmPool
+from daemon.warm import WARM_MODULES, WarmChild, WarmPool
+from daemon.warm import stop as warm_stop
 from daemon.watch import Watcher
 
 #: Longest wait between retries of a transient failure.
@@ -118,6 +119,12 @@ class Job:
     temp_dir: Path | None = None
     pinned: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
+    #: The warm child running the phase, if one does (a kept exporter goes back to the pool).
+    child: WarmChild | None = None
+    #: Set by the waiting thread when the phase's process finished its request.
+    child_done: threading.Event = field(default_factory=threading.Event)
+    #: Exports of this model that may share one export worker have this key (see _start_job).
+    exporter_key: str | None = None
     deadline: float = 0.0
     started: float = field(default_factory=time.monotonic)
     phase_started: float = field(default_factory=time.monotonic)
@@ -556,6 +563,10 @@ class Supervisor:
                 )
                 return False
             self._apply(new)
+            # A reload is also how an operator says "my code changed": no
+            # export after it runs in a worker that imported the old code.
+            for c in self.warm.retire():
+                self._exporter_retired(c, "reloaded")
             return True
         finally:
             systemd.notify("READY=1", f"STATUS={self.status_line()}")
@@ -893,6 +904,9 @@ class Supervisor:
             "warmup_records": st.cfg.warmup_records,
             "template": self._incremental_template(st, job),
         }
+        job.exporter_key = self._exporter_key(st, request)
+        if job.exporter_key is not None:
+            request["exporter_key"] = job.exporter_key
         job.export_request = request
         self._spawn(job, "export", "daemon.worker", request)
 
@@ -926,6 +940,23 @@ class Supervisor:
                 return str(p.path)
         return None
 
+    def _exporter_key(self, st: ModelState, request: dict[str, Any]) -> str | None:
+        """The key under which an export worker may be kept for this model's next export.
+
+        None where workers are single-use: cold children, ``exporter_max_exports
+        = 1``, or a source whose exporter does not keep its model. The key digests
+        every field of the request that is not about this one checkpoint, so a
+        reload that changes any of them gets a new worker.
+        """
+        d = self.config.daemon
+        if not (d.warm_workers and d.exporter_max_exports > 1):
+            return None
+        if not SOURCES[st.cfg.source].reusable_exporter:
+            return None
+        per_job = ("checkpoint", "export_dir", "reference", "template")
+        stable = {k: v for k, v in request.items() if k not in per_job}
+        return incremental.export_key(stable, None)
+
     def _child_limits(self) -> dict[str, Any]:
         """CPU, I/O and thread limits for the worker and validator children."""
         d = self.config.daemon
@@ -937,7 +968,7 @@ class Supervisor:
 
     def _warm_settings(self, module: str) -> str:
         d = self.config.daemon
-        return WarmPool.settings(module, self._child_limits(), d.allow_gpu)
+        return WarmPool.settings(module, self._child_limits(), d.allow_gpu, d.exporter_max_exports)
 
     def _refill_warm(self) -> None:
         """Keep one warm worker and one warm validator ready (``warm_workers``).
@@ -951,7 +982,12 @@ class Supervisor:
             self.warm.close()
         elif self._running_jobs() < self.config.daemon.concurrency:
             self.warm.refill({m: self._warm_settings(m) for m in WARM_MODULES})
+        for c in self.warm.expire(self.config.daemon.exporter_idle_seconds):
+            self._exporter_retired(c, "idle")
         self.metrics.warm_children_bytes.set(self.warm.rss_bytes())
+
+    def _exporter_retired(self, c: WarmChild, reason: str) -> None:
+        self.log.info("exporter_retired", pid=c.proc.pid, exports=c.exports, reason=reason)
 
     def _spawn(self, job: Job, phase: str, module: str, request: dict[str, Any]) -> None:
         assert job.staging is not None
@@ -965,16 +1001,28 @@ class Supervisor:
         log_path = job.staging / f"{phase}.log"
         request["log"] = str(log_path)  # where a warm child sends its output
         write_json_atomic(req_path, request)
-        warm = self.warm.take(module, self._warm_settings(module))
+        settings = self._warm_settings(module)
+        warm = None
+        if request.get("exporter_key"):
+            warm, why = self.warm.take_kept(request["exporter_key"], settings)
+            if why is not None:
+                self.log.info("exporter_retired", **job.log_fields, reason=why)
+        reused = warm is not None
+        warm = warm or self.warm.take(module, settings)
         if warm is not None:
             job.proc = warm.hand(str(req_path))
         else:
             job.proc = self._spawn_cold(module, req_path, log_path)
         # The PID, so that "what is process 12345 doing?" has an answer in the log.
         self.log.info(
-            "child_started", **job.log_fields, phase=phase, pid=job.proc.pid, warm=warm is not None
+            "child_started",
+            **job.log_fields,
+            phase=phase,
+            pid=job.proc.pid,
+            warm=warm is not None,
+            reused=reused,
         )
-        self._watch_child(job, phase)
+        self._watch_child(job, phase, warm)
 
     def _spawn_cold(self, module: str, req_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
         with log_path.open("wb") as out:
@@ -988,16 +1036,23 @@ class Supervisor:
                 start_new_session=True,
             )
 
-    def _watch_child(self, job: Job, phase: str) -> None:
+    def _watch_child(self, job: Job, phase: str, warm: WarmChild | None) -> None:
         job.phase = phase
+        job.child = warm
         job.phase_started = time.monotonic()
         job.deadline = job.phase_started + self.config.daemon.export_timeout_seconds
-        proc, job_id = job.proc, job.id
+        proc, done, job_id = job.proc, threading.Event(), job.id
+        job.child_done = done
         assert proc is not None
 
         def wait_and_tell() -> None:
             # A thread per child only waits and enqueues; the main loop reacts.
-            proc.wait()
+            # A reusable exporter does not exit: it says "done" on its pipe.
+            if warm is not None:
+                warm.wait_done()
+            else:
+                proc.wait()
+            done.set()
             self.queue.put(("child", job_id))
 
         threading.Thread(target=wait_and_tell, name=f"wait-{phase}-{job.id}", daemon=True).start()
@@ -1008,7 +1063,7 @@ class Supervisor:
             self._publish(job)
             return
         assert job.proc is not None
-        if job.proc.poll() is None:
+        if not job.child_done.is_set():
             if time.monotonic() > job.deadline:
                 _kill_group(job.proc)
                 timeout = self.config.daemon.export_timeout_seconds
@@ -1036,12 +1091,16 @@ class Supervisor:
             )
             return
         if result is None:
-            code = job.proc.returncode
+            code = job.proc.poll()
             how = (
-                f"was killed by {signal.Signals(-code).name}"
+                "said it was done without a result"
+                if code is None
+                else f"was killed by {signal.Signals(-code).name}"
                 if code < 0
                 else f"exited with status {code} without a result"
             )
+            if code is None:
+                _kill_group(job.proc)
             self._fail(
                 job,
                 "child_crashed",
@@ -1067,12 +1126,15 @@ class Supervisor:
         self._phase_done(job, job.phase)
         if job.phase == "export":
             job.export_result = result
+            self._keep_exporter(job, result)
             self.log.info(
                 "exported",
                 **job.log_fields,
                 seconds=round(job.durations["export"], 3),
                 variables=result.get("variables"),
                 warm=bool(result.get("warm")),
+                # Exports this worker did before this one (0: a fresh process).
+                reused=result.get("reused", 0),
                 # Which version's graph was reused, or why not (daemon.incremental).
                 incremental_from=(result.get("incremental") or {}).get("template"),
                 incremental_fallback=(result.get("incremental") or {}).get("fallback"),
@@ -1114,6 +1176,20 @@ class Supervisor:
                 return
             self._to_publish(job)
 
+    def _keep_exporter(self, job: Job, result: dict[str, Any]) -> None:
+        """Give a reusable export worker that finished its export back to the pool."""
+        c, job.child = job.child, None
+        if c is None or c.proc.poll() is not None or c.done is None:
+            return  # single-use, or it exited (its last export)
+        if job.exporter_key is None:
+            warm_stop(c)
+            return
+        evicted = self.warm.keep(
+            c, job.exporter_key, result.get("code_files") or {}, self.config.daemon.concurrency
+        )
+        for e in evicted:
+            self._exporter_retired(e, "evicted")
+
     def _retry_in_full(self, job: Job, result: dict[str, Any]) -> None:
         """An incremental export failed validation: export the checkpoint again in full.
 
@@ -1131,6 +1207,11 @@ class Supervisor:
             hint="exporting this checkpoint again in full",
         )
         st.full_export_only.add(job.ckpt.fingerprint)
+        if job.exporter_key is not None:
+            # The full export is the ground truth: a fresh process, with the
+            # code as it is on disk now, not the worker that made this one.
+            for c in self.warm.retire(job.exporter_key):
+                self._exporter_retired(c, "incremental_export_failed")
         assert job.temp_dir is not None
         shutil.rmtree(job.temp_dir, ignore_errors=True)
         job.temp_dir.mkdir()
@@ -1191,7 +1272,7 @@ class Supervisor:
             )
             return
         self.log.info("child_started", **job.log_fields, phase="gate", pid=job.proc.pid, warm=False)
-        self._watch_child(job, "gate")
+        self._watch_child(job, "gate", None)
 
     def _command_gate_done(self, job: Job) -> None:
         """Publish when the gate command exited 0; gate the checkpoint out otherwise."""

@@ -17,6 +17,14 @@ one of the two places TensorFlow is imported. Contract:
    ``tf.Module`` objects go through ``tf.saved_model.save``;
 4. run the serving function of the *in-memory* model on deterministic inputs
    and store inputs and outputs as the reference the validator must match.
+
+A reusable exporter (see :mod:`daemon.warm`) serves several requests with the
+same ``exporter_key``: :func:`model_for` builds the model for the first one
+and hands the same object to the next, which restores its checkpoint into
+it; the serving function traced by the first full export is kept too, so an
+incremental export's reference costs one graph call instead of an eager
+pass. Each result lists the source files the builder imported
+(``code_files``), so the supervisor can retire this process when they change.
 """
 
 from __future__ import annotations
@@ -113,6 +121,52 @@ def build(req: dict[str, Any]) -> Any:
     return obj
 
 
+#: What a reusable exporter keeps between requests: ``key`` (the exporter key),
+#: ``model``, ``endpoint`` (the traced serving function, once a full export
+#: made one) and ``code_files``. Empty in a single-use process.
+_kept: dict[str, Any] = {}
+
+#: At most this many imported files are watched for changes (stat per reuse).
+_MAX_CODE_FILES = 5000
+
+
+def model_for(req: dict[str, Any]) -> tuple[Any, bool]:
+    """The request's model: the one kept from the previous request with its key, or a new one.
+
+    Returns ``(model, reused)``. Without an ``exporter_key`` nothing is kept.
+    """
+    key = req.get("exporter_key")
+    if key is not None and _kept.get("key") == key:
+        return _kept["model"], True
+    _kept.clear()
+    before = set(sys.modules)
+    obj = build(req)
+    if key is not None:
+        files = _code_files([sys.modules[n] for n in sys.modules.keys() - before])
+        _kept.update(key=key, model=obj, endpoint=None, code_files=files)
+    return obj, False
+
+
+def kept_code_files() -> dict[str, list[int]]:
+    """``path -> [st_mtime_ns, st_size]`` of the modules the kept model's builder imported."""
+    files: dict[str, list[int]] = _kept.get("code_files", {})
+    return files
+
+
+def _code_files(modules: list[Any]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for module in modules:
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str) or len(out) >= _MAX_CODE_FILES:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        out[path] = [st.st_mtime_ns, st.st_size]
+    return out
+
+
 def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
     """Write ``obj`` (restored already) as a SavedModel to ``req["export_dir"]``.
 
@@ -141,7 +195,11 @@ def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
     )
     export_dir = req["export_dir"]
     incremental_result: dict[str, Any] = {}
-    endpoint: Any = serve  # incremental: the reference comes from the eager model
+    # Incremental: the reference comes from the in-memory model, through the
+    # serving function a full export of this model traced in this process if
+    # there is one (the same computation, without Python's per-layer cost).
+    kept = _kept.get("model") is obj
+    endpoint: Any = (_kept.get("endpoint") if kept else None) or serve
     if req.get("template"):
         try:
             n = incremental.write(obj, req["template"], export_dir)
@@ -159,6 +217,8 @@ def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
             tf.saved_model.save(
                 obj, export_dir, signatures={"serving_default": endpoint.get_concrete_function()}
             )
+        if kept:
+            _kept["endpoint"] = endpoint
     t_export = time.monotonic()
 
     outputs = endpoint(*[tf.constant(feeds[s.name], dtype=s.dtype) for s in specs])
@@ -205,7 +265,16 @@ def write_warmup(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    req = child.begin(argv, validator=False)
+    req: dict[str, Any] | None = child.begin(argv, validator=False)
+    code = 0
+    while req is not None:
+        code = serve_one(req)
+        req = child.next_request(code)
+    return code
+
+
+def serve_one(req: dict[str, Any]) -> int:
+    """Run one export request; write its result; return the exit code that goes with it."""
     try:
         result = export(req)
     except child.ChildFailure as e:
@@ -223,9 +292,16 @@ def main(argv: list[str]) -> int:
             "export_error", f"{type(e).__name__}: {e}\n{tb}", permanent=True
         )
     result["warm"] = bool(req.get("warm"))
+    result["reused"] = int(req.get("reused", 0))
+    if req.get("exporter_key"):
+        result["code_files"] = kept_code_files()
     return child.finish(Path(req["result"]), result)
 
 
 if __name__ == "__main__":
     os.umask(0o022)
-    sys.exit(main(sys.argv))
+    # Run as daemon.worker, not as __main__: the sources import daemon.worker,
+    # and the model it keeps between requests must live in one module.
+    from daemon import worker
+
+    sys.exit(worker.main(sys.argv))

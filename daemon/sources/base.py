@@ -92,7 +92,10 @@ class SourceKind:
       config file's folder like every other path of the config;
     - ``weights_in_checkpoint``: the pinned checkpoint is a TensorFlow
       checkpoint holding every exported variable, so the validator can
-      prove each one came from it (weight parity).
+      prove each one came from it (weight parity);
+    - ``reusable_exporter``: the exporter builds the model once and restores
+      each checkpoint into it, so one export worker may serve many exports
+      of the model (``exporter_max_exports``, see :mod:`daemon.warm`).
     """
 
     name: str
@@ -103,3 +106,4 @@ class SourceKind:
     check: Callable[[Mapping[str, Any], bool], list[str]] | None = None
     path_keys: tuple[str, ...] = ()
     weights_in_checkpoint: bool = False
+    reusable_exporter: bool = False

@@ -192,6 +192,7 @@ KIND = SourceKind(
     exporter=__name__,
     builder="required",
     weights_in_checkpoint=True,
+    reusable_exporter=True,
 )
 
 
@@ -205,7 +206,7 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
     the object the trainer saved under ``checkpoint_key``.
     """
     t0 = time.monotonic()
-    obj = worker.build(req)
+    obj, reused = worker.model_for(req)
     t_build = time.monotonic()
     n_vars = _restore(obj, req["checkpoint_key"], req["checkpoint"])
     t_restore = time.monotonic()
@@ -213,6 +214,7 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
     return {
         **result,
         "variables": n_vars,
+        "model_reused": reused,
         "saved_counters": _saved_counters(req["checkpoint"]),
         "durations": {
             "import_seconds": round(t_build - t0, 3),
