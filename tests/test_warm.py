@@ -1,4 +1,4 @@
-"""Warm children: started ahead of time with TensorFlow imported, used once, replaced.
+"""Warm children: started ahead of time with TensorFlow imported; kept export workers.
 
 Real processes throughout: the pool's children really import TensorFlow, the
 daemon really hands them its requests, and /proc says what they are.
@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import child_env, niceness, train, write_config
+from conftest import child_env, niceness, train, version_dirs, write_config
 
-from daemon.warm import WARM_MODULES, WarmPool
+from daemon.warm import WARM_MODULES, WarmChild, WarmPool, code_changed
 
 LIMITS = {"nice": 3, "io_class": "default", "threads": 1}
 
@@ -104,3 +105,133 @@ def test_exports_run_in_warm_children_only_when_enabled(
     resident = _metric(port, "ckpt_exporter_warm_children_resident_bytes")
     assert (resident > 0) if warm else (resident == 0)
     assert d.stop() == 0
+
+
+# --- kept export workers ----------------------------------------------------------
+
+
+def _sleeper() -> WarmChild:
+    """A real process standing in for a kept exporter (the pool only starts and stops it)."""
+    proc = subprocess.Popen(["sleep", "300"], stdin=subprocess.PIPE, start_new_session=True)
+    return WarmChild("daemon.worker", proc, "{}")
+
+
+def test_code_changed_names_a_file_whose_time_or_size_changed_or_that_is_gone(
+    tmp_path: Path,
+) -> None:
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("X = 1\n")
+    b.write_text("Y = 2\n")
+    files = {str(p): [p.stat().st_mtime_ns, p.stat().st_size] for p in (a, b)}
+    assert code_changed(files) is None
+    # Same size, one second newer: what an edit of "relu" to "tanh" looks like.
+    b.write_text("Y = 3\n")
+    st = b.stat()
+    os.utime(b, ns=(st.st_atime_ns, files[str(b)][0] + 10**9))
+    assert code_changed(files) == str(b)
+    files[str(b)] = [b.stat().st_mtime_ns, b.stat().st_size]
+    a.write_text("X = 10\n")
+    os.utime(a, ns=(files[str(a)][0], files[str(a)][0]))  # same time, other size
+    assert code_changed(files) == str(a)
+    a.unlink()
+    assert code_changed({str(a): [0, 0]}) == str(a)
+
+
+def test_the_pool_keeps_exporters_by_key_evicts_the_longest_idle_and_expires_idle_ones(
+    tmp_path: Path,
+) -> None:
+    pool = WarmPool(enabled=True)
+    first, second, third = _sleeper(), _sleeper(), _sleeper()
+    try:
+        assert pool.keep(first, "k1", {}, limit=2) == []
+        assert pool.keep(second, "k2", {}, limit=2) == []
+        # A third key over the limit of two: the one idle longest goes.
+        assert pool.keep(third, "k3", {}, limit=2) == [first]
+        assert _gone(first.proc.pid) and sorted(pool.kept) == ["k2", "k3"]
+        assert pool.rss_bytes() > 0
+
+        # Handed out only for its own key and with the settings it was started with.
+        assert pool.take_kept("k1", "{}") == (None, None)
+        assert pool.take_kept("k2", '{"other": 1}') == (None, "config_changed")
+        assert _gone(second.proc.pid)
+        child, why = pool.take_kept("k3", "{}")
+        assert child is third and why is None and pool.kept == {}
+
+        # Code it imported changed on disk: retired, not handed out.
+        src = tmp_path / "bld.py"
+        src.write_text("x = 1\n")
+        pool.keep(third, "k3", {str(src): [0, 1]}, limit=2)
+        assert pool.take_kept("k3", "{}") == (None, f"code_changed: {src}")
+        assert _gone(third.proc.pid)
+
+        # Idle for longer than allowed.
+        fourth = _sleeper()
+        pool.keep(fourth, "k4", {}, limit=2)
+        assert pool.expire(3600) == []
+        fourth.idle_since -= 10
+        assert pool.expire(5) == [fourth] and _gone(fourth.proc.pid)
+    finally:
+        pool.close()
+    assert all(_gone(c.proc.pid) for c in (first, second, third))
+
+
+def _pids(ev: list[dict[str, Any]], phase: str) -> list[int]:
+    return [e["pid"] for e in ev if e["event"] == "child_started" and e["phase"] == phase]
+
+
+@pytest.mark.e2e
+def test_one_export_worker_serves_successive_exports_until_its_count_is_reached(
+    tmp_path: Path, daemons: Any
+) -> None:
+    train(tmp_path / "ckpts", 3)
+    config = write_config(tmp_path, daemon={"exporter_max_exports": 2})
+    d = daemons(config, tmp_path / "daemon.log")
+    ev = d.wait_for(lambda ev: sum(e["event"] == "published" for e in ev) >= 3, what="3 versions")
+    assert d.stop() == 0
+    exported = [e for e in ev if e["event"] == "exported"]
+    pids = _pids(ev, "export")
+    # The first worker made versions 1 and 2 (the second restored into the model
+    # it had built, and reused version 1's graph), then exited: a new one made 3.
+    assert pids[0] == pids[1] != pids[2], pids
+    assert [e["reused"] for e in exported] == [0, 1, 0]
+    assert [bool(e["incremental_from"]) for e in exported] == [False, True, True]
+    assert _gone(pids[0])
+    # Validators stay single-use: one process per validation, none of them an exporter.
+    validators = _pids(ev, "validate")
+    assert len(set(validators)) == 3 and not set(validators) & set(pids)
+    # Each version holds its own checkpoint's weights: weight parity proved all
+    # 8 saved variables (Keras' export saves each of the 4 weights twice) against
+    # the checkpoint the version was made from, and the trainer changes them all.
+    validated = [e for e in ev if e["event"] == "validated"]
+    assert [e["weights_matched"] for e in validated] == [8, 8, 8]
+    assert sorted(version_dirs(tmp_path / "serving" / "m")) == [1, 2, 3]
+
+
+@pytest.mark.e2e
+def test_an_idle_kept_export_worker_exits_and_single_use_workers_are_never_kept(
+    tmp_path: Path, daemons: Any
+) -> None:
+    train(tmp_path / "ckpts", 1)
+    config = write_config(tmp_path, daemon={"exporter_idle_seconds": 1})
+    d = daemons(config, tmp_path / "daemon.log")
+    ev = d.wait_for(
+        lambda ev: any(e["event"] == "exporter_retired" for e in ev), what="the idle worker retired"
+    )
+    (retired,) = [e for e in ev if e["event"] == "exporter_retired"]
+    (pid,) = _pids(ev, "export")
+    assert retired["pid"] == pid and retired["reason"] == "idle" and retired["exports"] == 1
+    deadline = time.monotonic() + 30
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(pid)
+    assert d.stop() == 0
+
+    # exporter_max_exports = 1: every export in a process of its own.
+    tmp2 = tmp_path / "single"
+    train(tmp2 / "ckpts", 2)
+    d = daemons(write_config(tmp2, daemon={"exporter_max_exports": 1}), tmp2 / "daemon.log")
+    ev = d.wait_for(lambda ev: sum(e["event"] == "published" for e in ev) >= 2, what="2 versions")
+    assert d.stop() == 0
+    pids = _pids(ev, "export")
+    assert len(set(pids)) == 2 and all(_gone(p) for p in pids)
+    assert [e["reused"] for e in ev if e["event"] == "exported"] == [0, 0]
