@@ -332,6 +332,8 @@ def daemon_latency(
             exported = d.events("exported")[skip:]
             warm_used = all(e["warm"] for e in exported + d.events("validated")[skip:])
             incremental_used = all(e.get("incremental_from") for e in exported)
+            # Exports by a kept worker (one that had exported for this model before).
+            reused = sum(1 for e in exported if e.get("reused", 0) > 0)
         finally:
             d.stop()
     return {
@@ -340,6 +342,7 @@ def daemon_latency(
         "phases": {k: statistics.fmean(p[k] for p in phases) for k in phases[0]},
         "warm_children_used": warm_used,
         "incremental_used": incremental_used,
+        "exports_by_kept_workers": f"{reused}/{len(exported)}",
     }
 
 

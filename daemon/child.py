@@ -281,6 +281,22 @@ def finish(result_path: Path, result: Mapping[str, Any]) -> int:
     return exitcodes.PERMANENT_FAILURE if result.get("permanent") else exitcodes.TRANSIENT_FAILURE
 
 
+def exit_now(code: int) -> None:
+    """End this child with ``code`` at once, skipping the interpreter's teardown.
+
+    The result file is already written and fsynced (:func:`finish`) and every
+    file TensorFlow wrote is closed, so nothing is lost; what is skipped is
+    the slow part of a normal exit: freeing a loaded model graph by graph and
+    joining TensorFlow's thread pools, measured at 0.9 s for ResNet-50. The
+    supervisor waits for the exit, so that second is otherwise latency, and
+    CPU taken from the next export and from the trainer.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def failure(reason: str, message: str, *, permanent: bool) -> dict[str, Any]:
     return {"ok": False, "reason": reason, "error": message, "permanent": permanent}
 

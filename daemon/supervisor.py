@@ -1009,16 +1009,24 @@ class Supervisor:
                 self.log.info("exporter_retired", **job.log_fields, reason=why)
         reused = warm is not None
         warm = warm or self.warm.take(module, settings)
+        proc = None
         if warm is not None:
-            job.proc = warm.hand(str(req_path))
-        else:
-            job.proc = self._spawn_cold(module, req_path, log_path)
+            try:
+                proc = warm.hand(str(req_path))
+            except OSError:
+                # It died between the pool's check and now (EPIPE): start cold.
+                warm_stop(warm)
+                warm = None
+                reused = False
+        if proc is None:
+            proc = self._spawn_cold(module, req_path, log_path)
+        job.proc = proc
         # The PID, so that "what is process 12345 doing?" has an answer in the log.
         self.log.info(
             "child_started",
             **job.log_fields,
             phase=phase,
-            pid=job.proc.pid,
+            pid=proc.pid,
             warm=warm is not None,
             reused=reused,
         )
@@ -1152,6 +1160,8 @@ class Supervisor:
                     "sample_inputs": _str_or_none(job.model.cfg.sample_inputs),
                     "golden_outputs": _str_or_none(job.model.cfg.golden_outputs),
                     "warmup_records": job.model.cfg.warmup_records,
+                    # An incremental export's graph is that version's (see daemon.validate).
+                    "graph_of": (result.get("incremental") or {}).get("template"),
                     # Weight parity against the pinned copy, where the source allows.
                     "checkpoint": str(job.pinned)
                     if SOURCES[job.model.cfg.source].weights_in_checkpoint

@@ -304,4 +304,4 @@ if __name__ == "__main__":
     # and the model it keeps between requests must live in one module.
     from daemon import worker
 
-    sys.exit(worker.main(sys.argv))
+    child.exit_now(worker.main(sys.argv))

@@ -116,6 +116,8 @@ def test_every_key_set_is_kept() -> None:
         "worker_io_class": "default",
         "worker_threads": 16,
         "warm_workers": False,
+        "exporter_max_exports": 1,
+        "exporter_idle_seconds": 30,
         "keep_failed": 0,
         "retry_backoff_seconds": 1,
         "shutdown_grace_seconds": 0,

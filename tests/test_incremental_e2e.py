@@ -10,6 +10,7 @@ than blamed on the checkpoint; the switch turns it off.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from conftest import Daemon, child_env, run_script, train, version_dirs, write_config
 
-from daemon.versions import read_metadata
+from daemon.versions import REPORT_RELPATH, read_metadata
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +55,13 @@ def test_later_checkpoints_reuse_the_published_graph_and_serve_their_own_weights
     assert (versions[3] / "saved_model.pb").read_bytes() == (
         versions[1] / "saved_model.pb"
     ).read_bytes()
+    # The validator placed v1's graph in full, as the server does; v2 and v3 bring
+    # that same graph, so only what runs was placed again.
+    placements = [
+        json.loads((versions[v] / REPORT_RELPATH).read_text())["checks"][0]["placement"]
+        for v in (1, 2, 3)
+    ]
+    assert placements == ["full", "pruned", "pruned"]
     assert (versions[3] / "variables" / "variables.data-00000-of-00001").read_bytes() != (
         versions[1] / "variables" / "variables.data-00000-of-00001"
     ).read_bytes()
