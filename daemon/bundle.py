@@ -1,0 +1,166 @@
+"""Where each tensor of a TensorFlow checkpoint lies: its index, read by hand.
+
+A checkpoint (a "tensor bundle") ``PREFIX`` is ``PREFIX.index``, a sorted
+table mapping each tensor's name to a ``BundleEntryProto`` (dtype, shape,
+data shard, offset, size, masked CRC32C of the bytes), and the data files
+``PREFIX.data-SSSSS-of-NNNNN`` holding the bytes. TensorFlow's
+``CheckpointReader`` gives names, dtypes and shapes, but neither where a
+tensor's bytes are nor their checksum; weight parity (:mod:`daemon.validate`)
+needs both to compare the bytes of two checkpoints without decoding every
+tensor into an array and hashing it.
+
+The index is a LevelDB-format table (tensorflow/core/lib/io: table.cc,
+block.cc, format.cc), read here as:
+
+- footer, the file's last 48 bytes: the metaindex and index ``BlockHandle``
+  (two varint64 each: offset, size), zero padding, the 8-byte magic number;
+- a block: entries of varint32 ``shared`` (bytes of the previous key to keep),
+  varint32 ``non_shared``, varint32 value length, the key's new bytes, the
+  value; then the uint32 restart offsets and their count. On disk each block
+  is followed by a 1-byte compression type and a 4-byte CRC;
+- the index block maps the last key of each data block to its handle; the
+  data blocks map tensor names to serialized ``BundleEntryProto``; the entry
+  under the empty name is the ``BundleHeaderProto`` (number of shards).
+
+TensorFlow writes bundle indexes uncompressed; a compressed block, a bad
+magic number or a truncated file raises :class:`BundleFormatError`, and the
+caller falls back to TensorFlow's own reader. Runs in the validator (it
+parses the protos with TensorFlow's generated classes).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+#: ``kTableMagicNumber``, little-endian: the last 8 bytes of every table file.
+TABLE_MAGIC = (0xDB4775248B80FB57).to_bytes(8, "little")
+_FOOTER_SIZE = 48
+_BLOCK_TRAILER_SIZE = 5  # compression type, CRC32C
+_NO_COMPRESSION = 0
+
+
+class BundleFormatError(ValueError):
+    """The index is not a table this reader understands (or is damaged)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a bundle: what it is and where its bytes are."""
+
+    dtype: int  # a tensorflow.DataType enum value
+    shape: tuple[int, ...]
+    shard_id: int
+    offset: int
+    size: int
+    crc32c: int  # masked, as stored
+    sliced: bool  # a partitioned variable: its bytes are under other keys
+
+
+@dataclass(frozen=True)
+class Bundle:
+    prefix: str
+    num_shards: int
+    entries: dict[str, Entry]
+
+    def data_file(self, shard_id: int) -> str:
+        return f"{self.prefix}.data-{shard_id:05d}-of-{self.num_shards:05d}"
+
+    def read(self, name: str) -> bytes:
+        """The stored bytes of tensor ``name`` (exactly ``size`` bytes, or OSError)."""
+        e = self.entries[name]
+        fd = os.open(self.data_file(e.shard_id), os.O_RDONLY)
+        try:
+            data = os.pread(fd, e.size, e.offset)
+        finally:
+            os.close(fd)
+        if len(data) != e.size:
+            raise OSError(f"{self.data_file(e.shard_id)} is shorter than its index says ({name})")
+        return data
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise BundleFormatError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _block(data: bytes, handle: tuple[int, int]) -> bytes:
+    offset, size = handle
+    end = offset + size
+    if end + _BLOCK_TRAILER_SIZE > len(data):
+        raise BundleFormatError("a block runs past the end of the file")
+    if data[end] != _NO_COMPRESSION:
+        raise BundleFormatError(f"compressed block (type {data[end]})")
+    return data[offset:end]
+
+
+def _entries(block: bytes) -> list[tuple[bytes, bytes]]:
+    """The (key, value) pairs of one block, in order."""
+    if len(block) < 4:
+        raise BundleFormatError("block too short")
+    (restarts,) = struct.unpack_from("<I", block, len(block) - 4)
+    limit = len(block) - 4 - 4 * restarts
+    if limit < 0:
+        raise BundleFormatError("bad restart count")
+    out, key, pos = [], b"", 0
+    while pos < limit:
+        shared, pos = _varint(block, pos)
+        non_shared, pos = _varint(block, pos)
+        length, pos = _varint(block, pos)
+        if shared > len(key) or pos + non_shared + length > limit:
+            raise BundleFormatError("bad block entry")
+        key = key[:shared] + block[pos : pos + non_shared]
+        pos += non_shared
+        out.append((key, block[pos : pos + length]))
+        pos += length
+    return out
+
+
+def _handle(value: bytes) -> tuple[int, int]:
+    offset, pos = _varint(value, 0)
+    size, _ = _varint(value, pos)
+    return offset, size
+
+
+def read_index(prefix: str) -> Bundle:
+    """Every entry of ``PREFIX.index``. OSError if unreadable, BundleFormatError if not a bundle."""
+    from tensorflow.core.protobuf import tensor_bundle_pb2
+
+    with open(prefix + ".index", "rb") as f:
+        data = f.read()
+    if len(data) < _FOOTER_SIZE or not data.endswith(TABLE_MAGIC):
+        raise BundleFormatError(f"{prefix}.index is not a complete table")
+    footer = data[-_FOOTER_SIZE:]
+    _, pos = _varint(footer, 0)  # metaindex offset
+    _, pos = _varint(footer, pos)  # metaindex size (no meta blocks in a bundle)
+    index = _handle(footer[pos:])
+    header = tensor_bundle_pb2.BundleHeaderProto()
+    entries: dict[str, Entry] = {}
+    for _, handle in _entries(_block(data, index)):
+        for key, value in _entries(_block(data, _handle(handle))):
+            if key == b"":
+                header.ParseFromString(value)
+                continue
+            proto = tensor_bundle_pb2.BundleEntryProto()
+            proto.ParseFromString(value)
+            entries[key.decode("utf-8", "replace")] = Entry(
+                dtype=int(proto.dtype),
+                shape=tuple(d.size for d in proto.shape.dim),
+                shard_id=proto.shard_id,
+                offset=proto.offset,
+                size=proto.size,
+                crc32c=proto.crc32c,
+                sliced=len(proto.slices) > 0,
+            )
+    if header.num_shards < 1:
+        raise BundleFormatError(f"{prefix}.index has no bundle header")
+    return Bundle(prefix=prefix, num_shards=header.num_shards, entries=entries)
