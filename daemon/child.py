@@ -236,6 +236,15 @@ def next_request(code: int) -> dict[str, Any] | None:
     return req
 
 
+def wait_for_go() -> bool:
+    """Block until the supervisor says ``go`` on stdin (True) or closes it (False).
+
+    For a validator handed its request while the export is still running
+    (see :func:`daemon.validate.preload`).
+    """
+    return sys.stdin.readline().strip() == "go"
+
+
 #: Written on the done pipe after each request of a reusable child.
 DONE = b"done\n"
 

@@ -58,6 +58,7 @@ from daemon.pin import CheckpointVanished, pin_checkpoint
 from daemon.planner import History, Plan, plan
 from daemon.publish import (
     BasePathLock,
+    fsync_tree,
     move_aside,
     new_temp_dir,
     publish,
@@ -125,6 +126,8 @@ class Job:
     child_done: threading.Event = field(default_factory=threading.Event)
     #: Exports of this model that may share one export worker have this key (see _start_job).
     exporter_key: str | None = None
+    #: A validator handed its request with the export, waiting for "go" (_start_validator_early).
+    early: WarmChild | None = None
     deadline: float = 0.0
     started: float = field(default_factory=time.monotonic)
     phase_started: float = field(default_factory=time.monotonic)
@@ -885,6 +888,7 @@ class Supervisor:
                 job, "temp_dir_failed", f"cannot create a folder in {base}: {e}", permanent=False
             )
             return
+        template = self._incremental_template(st, job)
         request = {
             "source": st.cfg.source,
             "options": dict(st.cfg.options),
@@ -902,13 +906,76 @@ class Supervisor:
             "model": st.cfg.name,
             "sample_inputs": _str_or_none(st.cfg.sample_inputs),
             "warmup_records": st.cfg.warmup_records,
-            "template": self._incremental_template(st, job),
+            "template": template,
         }
         job.exporter_key = self._exporter_key(st, request)
         if job.exporter_key is not None:
             request["exporter_key"] = job.exporter_key
         job.export_request = request
         self._spawn(job, "export", "daemon.worker", request)
+        if template is not None:
+            self._start_validator_early(job, template)
+
+    def _start_validator_early(self, job: Job, template: str) -> None:
+        """Hand the warm validator its request now, for an incremental export.
+
+        It imports the template version's graph while the worker writes the
+        weights (:func:`daemon.validate.preload`), then waits for ``go``,
+        sent when the export succeeded (:meth:`_release_validator`); any other
+        end of the job stops it (:meth:`_cleanup`). Without a warm validator
+        ready, validation starts after the export as usual.
+        """
+        warm = self.warm.take("daemon.validate", self._warm_settings("daemon.validate"))
+        if warm is None:
+            return
+        request = dict(self._validate_request(job, template), wait_for_export=True)
+        req_path = self._write_request(job, "validate", request)
+        try:
+            warm.hand(str(req_path), then_go=True)
+        except OSError:
+            warm_stop(warm)
+            return
+        job.early = warm
+        self.log.info(
+            "child_started",
+            **job.log_fields,
+            phase="validate",
+            pid=warm.proc.pid,
+            warm=True,
+            reused=False,
+            early=True,
+        )
+
+    def _release_validator(self, job: Job) -> bool:
+        """Send the early validator its ``go``; False if there is none (or it died)."""
+        early, job.early = job.early, None
+        if early is None:
+            return False
+        try:
+            early.go()
+        except OSError:
+            warm_stop(early)
+            return False
+        job.proc = early.proc
+        self._watch_child(job, "validate", early)
+        return True
+
+    def _validate_request(self, job: Job, graph_of: str | None) -> dict[str, Any]:
+        cfg = job.model.cfg
+        assert job.temp_dir is not None and job.staging is not None
+        return {
+            "saved_model": str(job.temp_dir),
+            "reference": str(job.staging / "reference.npz"),
+            "rtol": cfg.rtol,
+            "atol": cfg.atol,
+            "sample_inputs": _str_or_none(cfg.sample_inputs),
+            "golden_outputs": _str_or_none(cfg.golden_outputs),
+            "warmup_records": cfg.warmup_records,
+            # An incremental export's graph is that version's (see daemon.validate).
+            "graph_of": graph_of,
+            # Weight parity against the pinned copy, where the source allows.
+            "checkpoint": str(job.pinned) if SOURCES[cfg.source].weights_in_checkpoint else None,
+        }
 
     def _incremental_template(self, st: ModelState, job: Job) -> str | None:
         """The newest published version this export may reuse the graph of, or None.
@@ -989,18 +1056,25 @@ class Supervisor:
     def _exporter_retired(self, c: WarmChild, reason: str) -> None:
         self.log.info("exporter_retired", pid=c.proc.pid, exports=c.exports, reason=reason)
 
-    def _spawn(self, job: Job, phase: str, module: str, request: dict[str, Any]) -> None:
+    def _write_request(self, job: Job, phase: str, request: dict[str, Any]) -> Path:
+        """Write the request file of ``phase``, with the fields every child gets; its path."""
         assert job.staging is not None
         request = dict(
             request,
             parent_pid=os.getpid(),
             result=str(job.staging / f"{phase}.result.json"),
             limits=self._child_limits(),
+            # Where a warm child sends its output.
+            log=str(job.staging / f"{phase}.log"),
         )
         req_path = job.staging / f"{phase}.request.json"
-        log_path = job.staging / f"{phase}.log"
-        request["log"] = str(log_path)  # where a warm child sends its output
         write_json_atomic(req_path, request)
+        return req_path
+
+    def _spawn(self, job: Job, phase: str, module: str, request: dict[str, Any]) -> None:
+        assert job.staging is not None
+        req_path = self._write_request(job, phase, request)
+        log_path = job.staging / f"{phase}.log"
         settings = self._warm_settings(module)
         warm = None
         if request.get("exporter_key"):
@@ -1148,26 +1222,12 @@ class Supervisor:
                 incremental_fallback=(result.get("incremental") or {}).get("fallback"),
             )
             assert job.temp_dir is not None
-            self._spawn(
-                job,
-                "validate",
-                "daemon.validate",
-                {
-                    "saved_model": str(job.temp_dir),
-                    "reference": str(job.staging / "reference.npz"),
-                    "rtol": job.model.cfg.rtol,
-                    "atol": job.model.cfg.atol,
-                    "sample_inputs": _str_or_none(job.model.cfg.sample_inputs),
-                    "golden_outputs": _str_or_none(job.model.cfg.golden_outputs),
-                    "warmup_records": job.model.cfg.warmup_records,
-                    # An incremental export's graph is that version's (see daemon.validate).
-                    "graph_of": (result.get("incremental") or {}).get("template"),
-                    # Weight parity against the pinned copy, where the source allows.
-                    "checkpoint": str(job.pinned)
-                    if SOURCES[job.model.cfg.source].weights_in_checkpoint
-                    else None,
-                },
-            )
+            _start_writeback(job.temp_dir)
+            if not self._release_validator(job):
+                graph_of = (result.get("incremental") or {}).get("template")
+                self._spawn(
+                    job, "validate", "daemon.validate", self._validate_request(job, graph_of)
+                )
         elif job.phase == "validate":
             job.validation = result
             self.metrics.validations.labels(job.model.cfg.name, "passed").inc()
@@ -1422,7 +1482,7 @@ class Supervisor:
                 "files": files,
                 "saved_counters": job.export_result.get("saved_counters", {}),
             },
-            "export": {k: v for k, v in job.export_result.items() if k != "ok"},
+            "export": {k: v for k, v in job.export_result.items() if k not in ("ok", "code_files")},
             # Which later exports may reuse this version's graph (daemon.incremental).
             "export_key": job.export_key,
             "validation": {
@@ -1554,6 +1614,10 @@ class Supervisor:
             self._switch_config(st, st.next_cfg)
 
     def _cleanup(self, job: Job) -> None:
+        if job.early is not None:
+            # The export did not succeed: the validator waiting for it goes.
+            warm_stop(job.early)
+            job.early = None
         if job.temp_dir is not None:
             shutil.rmtree(job.temp_dir, ignore_errors=True)
             job.temp_dir = None
@@ -1628,6 +1692,23 @@ def _watchdog_interval() -> float:
     if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return 0.0
     return int(usec) / 2 / 1e6
+
+
+def _start_writeback(folder: Path) -> None:
+    """fsync ``folder``'s tree in a thread while the validator reads it.
+
+    Publishing fsyncs the tree again before the rename (that is the
+    guarantee); this only lets the disk write the weights back during
+    validation, so the fsync at publish finds them clean instead of waiting
+    for them. The folder may be moved aside or removed meanwhile (a failed
+    validation): then there is nothing left to do, so errors are ignored.
+    """
+
+    def sync() -> None:
+        with contextlib.suppress(OSError):
+            fsync_tree(folder)
+
+    threading.Thread(target=sync, name="writeback", daemon=True).start()
 
 
 def _str_or_none(path: Path | None) -> str | None:

@@ -38,10 +38,11 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon import bundle, child, samples, warmup
+from daemon import bundle, child, exitcodes, samples, warmup
 
 #: Entries of a TF2 checkpoint that are bookkeeping, not variables.
 _NOT_VARIABLES = ("_CHECKPOINTABLE_OBJECT_GRAPH",)
@@ -187,16 +188,74 @@ class _Checks:
         entry.setdefault("ok", True)
 
 
-def validate(req: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class _Session:
+    """A graph-mode session, and the Saver of the graph imported into it ahead of time."""
+
+    graph: Any
+    sess: Any
+    placement: str
+    saver: Any = None  # set by preload(): the graph of ``graph_of`` is in already
+
+
+def _open(placement: str) -> _Session:
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    config = tf.compat.v1.ConfigProto()
+    # The session places every op of the graph at its first run, as TF
+    # Serving's does, unless this exact graph already passed that: then only
+    # what is run is placed (seconds less for a large model, same results).
+    config.graph_options.place_pruned_graph = placement == "pruned"
+    return _Session(graph, tf.compat.v1.Session(graph=graph, config=config), placement)
+
+
+def preload(graph_of: str) -> _Session | None:
+    """Import ``graph_of``'s serving graph now, while the export is still being written.
+
+    For an incremental export, whose ``saved_model.pb`` will be a copy of that
+    published version's: the validator is started with the exporter and does
+    this part of the load in the meantime. :func:`validate` uses it only if
+    the export's graph turns out byte-identical (else it loads from scratch),
+    so nothing is taken on trust. None if anything fails here.
+    """
+    from tensorflow.python.saved_model import loader_impl
+
+    s = _open("pruned")
+    try:
+        s.saver, _ = loader_impl.SavedModelLoader(graph_of).load_graph(s.graph, ["serve"])
+    except Exception:
+        s.sess.close()
+        return None
+    return s
+
+
+def _load(s: _Session, path: str) -> Any:
+    """Load the SavedModel at ``path`` into ``s`` as TF Serving does; its MetaGraphDef."""
+    import tensorflow as tf
+    from tensorflow.python.saved_model import loader_impl
+
+    with s.graph.as_default():
+        if s.saver is None:
+            return tf.compat.v1.saved_model.loader.load(s.sess, ["serve"], path)
+        # The rest of loader.load(): restore op, then init ops, from ``path``.
+        loader = loader_impl.SavedModelLoader(path)
+        loader.restore_variables(s.sess, s.saver)
+        loader.run_init_ops(s.sess, ["serve"])
+        return loader.get_meta_graph_def_from_tags(["serve"])
+
+
+def validate(req: dict[str, Any], preloaded: _Session | None = None) -> dict[str, Any]:
     """Run every check of the module contract; the result is the validation report.
 
     The report lists the checks run (with their timings), each signature's
     inputs and verdict, weight parity and warmup; on failure ``reason``,
     ``error`` and ``permanent`` say what failed, and the checks up to it stay.
+    ``preloaded`` is :func:`preload`'s session for ``req["graph_of"]``.
     """
     report: dict[str, Any] = {"ok": False, "saved_model": req["saved_model"], "signatures": {}}
     try:
-        _validate(req, report, _Checks(report))
+        _validate(req, report, _Checks(report), preloaded)
     except child.ChildFailure as e:
         report.update(ok=False, reason=e.reason, error=str(e), permanent=e.permanent)
     report["durations"] = {
@@ -205,9 +264,10 @@ def validate(req: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def _validate(req: dict[str, Any], report: dict[str, Any], checks: _Checks) -> None:
+def _validate(
+    req: dict[str, Any], report: dict[str, Any], checks: _Checks, preloaded: _Session | None
+) -> None:
     import numpy as np
-    import tensorflow as tf
 
     path = req["saved_model"]
     where = req.get("sample_inputs") or ""
@@ -219,19 +279,20 @@ def _validate(req: dict[str, Any], report: dict[str, Any], checks: _Checks) -> N
             reference = {k: z[k] for k in z.files}
     rtol, atol = float(req.get("rtol", 1e-4)), float(req.get("atol", 1e-5))
 
-    graph = tf.Graph()
-    config = tf.compat.v1.ConfigProto()
     placement = _placement(path, req.get("graph_of"))
-    # The session places every op of the graph at its first run, as TF
-    # Serving's does, unless this exact graph already passed that: then only
-    # what is run is placed (seconds less for a large model, same results).
-    config.graph_options.place_pruned_graph = placement == "pruned"
-    with graph.as_default(), tf.compat.v1.Session(graph=graph, config=config) as sess:
-        with checks.run("serving_load", tags=["serve"], placement=placement):
+    s = preloaded
+    if s is not None and placement != "pruned":
+        s.sess.close()  # the export's graph is not the one imported ahead
+        s = None
+    s = s or _open(placement)
+    with s.graph.as_default(), s.sess as sess:
+        with checks.run(
+            "serving_load", tags=["serve"], placement=placement, preloaded=s.saver is not None
+        ):
             if not os.path.isfile(os.path.join(path, "saved_model.pb")):
                 raise child.ChildFailure("not_a_saved_model", f"{path} has no saved_model.pb")
             try:
-                meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+                meta = _load(s, path)
             except Exception as e:
                 raise child.ChildFailure(
                     "load_failed", f"TF Serving's loader would fail on {path}: {e}"
@@ -546,8 +607,15 @@ def _compare_golden(
 def main(argv: list[str]) -> int:
     # Validation never needs the GPU the trainer is using.
     req = child.begin(argv, validator=True)
+    preloaded = None
+    if req.get("wait_for_export"):
+        # Started with the export (see preload): wait for the supervisor's go,
+        # which comes once the export succeeded; EOF means it did not.
+        preloaded = preload(req["graph_of"]) if req.get("graph_of") else None
+        if not child.wait_for_go():
+            return exitcodes.OK
     try:
-        result = validate(req)
+        result = validate(req, preloaded)
     except child.ChildFailure as e:
         result = child.failure(e.reason, str(e), permanent=e.permanent)
     except MemoryError:

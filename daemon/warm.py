@@ -71,20 +71,27 @@ class WarmChild:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def hand(self, request_path: str) -> subprocess.Popen[bytes]:
+    def hand(self, request_path: str, *, then_go: bool = False) -> subprocess.Popen[bytes]:
         """Give the child a request; until it is done it belongs to the caller.
 
         A single-use child gets EOF right after the line, so it exits even if
-        the supervisor dies before closing the pipe.
+        the supervisor dies before closing the pipe; with ``then_go`` stdin
+        stays open until :meth:`go` (a validator started with the export).
         """
         assert self.proc.stdin is not None
         self.proc.stdin.write(request_path.encode() + b"\n")
-        if self.done is None:
+        if self.done is None and not then_go:
             self.proc.stdin.close()
         else:
             self.proc.stdin.flush()
         self.exports += 1
         return self.proc
+
+    def go(self) -> None:
+        """Tell a child handed its request with ``then_go`` to proceed (OSError if it died)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.close()
 
     def wait_done(self) -> bool:
         """Block until the handed request is finished; True if the child stays for another.

@@ -11,8 +11,10 @@ than blamed on the checkpoint; the switch turns it off.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,13 @@ def test_later_checkpoints_reuse_the_published_graph_and_serve_their_own_weights
         for v in (1, 2, 3)
     ]
     assert placements == ["full", "pruned", "pruned"]
+    # The validators of v2 and v3 were started with the export and imported that
+    # graph while the weights were written; v1's was started after its export.
+    loads = [
+        json.loads((versions[v] / REPORT_RELPATH).read_text())["checks"][0]["preloaded"]
+        for v in (1, 2, 3)
+    ]
+    assert loads == [False, True, True]
     assert (versions[3] / "variables" / "variables.data-00000-of-00001").read_bytes() != (
         versions[1] / "variables" / "variables.data-00000-of-00001"
     ).read_bytes()
@@ -169,3 +178,43 @@ assert os.listdir(out) == []
 print("ok")
 """
     run_script(script)
+
+
+def test_a_validator_started_with_an_export_that_fails_is_stopped(
+    tmp_path: Path, daemons: Any
+) -> None:
+    train(tmp_path / "ckpts", 1)  # ckpt-5
+    d = daemons(write_config(tmp_path), tmp_path / "daemon.log")
+    d.wait_for(_published(1), timeout=120)
+    # ckpt-10, written elsewhere, lands with bytes flipped inside its data shard:
+    # its index is complete, so the daemon exports it, and the restore fails.
+    other = tmp_path / "other"
+    train(other, 2)
+    (shard,) = other.glob("ckpt-10.data-*")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.rename(shard, tmp_path / "ckpts" / shard.name)
+    os.rename(other / "ckpt-10.index", tmp_path / "ckpts" / "ckpt-10.index")
+    ev = d.wait_for(
+        lambda ev: any(e["event"] == "export_rejected" for e in ev), what="ckpt-10 rejected"
+    )
+    (rejected,) = [e for e in ev if e["event"] == "export_rejected"]
+    assert rejected["checkpoint"].endswith("ckpt-10") and rejected["phase"] == "export"
+    assert rejected["reason"] == "checkpoint_corrupt", rejected
+    (early,) = [e for e in ev if e["event"] == "child_started" and e.get("early")]
+    assert early["checkpoint"].endswith("ckpt-10")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _gone(early["pid"]):
+        time.sleep(0.1)
+    assert _gone(early["pid"])
+    assert sum(e["event"] == "validated" for e in d.events()) == 1
+    assert d.stop() == 0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
