@@ -94,7 +94,11 @@ def test_broken_and_foreign_files_are_skipped_once_and_good_checkpoints_exported
     for name, e in rejected.items():
         assert e["reason"] == "checkpoint_corrupt", e
         assert name in e["error"] and "cannot be read" in e["error"], e
-    # The incomplete ones: skipped with one message each, despite several scans.
+    # The incomplete ones: skipped with one message each (once they stayed so for
+    # INCOMPLETE_REPORT_SECONDS, which the exports may take less than), despite
+    # several scans: rescan_interval_seconds is 1, so 3 s more means 3 more scans.
+    d.wait_for(lambda _ev: d.count("checkpoint_incomplete") >= 4, what="4 incomplete reports")
+    time.sleep(3)
     incomplete = [Path(e["checkpoint"]).name for e in d.named("checkpoint_incomplete")]
     assert sorted(incomplete) == ["ckpt-1", "ckpt-99", "junk-7", "orphan-3"], incomplete
     # Everything else: silently ignored (not a checkpoint), nothing exported twice.
