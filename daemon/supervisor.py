@@ -58,7 +58,6 @@ from daemon.pin import CheckpointVanished, pin_checkpoint
 from daemon.planner import History, Plan, plan
 from daemon.publish import (
     BasePathLock,
-    fsync_tree,
     move_aside,
     new_temp_dir,
     publish,
@@ -1222,7 +1221,6 @@ class Supervisor:
                 incremental_fallback=(result.get("incremental") or {}).get("fallback"),
             )
             assert job.temp_dir is not None
-            _start_writeback(job.temp_dir)
             if not self._release_validator(job):
                 graph_of = (result.get("incremental") or {}).get("template")
                 self._spawn(
@@ -1692,23 +1690,6 @@ def _watchdog_interval() -> float:
     if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return 0.0
     return int(usec) / 2 / 1e6
-
-
-def _start_writeback(folder: Path) -> None:
-    """fsync ``folder``'s tree in a thread while the validator reads it.
-
-    Publishing fsyncs the tree again before the rename (that is the
-    guarantee); this only lets the disk write the weights back during
-    validation, so the fsync at publish finds them clean instead of waiting
-    for them. The folder may be moved aside or removed meanwhile (a failed
-    validation): then there is nothing left to do, so errors are ignored.
-    """
-
-    def sync() -> None:
-        with contextlib.suppress(OSError):
-            fsync_tree(folder)
-
-    threading.Thread(target=sync, name="writeback", daemon=True).start()
 
 
 def _str_or_none(path: Path | None) -> str | None:
