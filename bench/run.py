@@ -334,6 +334,10 @@ def daemon_latency(
             incremental_used = all(e.get("incremental_from") for e in exported)
             # Exports by a kept worker (one that had exported for this model before).
             reused = sum(1 for e in exported if e.get("reused", 0) > 0)
+            # What waits between checkpoints: fresh worker, validator, kept exporter.
+            idle = d.warm_children()
+            idle_rss = sum(rss_bytes(p) for p in idle)
+            idle_pss = sum(pss_bytes(p) for p in idle)
         finally:
             d.stop()
     return {
@@ -343,6 +347,7 @@ def daemon_latency(
         "warm_children_used": warm_used,
         "incremental_used": incremental_used,
         "exports_by_kept_workers": f"{reused}/{len(exported)}",
+        "idle_children": {"count": len(idle), "rss_bytes": idle_rss, "pss_bytes": idle_pss},
     }
 
 
@@ -583,6 +588,16 @@ def table(results: dict[str, Any]) -> str:
                     f"{model}: daemon {label}, checkpoint to published (validated)",
                     f"{s['mean']:.2f} s (p50 {s['p50']:.2f})",
                     f"{r[kind]['ratio_to_baseline']:.2f}",
+                )
+            )
+        idle = r.get("warm_incremental", {}).get("idle_children")
+        if idle:
+            rows.append(
+                (
+                    f"{model}: idle children after exports (kept exporter included): RSS / PSS",
+                    f"{idle['rss_bytes'] / 2**20:.0f} / {idle['pss_bytes'] / 2**20:.0f} MiB "
+                    f"({idle['count']})",
+                    "",
                 )
             )
         if model == "small":
