@@ -194,7 +194,6 @@ class _Session:
 
     graph: Any
     sess: Any
-    placement: str
     saver: Any = None  # set by preload(): the graph of ``graph_of`` is in already
 
 
@@ -207,7 +206,7 @@ def _open(placement: str) -> _Session:
     # Serving's does, unless this exact graph already passed that: then only
     # what is run is placed (seconds less for a large model, same results).
     config.graph_options.place_pruned_graph = placement == "pruned"
-    return _Session(graph, tf.compat.v1.Session(graph=graph, config=config), placement)
+    return _Session(graph, tf.compat.v1.Session(graph=graph, config=config))
 
 
 def preload(graph_of: str) -> _Session | None:
@@ -225,6 +224,8 @@ def preload(graph_of: str) -> _Session | None:
     try:
         s.saver, _ = loader_impl.SavedModelLoader(graph_of).load_graph(s.graph, ["serve"])
     except Exception:
+        s.saver = None
+    if s.saver is None:  # failed, or a graph without variables: nothing to gain
         s.sess.close()
         return None
     return s
