@@ -9,7 +9,9 @@ Contract:
   ``daemon.validate``): TensorFlow (and Keras) imported, no user code, no
   model.
 - A validator is **single-use**: it runs one request and exits, so it has
-  never loaded another model or the user's builder.
+  never loaded another model or the user's builder. It may be handed its
+  request while the export is still running (``hand(..., then_go=True)``),
+  and proceeds past the preparation it can do early on :meth:`WarmChild.go`.
 - An exporter started with ``max_exports > 1`` may serve more exports *of
   the same model*: after a successful export it says ``done`` on a pipe of
   its own and waits for the next request instead of exiting; the pool then
