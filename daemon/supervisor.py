@@ -1077,9 +1077,9 @@ class Supervisor:
         settings = self._warm_settings(module)
         warm = None
         if request.get("exporter_key"):
-            warm, why = self.warm.take_kept(request["exporter_key"], settings)
-            if why is not None:
-                self.log.info("exporter_retired", **job.log_fields, reason=why)
+            warm, retired = self.warm.take_kept(request["exporter_key"], settings)
+            if retired is not None:
+                self._exporter_retired(*retired)
         reused = warm is not None
         warm = warm or self.warm.take(module, settings)
         proc = None

@@ -254,11 +254,14 @@ class WarmPool:
             stop(c)
         return evicted
 
-    def take_kept(self, key: str, settings: str) -> tuple[WarmChild | None, str | None]:
-        """The exporter kept for ``key``, or None and why the one there was retired.
+    def take_kept(
+        self, key: str, settings: str
+    ) -> tuple[WarmChild | None, tuple[WarmChild, str] | None]:
+        """``(exporter kept for key, None)``, or ``(None, (the one retired, why))``.
 
         Retired (stopped) instead of handed out: one that died, one started
-        with other limits, one whose imported code changed on disk.
+        with other limits, one whose imported code changed on disk. ``(None,
+        None)`` when none is kept for ``key``.
         """
         child = self.kept.pop(key, None)
         if child is None:
@@ -273,7 +276,7 @@ class WarmPool:
         if why is None:
             return child, None
         stop(child)
-        return None, why
+        return None, (child, why)
 
     def retire(self, key: str | None = None) -> list[WarmChild]:
         """Stop the exporter kept for ``key`` (None: every kept exporter); returns them."""

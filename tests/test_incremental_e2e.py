@@ -132,6 +132,10 @@ def test_a_graph_that_no_longer_matches_the_builder_is_exported_again_in_full(
     subprocess.run([*trainer, *args], env=child_env(), check=True, capture_output=True, timeout=300)
     ev = d.wait_for(_published(2), timeout=240)
     assert d.stop() == 0
+    # The worker kept from version 1 still runs the old helper: retired, not reused.
+    first_worker = next(e["pid"] for e in ev if e["event"] == "child_started")
+    changed = [e for e in ev if e["event"] == "exporter_retired" and e["pid"] == first_worker]
+    assert [e["reason"] for e in changed] == [f"code_changed: {code / 'helper.py'}"], changed
     (failed,) = [e for e in ev if e["event"] == "incremental_export_failed"]
     assert failed["checkpoint"].endswith("ckpt-7") and failed["reason"] == "output_mismatch"
     exported = [e for e in _exported(d) if e["checkpoint"].endswith("ckpt-7")]

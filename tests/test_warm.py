@@ -152,7 +152,7 @@ def test_the_pool_keeps_exporters_by_key_evicts_the_longest_idle_and_expires_idl
 
         # Handed out only for its own key and with the settings it was started with.
         assert pool.take_kept("k1", "{}") == (None, None)
-        assert pool.take_kept("k2", '{"other": 1}') == (None, "config_changed")
+        assert pool.take_kept("k2", '{"other": 1}') == (None, (second, "config_changed"))
         assert _gone(second.proc.pid)
         child, why = pool.take_kept("k3", "{}")
         assert child is third and why is None and pool.kept == {}
@@ -161,7 +161,7 @@ def test_the_pool_keeps_exporters_by_key_evicts_the_longest_idle_and_expires_idl
         src = tmp_path / "bld.py"
         src.write_text("x = 1\n")
         pool.keep(third, "k3", {str(src): [0, 1]}, limit=2)
-        assert pool.take_kept("k3", "{}") == (None, f"code_changed: {src}")
+        assert pool.take_kept("k3", "{}") == (None, (third, f"code_changed: {src}"))
         assert _gone(third.proc.pid)
 
         # Idle for longer than allowed.
