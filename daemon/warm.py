@@ -64,8 +64,7 @@ class WarmChild:
     settings: str  # the JSON it was started with: limits, GPU, parent, max_exports
     #: Read end of the pipe on which a reusable exporter says ``done``; None: single-use.
     done: IO[bytes] | None = None
-    #: Set once kept: the exporter key, and the code files it imported (path -> [mtime_ns, size]).
-    key: str | None = None
+    #: Set once kept: the code files it imported (path -> [mtime_ns, size]).
     code_files: dict[str, list[int]] = field(default_factory=dict)
     exports: int = 0  # requests handed so far
     idle_since: float = 0.0
@@ -242,7 +241,7 @@ class WarmPool:
 
         Beyond ``limit`` kept exporters the one idle longest is stopped.
         """
-        child.key, child.code_files = key, dict(code_files)
+        child.code_files = dict(code_files)
         child.idle_since = time.monotonic()
         previous = self.kept.pop(key, None)
         evicted = [] if previous is None or previous is child else [previous]

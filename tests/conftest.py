@@ -18,6 +18,15 @@ REPO = Path(__file__).resolve().parent.parent
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 
 
+def pid_gone(pid: int) -> bool:
+    """True once ``pid`` no longer exists or is a zombie nobody reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def niceness(pid: int) -> int:
     """The nice value of ``pid`` from /proc (field 19; the name, field 2, may hold spaces)."""
     with open(f"/proc/{pid}/stat") as f:

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, child_env, run_script, train, version_dirs, write_config
+from conftest import (
+    Daemon,
+    child_env,
+    pid_gone,
+    run_script,
+    train,
+    version_dirs,
+    write_config,
+)
 
 from daemon.versions import REPORT_RELPATH, read_metadata
 
@@ -209,16 +217,8 @@ def test_a_validator_started_with_an_export_that_fails_is_stopped(
     (early,) = [e for e in ev if e["event"] == "child_started" and e.get("early")]
     assert early["checkpoint"].endswith("ckpt-10")
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not _gone(early["pid"]):
+    while time.monotonic() < deadline and not pid_gone(early["pid"]):
         time.sleep(0.1)
-    assert _gone(early["pid"])
+    assert pid_gone(early["pid"])
     assert sum(e["event"] == "validated" for e in d.events()) == 1
     assert d.stop() == 0
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True

@@ -15,21 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import child_env, niceness, train, version_dirs, write_config
+from conftest import child_env, niceness, pid_gone, train, version_dirs, write_config
 
 from daemon.warm import WARM_MODULES, WarmChild, WarmPool, code_changed
 
 LIMITS = {"nice": 3, "io_class": "default", "threads": 1}
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    # A zombie still answers kill(0); it has exited all the same.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_pool_starts_one_child_per_module_replaces_stale_ones_and_stops_them() -> None:
@@ -49,7 +39,7 @@ def test_pool_starts_one_child_per_module_replaces_stale_ones_and_stops_them() -
         # The config changed (another niceness): the waiting worker no longer fits.
         other = WarmPool.settings("daemon.worker", {**LIMITS, "nice": 5}, allow_gpu=False)
         assert pool.take("daemon.worker", other) is None
-        assert _gone(first["daemon.worker"])
+        assert pid_gone(first["daemon.worker"])
         assert pool.refill({"daemon.worker": other}) == ["daemon.worker"]
         assert pool.children["daemon.worker"].proc.pid != first["daemon.worker"]
 
@@ -62,7 +52,7 @@ def test_pool_starts_one_child_per_module_replaces_stale_ones_and_stops_them() -
         pids = [c.proc.pid for c in pool.children.values()]
         pool.close()
     assert pool.children == {}
-    assert all(_gone(pid) for pid in pids)
+    assert all(pid_gone(pid) for pid in pids)
 
 
 def test_a_disabled_pool_starts_nothing() -> None:
@@ -147,13 +137,13 @@ def test_the_pool_keeps_exporters_by_key_evicts_the_longest_idle_and_expires_idl
         assert pool.keep(second, "k2", {}, limit=2) == []
         # A third key over the limit of two: the one idle longest goes.
         assert pool.keep(third, "k3", {}, limit=2) == [first]
-        assert _gone(first.proc.pid) and sorted(pool.kept) == ["k2", "k3"]
+        assert pid_gone(first.proc.pid) and sorted(pool.kept) == ["k2", "k3"]
         assert pool.rss_bytes() > 0
 
         # Handed out only for its own key and with the settings it was started with.
         assert pool.take_kept("k1", "{}") == (None, None)
         assert pool.take_kept("k2", '{"other": 1}') == (None, (second, "config_changed"))
-        assert _gone(second.proc.pid)
+        assert pid_gone(second.proc.pid)
         child, why = pool.take_kept("k3", "{}")
         assert child is third and why is None and pool.kept == {}
 
@@ -162,17 +152,17 @@ def test_the_pool_keeps_exporters_by_key_evicts_the_longest_idle_and_expires_idl
         src.write_text("x = 1\n")
         pool.keep(third, "k3", {str(src): [0, 1]}, limit=2)
         assert pool.take_kept("k3", "{}") == (None, (third, f"code_changed: {src}"))
-        assert _gone(third.proc.pid)
+        assert pid_gone(third.proc.pid)
 
         # Idle for longer than allowed.
         fourth = _sleeper()
         pool.keep(fourth, "k4", {}, limit=2)
         assert pool.expire(3600) == []
         fourth.idle_since -= 10
-        assert pool.expire(5) == [fourth] and _gone(fourth.proc.pid)
+        assert pool.expire(5) == [fourth] and pid_gone(fourth.proc.pid)
     finally:
         pool.close()
-    assert all(_gone(c.proc.pid) for c in (first, second, third))
+    assert all(pid_gone(c.proc.pid) for c in (first, second, third))
 
 
 def _pids(ev: list[dict[str, Any]], phase: str) -> list[int]:
@@ -195,7 +185,7 @@ def test_one_export_worker_serves_successive_exports_until_its_count_is_reached(
     assert pids[0] == pids[1] != pids[2], pids
     assert [e["reused"] for e in exported] == [0, 1, 0]
     assert [bool(e["incremental_from"]) for e in exported] == [False, True, True]
-    assert _gone(pids[0])
+    assert pid_gone(pids[0])
     # Validators stay single-use: one process per validation, none of them an exporter.
     validators = _pids(ev, "validate")
     assert len(set(validators)) == 3 and not set(validators) & set(pids)
@@ -221,9 +211,9 @@ def test_an_idle_kept_export_worker_exits_and_single_use_workers_are_never_kept(
     (pid,) = _pids(ev, "export")
     assert retired["pid"] == pid and retired["reason"] == "idle" and retired["exports"] == 1
     deadline = time.monotonic() + 30
-    while not _gone(pid) and time.monotonic() < deadline:
+    while not pid_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _gone(pid)
+    assert pid_gone(pid)
     assert d.stop() == 0
 
     # exporter_max_exports = 1: every export in a process of its own.
@@ -233,5 +223,5 @@ def test_an_idle_kept_export_worker_exits_and_single_use_workers_are_never_kept(
     ev = d.wait_for(lambda ev: sum(e["event"] == "published" for e in ev) >= 2, what="2 versions")
     assert d.stop() == 0
     pids = _pids(ev, "export")
-    assert len(set(pids)) == 2 and all(_gone(p) for p in pids)
+    assert len(set(pids)) == 2 and all(pid_gone(p) for p in pids)
     assert [e["reused"] for e in ev if e["event"] == "exported"] == [0, 0]

@@ -241,15 +241,6 @@ def wait_children(base: Path, module: str, timeout: float = 60) -> list[int]:
         time.sleep(0.02)
 
 
-def pid_gone(pid: int) -> bool:
-    """True once ``pid`` no longer exists or is a zombie nobody reaped yet."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
 # --- the base path ------------------------------------------------------------
 
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import train, version_dirs, write_config
-from faultkit import Kit, kit_for, metric_value, pid_gone, temp_dirs, wait_children
+from conftest import pid_gone, train, version_dirs, write_config
+from faultkit import Kit, kit_for, metric_value, temp_dirs, wait_children
 
 pytestmark = pytest.mark.faults
 BUILDERS = str(Path(__file__).resolve().parent.parent / "builders")
