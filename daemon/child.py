@@ -23,7 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from daemon import exitcodes
 from daemon.publish import write_json_atomic
@@ -183,7 +183,10 @@ def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
     if len(argv) in (3, 5) and argv[1] == "--warm":
         settings = json.loads(argv[2])
         die_with_parent(int(settings["parent_pid"]))
-        prepare_from_request(settings, allow_gpu=bool(settings.get("allow_gpu")))
+        if not settings.get("forked"):
+            # A child forked by daemon.zygote has its limits already (and
+            # niceness is relative: applying it twice would add it twice).
+            prepare_from_request(settings, allow_gpu=bool(settings.get("allow_gpu")))
         import tensorflow  # noqa: F401  (the point of a warm child)
 
         if not validator:
@@ -290,7 +293,7 @@ def finish(result_path: Path, result: Mapping[str, Any]) -> int:
     return exitcodes.PERMANENT_FAILURE if result.get("permanent") else exitcodes.TRANSIENT_FAILURE
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End this child with ``code`` at once, skipping the interpreter's teardown.
 
     The result file is already written and fsynced (:func:`finish`) and every

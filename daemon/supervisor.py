@@ -79,7 +79,7 @@ from daemon.versions import (
     published_versions,
     step_version,
 )
-from daemon.warm import WARM_MODULES, WarmChild, WarmPool
+from daemon.warm import WARM_MODULES, Proc, WarmChild, WarmPool
 from daemon.warm import stop as warm_stop
 from daemon.watch import Watcher
 
@@ -118,7 +118,7 @@ class Job:
     staging: Path | None = None
     temp_dir: Path | None = None
     pinned: Path | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Proc | None = None
     #: The warm child running the phase, if one does (a kept exporter goes back to the pool).
     child: WarmChild | None = None
     #: Set by the waiting thread when the phase's process finished its request.
@@ -1037,9 +1037,9 @@ class Supervisor:
         return WarmPool.settings(module, self._child_limits(), d.allow_gpu, d.exporter_max_exports)
 
     def _refill_warm(self) -> None:
-        """Keep one warm worker and one warm validator ready (``warm_workers``).
+        """Keep a zygote ready to fork workers and validators (``warm_workers``).
 
-        Only while an export slot is free: a child importing TensorFlow next
+        Only while an export slot is free: a zygote importing TensorFlow next
         to a running export would take CPU from it (and from the trainer) to
         save time for an export that cannot start yet anyway.
         """
@@ -1345,7 +1345,7 @@ class Supervisor:
     def _command_gate_done(self, job: Job) -> None:
         """Publish when the gate command exited 0; gate the checkpoint out otherwise."""
         assert job.proc is not None and job.staging is not None
-        code = job.proc.returncode
+        code = job.proc.wait()  # it has exited: that is why we are here
         output = _tail(job.staging / "gate.log")
         if code < 0:
             self._fail(
@@ -1696,7 +1696,7 @@ def _str_or_none(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def _kill_group(proc: subprocess.Popen[bytes], grace: float = 0.0) -> None:
+def _kill_group(proc: Proc, grace: float = 0.0) -> None:
     """SIGTERM the child's process group, then SIGKILL after ``grace`` seconds."""
     with contextlib.suppress(ProcessLookupError):
         if grace > 0:

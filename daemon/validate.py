@@ -40,7 +40,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from daemon import bundle, child, exitcodes, samples, warmup
 
@@ -630,5 +630,10 @@ def main(argv: list[str]) -> int:
     return child.finish(Path(req["result"]), result)
 
 
+def run(argv: list[str]) -> NoReturn:
+    """The process's entry point, cold, warm or forked by :mod:`daemon.zygote`; exits."""
+    child.exit_now(main(argv))
+
+
 if __name__ == "__main__":
-    child.exit_now(main(sys.argv))
+    run(sys.argv)

@@ -1,13 +1,16 @@
-"""Warm children: worker and validator processes started ahead of time.
+"""Warm children: export workers and validators with TensorFlow already imported.
 
-Importing TensorFlow takes seconds; a warm child pays for it while the
-daemon is idle, so an export starts with TensorFlow already loaded.
+Importing TensorFlow takes seconds of CPU; warm children do not pay it per
+export.
 
 Contract:
 
-- The pool keeps at most one *fresh* child per module (``daemon.worker``,
-  ``daemon.validate``): TensorFlow (and Keras) imported, no user code, no
-  model.
+- Fresh children are forked from a *zygote* (:mod:`daemon.zygote`), a
+  process that imported TensorFlow and Keras under the children's limits
+  and does nothing else: no user code, no model. The pool keeps one zygote
+  per set of limits (one with the default config; two when the export
+  worker may see the GPU and the validator may not), started ahead of
+  time, and forks a child from it when an export or a validation starts.
 - A validator is **single-use**: it runs one request and exits, so it has
   never loaded another model or the user's builder. It may be handed its
   request while the export is still running (``hand(..., then_go=True)``),
@@ -23,16 +26,17 @@ Contract:
   of the code it imported changed on disk (:func:`code_changed`), when its
   limits no longer match the config, and beyond ``limit`` kept exporters
   (the longest idle goes first). A failed export always ends the process.
-- Memory of idle children is therefore bounded: two fresh TensorFlow
-  processes plus at most ``limit`` kept exporters (the supervisor passes its
-  ``concurrency``, the number that can be busy at once anyway);
-  :meth:`WarmPool.rss_bytes` reports it.
+- Memory of idle children is therefore bounded: the zygotes plus at most
+  ``limit`` kept exporters (the supervisor passes its ``concurrency``, the
+  number that can be busy at once anyway); :meth:`WarmPool.rss_bytes`
+  reports it. A forked child shares the zygote's pages until it writes them.
 - The child learns each request by one line on stdin (the request path);
-  EOF means "exit without work". Its priority and limits (nice, I/O class,
-  threads, GPU visibility) are fixed at start, before TensorFlow is
-  imported, so a child whose limits no longer match the config is replaced.
-- A warm child that died while waiting (out of memory, killed) is dropped
-  and the caller starts a cold one: the pool only ever saves time.
+  EOF means "exit without work". Limits (nice, I/O class, threads, GPU
+  visibility) are fixed when the zygote starts, before TensorFlow is
+  imported, so a zygote whose limits no longer match the config is
+  replaced (the one replaced lives on until the children it forked exit).
+- A zygote that died or does not answer is replaced at the next refill and
+  the caller starts a cold child meanwhile: the pool only ever saves time.
 """
 
 from __future__ import annotations
@@ -42,14 +46,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeAlias
 
 from daemon.child import DONE
+from daemon.zygote import ForkedProc, Zygote
+
+#: A child process, started by the daemon or forked by a zygote.
+Proc: TypeAlias = "subprocess.Popen[bytes] | ForkedProc"
 
 #: The modules whose children can be started warm.
 WARM_MODULES = ("daemon.worker", "daemon.validate")
@@ -60,7 +67,7 @@ class WarmChild:
     """A started child waiting for its request on stdin."""
 
     module: str
-    proc: subprocess.Popen[bytes]
+    proc: Proc
     settings: str  # the JSON it was started with: limits, GPU, parent, max_exports
     #: Read end of the pipe on which a reusable exporter says ``done``; None: single-use.
     done: IO[bytes] | None = None
@@ -72,7 +79,7 @@ class WarmChild:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def hand(self, request_path: str, *, then_go: bool = False) -> subprocess.Popen[bytes]:
+    def hand(self, request_path: str, *, then_go: bool = False) -> Proc:
         """Give the child a request; until it is done it belongs to the caller.
 
         A single-use child gets EOF right after the line, so it exits even if
@@ -110,13 +117,6 @@ class WarmChild:
         return False
 
 
-def warm_command(module: str, settings: str, done_fd: int | None = None) -> list[str]:
-    argv = [sys.executable, "-m", module, "--warm", settings]
-    if done_fd is not None:
-        argv += ["--done-fd", str(done_fd)]
-    return argv
-
-
 def code_changed(files: Mapping[str, list[int]]) -> str | None:
     """The first of ``files`` whose modification time or size differs now (or that is gone).
 
@@ -136,10 +136,10 @@ def code_changed(files: Mapping[str, list[int]]) -> str | None:
 
 
 def warm_children_of(parent_pid: int) -> list[int]:
-    """PIDs of the processes started by :func:`warm_command` for ``parent_pid``, from /proc.
+    """PIDs of the zygotes of ``parent_pid`` and the children they forked, from /proc.
 
-    For observers outside the pool (the fault tests, the benchmarks): a warm
-    child that was handed work still carries its ``--warm`` settings.
+    For observers outside the pool (the fault tests, the benchmarks): a
+    forked child shows its zygote's command line, ``--warm`` settings included.
     """
     pids = []
     for entry in Path("/proc").iterdir():
@@ -152,12 +152,13 @@ def warm_children_of(parent_pid: int) -> list[int]:
 
 
 class WarmPool:
-    """One fresh child per module, and kept exporters; see the module docstring."""
+    """Zygotes that fork fresh children, and kept exporters; see the module docstring."""
 
     def __init__(self, *, enabled: bool, env: dict[str, str] | None = None) -> None:
         self.enabled = enabled
         self.env = env
-        self.children: dict[str, WarmChild] = {}
+        self.zygotes: dict[str, Zygote] = {}  # zygote settings -> zygote
+        self.retiring: list[Zygote] = []  # replaced; exit once their children have
         self.kept: dict[str, WarmChild] = {}  # exporter key -> exporter waiting for its model
 
     @staticmethod
@@ -174,63 +175,68 @@ class WarmPool:
             sort_keys=True,
         )
 
+    @staticmethod
+    def zygote_settings(settings: str) -> str:
+        """The part of a child's ``settings`` fixed in its zygote: all but ``max_exports``."""
+        data = json.loads(settings)
+        data.pop("max_exports", None)
+        return json.dumps(data, sort_keys=True)
+
     def take(self, module: str, settings: str) -> WarmChild | None:
-        """The ready child for ``module`` started with ``settings``, or None."""
-        child = self.children.pop(module, None)
-        if child is None:
-            return None
-        if child.alive() and child.settings == settings:
-            return child
-        stop(child)
-        return None
+        """A fresh ``module`` child with ``settings``, forked now; None without a live zygote.
 
-    def refill(self, settings_for: dict[str, str]) -> list[str]:
-        """Start a child for every module that has none; returns the modules started.
-
-        ``settings_for`` maps each module to the settings it must have now; a
-        waiting child with other settings (the config was reloaded) or a dead
-        one is replaced.
+        Waits while the zygote is still importing TensorFlow (once, seconds
+        after it started): the import it finishes is the one a cold child
+        would start from the beginning.
         """
-        if not self.enabled:
-            return []
-        started = []
-        for module, settings in settings_for.items():
-            child = self.children.get(module)
-            if child is not None and child.alive() and child.settings == settings:
-                continue
-            if child is not None:
-                stop(child)
-            self.children[module] = self._start(module, settings)
-            started.append(module)
-        return started
-
-    def _start(self, module: str, settings: str) -> WarmChild:
+        zygote = self.zygotes.get(self.zygote_settings(settings))
+        if zygote is None or not zygote.alive():
+            return None
         done_r = done_w = None
         if json.loads(settings).get("max_exports", 1) > 1:
             # A pipe of its own: the child's stdout and stderr go to each
             # job's log, so "done" cannot travel on them.
             done_r, done_w = os.pipe()
         try:
-            proc = subprocess.Popen(
-                warm_command(module, settings, done_w),
-                stdin=subprocess.PIPE,
-                # Until it has a request there is nowhere useful to write;
-                # with a request the child points its output at the job's log.
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env=self.env,
-                # Its own process group, like a cold child: a timeout kills
-                # everything it started, and Ctrl-C reaches only the supervisor.
-                start_new_session=True,
-                pass_fds=() if done_w is None else (done_w,),
-            )
+            proc = zygote.fork(module, settings, done_w=done_w)
         finally:
             # The child holds the write end now; closing ours means the read
             # ends with EOF as soon as the child is gone.
             if done_w is not None:
                 os.close(done_w)
+        if proc is None:
+            if done_r is not None:
+                os.close(done_r)
+            return None
         done = None if done_r is None else os.fdopen(done_r, "rb", buffering=0)
         return WarmChild(module, proc, settings, done=done)
+
+    def refill(self, settings_for: dict[str, str]) -> list[Zygote]:
+        """Have a live zygote for each module's settings; returns the zygotes started.
+
+        ``settings_for`` maps each module to the settings its children must
+        have now. A dead zygote is replaced; one whose settings no longer
+        serve any module (the config was reloaded) is told to exit once the
+        children it forked have.
+        """
+        if not self.enabled:
+            return []
+        wanted = {self.zygote_settings(s) for s in settings_for.values()}
+        for key in [k for k in self.zygotes if k not in wanted]:
+            old = self.zygotes.pop(key)
+            old.close()
+            self.retiring.append(old)
+        self.retiring = [z for z in self.retiring if z.alive()]
+        started = []
+        for key in sorted(wanted):
+            zygote = self.zygotes.get(key)
+            if zygote is not None and zygote.alive():
+                continue
+            if zygote is not None:
+                zygote.kill()
+            self.zygotes[key] = Zygote(key, self.env)
+            started.append(self.zygotes[key])
+        return started
 
     # --- kept exporters -----------------------------------------------------
 
@@ -294,18 +300,24 @@ class WarmPool:
     # --- accounting -----------------------------------------------------------
 
     def rss_bytes(self) -> int:
-        """Resident memory of the waiting children, kept exporters included (0 where unreadable)."""
-        total = 0
-        for child in (*self.children.values(), *self.kept.values()):
-            total += _rss(child.proc.pid)
-        return total
+        """Resident memory of the zygotes and kept exporters (0 where unreadable).
+
+        A sum of RSS counts the pages a kept exporter still shares with its
+        zygote twice: an upper bound.
+        """
+        pids = [z.proc.pid for z in self.zygotes.values() if z.alive()]
+        pids += [c.proc.pid for c in self.kept.values()]
+        return sum(_rss(pid) for pid in pids)
 
     def close(self) -> None:
-        """Stop every waiting child (EOF on stdin, then a kill if it lingers)."""
-        for child in (*self.children.values(), *self.kept.values()):
+        """Stop the kept exporters and the zygotes (a child they forked dies with them)."""
+        for child in self.kept.values():
             stop(child)
-        self.children.clear()
         self.kept.clear()
+        for zygote in (*self.zygotes.values(), *self.retiring):
+            zygote.kill()
+        self.zygotes.clear()
+        self.retiring.clear()
 
 
 def stop(child: WarmChild) -> None:

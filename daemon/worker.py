@@ -35,7 +35,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from daemon import child, incremental, samples, serving_inputs, warmup
 
@@ -298,10 +298,15 @@ def serve_one(req: dict[str, Any]) -> int:
     return child.finish(Path(req["result"]), result)
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> NoReturn:
+    """The process's entry point, cold, warm or forked by :mod:`daemon.zygote`; exits."""
     os.umask(0o022)
+    child.exit_now(main(argv))
+
+
+if __name__ == "__main__":
     # Run as daemon.worker, not as __main__: the sources import daemon.worker,
     # and the model it keeps between requests must live in one module.
     from daemon import worker
 
-    child.exit_now(worker.main(sys.argv))
+    worker.run(sys.argv)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 import urllib.request
@@ -22,54 +23,107 @@ from daemon.warm import WARM_MODULES, WarmChild, WarmPool, code_changed
 LIMITS = {"nice": 3, "io_class": "default", "threads": 1}
 
 
-def test_pool_starts_one_child_per_module_replaces_stale_ones_and_stops_them() -> None:
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the name: [0] state, [1] ppid, [3] session."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def test_the_pool_forks_fresh_children_from_one_zygote_with_the_limits_applied_once(
+    tmp_path: Path,
+) -> None:
     pool = WarmPool(enabled=True, env=child_env())
     settings = {m: WarmPool.settings(m, LIMITS, allow_gpu=False) for m in WARM_MODULES}
     try:
-        assert sorted(pool.refill(settings)) == sorted(WARM_MODULES)
-        assert pool.refill(settings) == []  # already warm: nothing new
-        first = {m: c.proc.pid for m, c in pool.children.items()}
-        # Limits are applied as the child starts, before TensorFlow is imported.
+        # Worker and validator have the same limits here: one zygote serves both.
+        (zygote,) = pool.refill(settings)
+        assert pool.refill(settings) == []  # already there: nothing new
         want = min(19, os.nice(0) + 3)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(niceness(p) != want for p in first.values()):
+        while time.monotonic() < deadline and niceness(zygote.proc.pid) != want:
             time.sleep(0.05)
-        assert [niceness(p) for p in first.values()] == [want, want]
+        assert niceness(zygote.proc.pid) == want  # applied before TensorFlow is imported
 
-        # The config changed (another niceness): the waiting worker no longer fits.
-        other = WarmPool.settings("daemon.worker", {**LIMITS, "nice": 5}, allow_gpu=False)
-        assert pool.take("daemon.worker", other) is None
-        assert pid_gone(first["daemon.worker"])
-        assert pool.refill({"daemon.worker": other}) == ["daemon.worker"]
-        assert pool.children["daemon.worker"].proc.pid != first["daemon.worker"]
+        validator = pool.take("daemon.validate", settings["daemon.validate"])
+        assert validator is not None and validator.done is None
+        pid = validator.proc.pid
+        fields = _stat(pid)
+        # The zygote's child, in a session of its own, named for its role; the
+        # niceness came with the fork and was not added a second time.
+        assert (int(fields[1]), int(fields[3])) == (zygote.proc.pid, pid)
+        assert _comm(pid) == "ckpt-validate" and niceness(pid) == want
+        autogroup = Path(f"/proc/{pid}/autogroup")
+        if autogroup.exists():
+            assert autogroup.read_text().split()[-1] == str(want - os.nice(0))
+        # Its exit code travels back through the zygote: a request file that is
+        # not there ends the child with the software-error code.
+        validator.hand(str(tmp_path / "missing.json"))
+        assert validator.proc.wait(timeout=60) == 70
+        assert pid_gone(pid)
 
-        # Once TensorFlow is in, the waiting children hold real memory and it is reported.
-        deadline = time.monotonic() + 120
-        while pool.rss_bytes() < 200 * 2**20 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        # A reusable exporter gets its done pipe; killed, it reports the signal.
+        worker = pool.take(
+            "daemon.worker", WarmPool.settings("daemon.worker", LIMITS, False, max_exports=3)
+        )
+        assert worker is not None and worker.done is not None
+        assert _comm(worker.proc.pid) == "ckpt-worker"
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+        assert worker.proc.wait(timeout=30) == -signal.SIGKILL
+        assert worker.wait_done() is False  # the pipe ended with the process
+
+        # The config changed (another niceness): a new zygote; the old one
+        # lives until the child it forked has exited, then goes by itself.
+        busy = pool.take("daemon.validate", settings["daemon.validate"])
+        assert busy is not None
+        other = {m: WarmPool.settings(m, {**LIMITS, "nice": 5}, allow_gpu=False) for m in settings}
+        (second,) = pool.refill(other)
+        assert pool.take("daemon.validate", settings["daemon.validate"]) is None
+        assert pool.retiring == [zygote]
+        time.sleep(0.5)
+        assert zygote.alive() and not pid_gone(busy.proc.pid)
+        busy.proc.stdin.close()  # type: ignore[union-attr]  # EOF: exit without work
+        assert busy.proc.wait(timeout=30) == 0
+        zygote.proc.wait(timeout=30)
+        assert not zygote.alive()
+
+        # Once TensorFlow is in, the zygote holds real memory and it is reported.
+        assert pool.take("daemon.validate", other["daemon.validate"]) is not None
         assert pool.rss_bytes() >= 200 * 2**20
     finally:
-        pids = [c.proc.pid for c in pool.children.values()]
         pool.close()
-    assert pool.children == {}
-    assert all(pid_gone(pid) for pid in pids)
+    assert pool.zygotes == {} and pid_gone(second.proc.pid)
 
 
 def test_a_disabled_pool_starts_nothing() -> None:
     pool = WarmPool(enabled=False)
     assert pool.refill({"daemon.worker": "{}"}) == []
-    assert pool.children == {} and pool.rss_bytes() == 0
+    assert pool.zygotes == {} and pool.rss_bytes() == 0
 
 
-def test_a_warm_child_that_died_waiting_is_not_handed_work() -> None:
+def test_children_die_with_their_zygote_and_a_dead_zygote_is_replaced() -> None:
     pool = WarmPool(enabled=True, env=child_env())
     settings = WarmPool.settings("daemon.validate", LIMITS, allow_gpu=False)
-    pool.refill({"daemon.validate": settings})
-    proc = pool.children["daemon.validate"].proc
-    proc.kill()
-    proc.wait()
-    assert pool.take("daemon.validate", settings) is None
-    assert pool.children == {}
+    try:
+        (zygote,) = pool.refill({"daemon.validate": settings})
+        child = pool.take("daemon.validate", settings)
+        assert child is not None
+        os.kill(zygote.proc.pid, signal.SIGKILL)
+        # The child was waiting for its request: it goes with its zygote
+        # (PR_SET_PDEATHSIG), and the pool says so as a Popen would.
+        assert child.proc.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while not pid_gone(child.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_gone(child.proc.pid)
+        assert pool.take("daemon.validate", settings) is None  # nobody to fork it
+        (again,) = pool.refill({"daemon.validate": settings})
+        assert again is not zygote
+        assert pool.take("daemon.validate", settings) is not None
+    finally:
+        pool.close()
 
 
 def _metric(port: str, name: str) -> float:

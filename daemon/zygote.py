@@ -1,0 +1,342 @@
+"""The zygote: one process with TensorFlow imported that forks fresh children.
+
+Importing TensorFlow costs 2-3 s of CPU. A single-use validator would pay
+it for every checkpoint, and on a machine where the trainer leaves a core
+idle between steps that CPU is taken from the trainer even at nice 19 (the
+benchmark measures it). The zygote pays once: it applies the children's
+limits, imports TensorFlow and Keras, then forks a child per request, in
+milliseconds. A forked child has loaded no model and no user code (the
+zygote never does either), so a validator forked from it is as fresh as
+one started from scratch.
+
+Contract:
+
+- Started by :class:`Zygote` as ``python -m daemon.zygote --warm SETTINGS
+  --sock FD``; ``SETTINGS`` are a warm child's (``parent_pid``, ``limits``,
+  ``allow_gpu``), applied before TensorFlow is imported, so every child it
+  forks inherits them (niceness, I/O class, thread caps, GPU visibility).
+- It talks to the supervisor over a ``SOCK_SEQPACKET`` socket pair, one
+  message per datagram. To the zygote: a JSON fork request ``{"module",
+  "settings", "done"}`` carrying file descriptors (the child's stdin and,
+  for a reusable exporter, its done pipe). From it: ``ready`` once
+  TensorFlow is in; ``forked PID`` or ``error TEXT`` per request; ``exit PID
+  CODE`` when a child ends, ``CODE`` as :attr:`subprocess.Popen.returncode`
+  (negative: killed by that signal).
+- A forked child starts a session of its own (like a cold child: a timeout
+  kills its whole group), names itself ``ckpt-worker`` or ``ckpt-validate``
+  (``ps``, ``top``), and then runs exactly what a warm child started by
+  ``python -m MODULE --warm`` runs: it dies with the zygote, which dies
+  with the supervisor (``PR_SET_PDEATHSIG``).
+- EOF from the supervisor means "no more forks": the zygote exits once its
+  last child has exited and been reported. So a zygote replaced after a
+  config reload lets the exports it forked finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import json
+import os
+import queue
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from typing import IO, Any, NoReturn
+
+from daemon import child, exitcodes
+
+#: What a forked child calls itself in /proc/PID/comm (at most 15 bytes).
+CHILD_NAMES = {"daemon.worker": "ckpt-worker", "daemon.validate": "ckpt-validate"}
+ZYGOTE_NAME = "ckpt-zygote"
+#: Longest a fork request waits for the zygote's answer.
+FORK_TIMEOUT_SECONDS = 10.0
+_PR_SET_NAME = 15
+
+
+def set_process_name(name: str) -> None:
+    """Set this process's name as ``ps`` and ``top`` show it (Linux; ignored elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+class ForkedProc:
+    """A child forked by a zygote, with the part of :class:`subprocess.Popen` the daemon uses.
+
+    The supervisor is not its parent, so it cannot ``waitpid`` it: the
+    zygote reaps it and reports the exit code, which :meth:`wait` waits for.
+    Like ``Popen``, the PID is the supervisor's to signal until the exit is
+    known (the zygote reaps first, so a signal sent in the instant between
+    could in principle reach a reused PID; Linux hands PIDs out in order, so
+    that needs the whole PID space to wrap around in that instant).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.stdin: IO[bytes] | None = None  # set by Zygote.fork
+        self.returncode: int | None = None
+        self._exited = threading.Event()
+
+    def _set_exit(self, code: int) -> None:
+        self.returncode = code
+        self._exited.set()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired(f"forked child {self.pid}", timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+
+class Zygote:
+    """The supervisor's handle on one zygote process (see the module docstring)."""
+
+    def __init__(self, settings: str, env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon.zygote", "--warm", settings],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**(env or os.environ), "CKPT_EXPORTER_ZYGOTE_FD": str(theirs.fileno())},
+                # Its own session: Ctrl-C in a terminal reaches only the supervisor.
+                start_new_session=True,
+                pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._ready = threading.Event()
+        self._gone = threading.Event()
+        self._replies: queue.Queue[str] = queue.Queue()
+        self._children: dict[int, ForkedProc] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, name="zygote-reader", daemon=True).start()
+
+    def alive(self) -> bool:
+        return not self._gone.is_set() and self.proc.poll() is None
+
+    def fork(self, module: str, settings: str, *, done_w: int | None = None) -> ForkedProc | None:
+        """A fresh ``module`` child started like ``python -m MODULE --warm SETTINGS``.
+
+        Waits for the zygote to finish importing TensorFlow (seconds, once
+        after it starts) and for its answer; None if it died or did not answer
+        (the caller then starts a child from scratch). ``done_w`` is the
+        write end of a reusable exporter's done pipe; the caller keeps its own
+        copy and closes it.
+        """
+        if not self._ready.wait(FORK_TIMEOUT_SECONDS * 6) or not self.alive():
+            return None
+        stdin_r, stdin_w = os.pipe()
+        fds = [stdin_r] if done_w is None else [stdin_r, done_w]
+        request = {"module": module, "settings": settings, "done": done_w is not None}
+        try:
+            socket.send_fds(self._sock, [json.dumps(request).encode()], fds)
+            reply = self._replies.get(timeout=FORK_TIMEOUT_SECONDS)
+        except (OSError, queue.Empty):
+            os.close(stdin_w)
+            self.kill()
+            return None
+        finally:
+            os.close(stdin_r)  # the child has its own copy now (or never will)
+        word, _, rest = reply.partition(" ")
+        if word != "forked":
+            os.close(stdin_w)
+            return None
+        with self._lock:
+            proc = self._children[int(rest)]
+        proc.stdin = os.fdopen(stdin_w, "wb")
+        return proc
+
+    def _read(self) -> None:
+        """The reader thread: route the zygote's messages; at EOF, end what it left behind."""
+        while True:
+            try:
+                msg = self._sock.recv(4096).decode()
+            except OSError:
+                msg = ""
+            if not msg:
+                break
+            word, _, rest = msg.partition(" ")
+            if word == "ready":
+                self._ready.set()
+            elif word == "forked":
+                # Registered here, before the main thread hears of it, so an
+                # exit reported right after cannot find nobody to tell.
+                with self._lock:
+                    self._children[int(rest)] = ForkedProc(int(rest))
+                self._replies.put(msg)
+            elif word == "error":
+                self._replies.put(msg)
+            elif word == "exit":
+                pid, code = (int(x) for x in rest.split())
+                with self._lock:
+                    proc = self._children.pop(pid, None)
+                if proc is not None:
+                    proc._set_exit(code)
+        self._gone.set()
+        self._ready.set()  # wake a fork() waiting for readiness: it sees the zygote gone
+        # The zygote is gone: its children got SIGKILL with it (PR_SET_PDEATHSIG).
+        with self._lock:
+            left, self._children = list(self._children.values()), {}
+        for proc in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc._set_exit(-signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        """No more forks: the zygote exits once the children it forked have exited."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def kill(self) -> None:
+        """Kill the zygote now; the children it forked die with it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
+# --- the zygote process ---------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] != "--warm":
+        print(
+            "usage: python -m daemon.zygote --warm SETTINGS (started by the daemon)",
+            file=sys.stderr,
+        )
+        return exitcodes.SOFTWARE
+    settings = json.loads(argv[2])
+    sock = socket.socket(fileno=int(os.environ.pop("CKPT_EXPORTER_ZYGOTE_FD")))
+    child.die_with_parent(int(settings["parent_pid"]))
+    set_process_name(ZYGOTE_NAME)
+    child.prepare_from_request(settings, allow_gpu=bool(settings.get("allow_gpu")))
+    # What every child needs, imported once. No model is built, no user
+    # module imported: that is what makes a forked validator fresh.
+    import keras  # noqa: F401
+    import tensorflow  # noqa: F401
+
+    from daemon import validate, worker  # noqa: F401
+
+    # SIGCHLD wakes the loop through a pipe, so an exit is reported at once
+    # (the supervisor waits for it to read the result).
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    sock.send(b"ready")
+    children: set[int] = set()
+    accepting = True
+    while accepting or children:
+        watch = [sock.fileno(), wake_r] if accepting else [wake_r]
+        readable, _, _ = select.select(watch, [], [], 5.0)
+        if wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 512)
+        for pid in list(children):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                children.discard(pid)
+                code = os.waitstatus_to_exitcode(status)
+                _send(sock, f"exit {pid} {code}")
+        if sock.fileno() in readable:
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, 65536, 4)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                accepting = False  # the supervisor said "no more" or is gone
+                continue
+            try:
+                pid = _fork(json.loads(data), fds, sock, (wake_r, wake_w))
+            except OSError as e:
+                _send(sock, f"error {e}")
+            else:
+                children.add(pid)
+                _send(sock, f"forked {pid}")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+    return exitcodes.OK
+
+
+def _send(sock: socket.socket, msg: str) -> None:
+    # The supervisor may be gone (then we are about to be killed too).
+    with contextlib.suppress(OSError):
+        sock.send(msg.encode())
+
+
+def _fork(
+    request: dict[str, Any], fds: list[int], sock: socket.socket, wake: tuple[int, int]
+) -> int:
+    module = str(request["module"])
+    if module not in CHILD_NAMES or len(fds) != (2 if request.get("done") else 1):
+        raise OSError(f"bad fork request {request!r} with {len(fds)} descriptors")
+    # The answer "forked PID" must not go out before the child has its own
+    # session: the supervisor may killpg(PID) at once, and until setsid()
+    # there is no such group. The child closes its end of this pipe right
+    # after setsid() (or dies): either way the read below returns.
+    sync_r, sync_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(sync_r)
+        _run_child(module, str(request["settings"]), fds, sock, (*wake, sync_w))
+    os.close(sync_w)
+    os.read(sync_r, 1)
+    os.close(sync_r)
+    return pid
+
+
+def _run_child(
+    module: str, settings: str, fds: list[int], sock: socket.socket, close: tuple[int, ...]
+) -> NoReturn:
+    """In the forked child: become a warm ``module`` child; never returns.
+
+    ``close`` holds the zygote's own descriptors, the last one the pipe
+    whose closing tells the zygote that the session exists.
+    """
+    code = exitcodes.SOFTWARE
+    try:
+        os.setsid()  # its own group, so that a timeout's killpg takes what it started
+        for fd in close:
+            os.close(fd)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sock.close()
+        os.dup2(fds[0], 0)
+        os.close(fds[0])
+        set_process_name(CHILD_NAMES[module])
+        mine = json.loads(settings)
+        # A new session is a new autogroup, at niceness 0 again; the rest of
+        # the limits (niceness, I/O class, environment) came with the fork.
+        child.set_autogroup_nice(int((mine.get("limits") or {}).get("nice", 0)))
+        # The zygote is this child's parent: it must die with the zygote.
+        mine["parent_pid"] = os.getppid()
+        mine["forked"] = True
+        argv = [module, "--warm", json.dumps(mine, sort_keys=True)]
+        if len(fds) == 2:
+            argv += ["--done-fd", str(fds[1])]
+        sys.argv = argv
+        importlib.import_module(module).run(argv)  # ends the process itself
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else exitcodes.SOFTWARE
+    except BaseException:
+        traceback.print_exc()
+    child.exit_now(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
