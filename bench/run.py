@@ -13,7 +13,8 @@ Scenarios (``--only`` picks some, ``--quick`` leaves out ResNet-50):
 - ``detection``: checkpoint-to-export-started with 200 watched directories.
 - ``idle``: CPU and RSS of the idle supervisor with 1 and 200 models.
 - ``training``: a CPU training loop's step time alone, then with the daemon
-  exporting ResNet-50 checkpoints beside it.
+  exporting ResNet-50 checkpoints beside it (back to back, and one every
+  15 s), and beside a process that only burns CPU at nice 19, for scale.
 - ``startup``: from exec to "started" and to the first export with 10,000
   versions in the base path and 1,000 checkpoints, against an empty start.
 
@@ -432,50 +433,141 @@ def _train_loop(seconds: float) -> dict[str, float]:
     return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def scenario_training(root: Path, seconds: float) -> dict[str, Any]:
-    """Step time alone, beside a daemon exporting ResNet-50 all along, then alone again.
+def tree_cpu_seconds(root_pid: int) -> float:
+    """CPU time used so far by ``root_pid`` and every descendant, living or reaped.
 
-    A new checkpoint lands as soon as the previous one is published, so the
-    daemon is busy for the whole middle run: the worst case. The two runs
-    alone bracket it, so that drift of the machine shows rather than hides.
+    Each live process counts its own time and that of the children it has
+    reaped (the kernel adds a reaped child's total to its parent's), so the
+    sum over the live tree counts every process once: a validator forked
+    and reaped by the zygote shows in the zygote's ``cutime``.
     """
-    src = root / "src-train"
-    prefixes = make_checkpoints("resnet50", src, 8)
-    before = _train_loop(seconds)
-    log(f"training alone: {before}")
-    with workspace(root, "training") as ws:
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+    tree, grew = {root_pid}, True
+    while grew:
+        more = {pid for pid, f in stats.items() if int(f[1]) in tree} - tree
+        tree |= more
+        grew = bool(more)
+    ticks = sum(sum(int(x) for x in stats[pid][11:15]) for pid in tree if pid in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_nice19(seconds: float) -> subprocess.Popen[bytes]:
+    """A process that only burns CPU, with the limits the daemon gives its children."""
+    code = (
+        "import sys, time\n"
+        "from daemon.child import prepare_tensorflow_env\n"
+        "prepare_tensorflow_env(False, nice=19, io_class='idle', threads=1)\n"
+        "end = time.monotonic() + float(sys.argv[1])\n"
+        "while time.monotonic() < end: pass\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(seconds)], env=ENV, cwd=REPO, start_new_session=True
+    )
+
+
+def _training_beside_daemon(
+    root: Path, seconds: float, src: Path, prefixes: list[str], interval: float | None
+) -> dict[str, Any]:
+    """The training loop beside a daemon exporting ResNet-50 checkpoints.
+
+    The first version is published before the loop starts. Then, with
+    ``interval`` None, a checkpoint lands as soon as the previous one is
+    published, so the daemon is busy all along (the worst case); otherwise
+    one lands every ``interval`` seconds, as a trainer's checkpoint period.
+    Counts are of the checkpoints landed while the loop ran.
+    """
+    label = "back-to-back" if interval is None else f"every-{interval:g}s"
+    with workspace(root, f"training-{label}") as ws:
         d = Daemon(ws, [model_table(ws, "m", "models:resnet50")], export_timeout_seconds=3600)
         try:
             d.wait("started")
+            # The first version is a full export (once per model and start);
+            # what a long training run lives with is the exports after it.
+            land(src, prefixes[0], ws / "ckpts" / "m")
+            d.wait("published")
             d.settle()
+            cpu0 = tree_cpu_seconds(d.proc.pid)
             trainer = subprocess.Popen(
                 [sys.executable, str(BENCH / "train_loop.py"), str(seconds)],
                 env=ENV,
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            landed = 0
+            landed, next_at = 1, time.monotonic() + 5.0  # past the trainer's warm-up
             while trainer.poll() is None:
-                if landed < len(prefixes) and len(d.events("published")) >= landed:
+                due = (
+                    len(d.events("published")) >= landed
+                    if interval is None
+                    else time.monotonic() >= next_at
+                )
+                if landed < len(prefixes) and due:
                     land(src, prefixes[landed], ws / "ckpts" / "m")
                     landed += 1
+                    next_at += interval or 0.0
                 time.sleep(0.2)
+            daemon_cpu = tree_cpu_seconds(d.proc.pid) - cpu0
             out_text, _ = trainer.communicate()
             beside = json.loads(out_text.strip().splitlines()[-1])
-            exports = len(d.events("export_started"))
+            published = len(d.events("published")) - 1
         finally:
             d.stop()
+    result = {
+        **beside,
+        "checkpoints_landed": landed - 1,
+        "published": published,
+        "daemon_cpu_seconds": daemon_cpu,
+        "daemon_cpu_seconds_per_published": daemon_cpu / max(1, published),
+    }
+    log(f"training beside the daemon, {label}: {result}")
+    return result
+
+
+def scenario_training(root: Path, seconds: float, interval: float) -> dict[str, Any]:
+    """Step time alone, beside a daemon exporting ResNet-50, then alone again.
+
+    Beside the daemon twice: with checkpoints back to back (the daemon busy
+    all along: the worst case) and with one every ``interval`` seconds. Two
+    runs alone bracket them, so that drift of the machine shows rather than
+    hides. For scale, also beside a process that does nothing but burn CPU
+    at the children's priority: what any CPU the daemon uses costs the
+    trainer on this machine, whatever its niceness.
+    """
+    src = root / "src-train"
+    prefixes = make_checkpoints("resnet50", src, 16)
+    before = _train_loop(seconds)
+    log(f"training alone: {before}")
+    burner = _busy_nice19(seconds + 10)
+    try:
+        busy = _train_loop(seconds)
+    finally:
+        burner.kill()
+        burner.wait()
+    log(f"training beside a busy nice-19 process: {busy}")
+    back_to_back = _training_beside_daemon(root, seconds, src, prefixes, None)
+    cadence = _training_beside_daemon(root, seconds, src, prefixes, interval)
     shutil.rmtree(src, ignore_errors=True)
-    log(f"training beside the daemon: {beside} ({exports} exports started)")
     after = _train_loop(seconds)
     log(f"training alone again: {after}")
     alone = (before["median_step_seconds"] + after["median_step_seconds"]) / 2
+
+    def slowdown(run: dict[str, Any]) -> float:
+        return float(run["median_step_seconds"]) / alone - 1
+
     return {
         "alone_before": before,
-        "beside_daemon": beside,
         "alone_after": after,
-        "exports_during_run": exports,
-        "slowdown": beside["median_step_seconds"] / alone - 1,
+        "beside_busy_nice19": {**busy, "slowdown": slowdown(busy)},
+        "beside_daemon": {**back_to_back, "slowdown": slowdown(back_to_back)},
+        "beside_daemon_cadence": {
+            **cadence,
+            "interval_seconds": interval,
+            "slowdown": slowdown(cadence),
+        },
+        "slowdown": slowdown(back_to_back),
     }
 
 
@@ -639,13 +731,30 @@ def table(results: dict[str, Any]) -> str:
             )
     t = results.get("training")
     if t:
+        alone = (
+            f"{t['alone_before']['median_step_seconds'] * 1e3:.1f} / "
+            f"{t['alone_after']['median_step_seconds'] * 1e3:.1f} ms alone"
+        )
+        for key, what in (
+            ("beside_daemon", "back to back"),
+            ("beside_daemon_cadence", "one every {interval_seconds:g} s"),
+        ):
+            run = t[key]
+            rows.append(
+                (
+                    f"training step beside ResNet-50 exports, {what.format(**run)}: slowdown",
+                    f"{100 * run['slowdown']:.1f} %",
+                    f"{run['median_step_seconds'] * 1e3:.1f} ms beside, {alone}; "
+                    f"{run['published']} published, daemon CPU "
+                    f"{run['daemon_cpu_seconds_per_published']:.1f} s each",
+                )
+            )
+        busy = t["beside_busy_nice19"]
         rows.append(
             (
-                "training step beside ResNet-50 exports: slowdown",
-                f"{100 * t['slowdown']:.1f} %",
-                f"{t['alone_before']['median_step_seconds'] * 1e3:.1f} / "
-                f"{t['alone_after']['median_step_seconds'] * 1e3:.1f} alone, "
-                f"{t['beside_daemon']['median_step_seconds'] * 1e3:.1f} ms beside",
+                "training step beside a CPU-bound nice-19 process: slowdown",
+                f"{100 * busy['slowdown']:.1f} %",
+                "scale: what a busy low-priority process costs here",
             )
         )
     s = results.get("startup")
@@ -690,7 +799,7 @@ def main() -> int:
             r, ["small"] if args.quick else ["small", "resnet50"], args.samples
         ),
         "idle_detection": lambda r: scenario_idle_and_detection(r, 2 * args.samples, 60.0),
-        "training": lambda r: scenario_training(r, 45.0),
+        "training": lambda r: scenario_training(r, 45.0, 15.0),
         "startup": lambda r: scenario_startup(r, 10_000, 1_000),
     }
     with tempfile.TemporaryDirectory(prefix="ckpt-exporter-bench-") as tmp:

@@ -134,7 +134,7 @@ class Metrics:
         )
         self.warm_children_bytes = Gauge(
             "ckpt_exporter_warm_children_resident_bytes",
-            "Resident memory of the worker and validator children waiting warm (0 when off).",
+            "Resident memory of the zygotes and the kept export workers (0 when off).",
             registry=r,
         )
         self.phase_seconds = Histogram(

@@ -29,6 +29,7 @@ from conftest import child_env
 
 from daemon.versions import METADATA_RELPATH, STATE_DIRNAME, TEMP_PREFIX, read_metadata
 from daemon.warm import warm_children_of
+from daemon.zygote import CHILD_NAMES
 
 HERE = Path(__file__).resolve().parent
 READER = HERE / "serving_reader.py"
@@ -202,15 +203,20 @@ def proc_cmdlines() -> dict[int, str]:
 def children_of_base(base: Path, module: str | None = None) -> list[int]:
     """PIDs of worker/validator children working for ``base``.
 
-    A cold child names its request (under the base path's staging) on its
-    command line; a warm child learns it on stdin, then points its stdout at
-    the job's log in the same staging folder, so both show in /proc.
+    A cold child names its module and its request (under the base path's
+    staging) on its command line; a child forked by a zygote shows the
+    zygote's command line but names its role in /proc/PID/comm, learns its
+    request on stdin and points its stdout at the job's log in the same
+    staging folder. Both show in /proc.
     """
     staging = str(base / STATE_DIRNAME / "staging")
     mods = [module] if module else ["daemon.worker", "daemon.validate"]
     pids = []
     for pid, cmd in proc_cmdlines().items():
-        if not any(f"-m {m} " in cmd for m in mods):
+        comm = ""
+        with contextlib.suppress(OSError):
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        if not any(f"-m {m} " in cmd or comm == CHILD_NAMES[m] for m in mods):
             continue
         with contextlib.suppress(OSError):
             if staging in cmd or os.readlink(f"/proc/{pid}/fd/1").startswith(staging):
