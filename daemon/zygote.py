@@ -262,7 +262,7 @@ def main(argv: list[str]) -> int:
                 continue
             try:
                 pid = _fork(json.loads(data), fds, sock, (wake_r, wake_w))
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 _send(sock, f"error {e}")
             else:
                 children.add(pid)
@@ -282,9 +282,13 @@ def _send(sock: socket.socket, msg: str) -> None:
 def _fork(
     request: dict[str, Any], fds: list[int], sock: socket.socket, wake: tuple[int, int]
 ) -> int:
-    module = str(request["module"])
+    module = str(request.get("module"))
+    settings = json.loads(str(request.get("settings")))
     if module not in CHILD_NAMES or len(fds) != (2 if request.get("done") else 1):
-        raise OSError(f"bad fork request {request!r} with {len(fds)} descriptors")
+        raise ValueError(f"bad fork request {request!r} with {len(fds)} descriptors")
+    # The zygote is the child's parent: the child must die with the zygote
+    # (child.die_with_parent checks that its parent is still this one).
+    settings["parent_pid"] = os.getpid()
     # The answer "forked PID" must not go out before the child has its own
     # session: the supervisor may killpg(PID) at once, and until setsid()
     # there is no such group. The child closes its end of this pipe right
@@ -293,7 +297,7 @@ def _fork(
     pid = os.fork()
     if pid == 0:
         os.close(sync_r)
-        _run_child(module, str(request["settings"]), fds, sock, (*wake, sync_w))
+        _run_child(module, settings, fds, sock, (*wake, sync_w))
     os.close(sync_w)
     os.read(sync_r, 1)
     os.close(sync_r)
@@ -301,7 +305,11 @@ def _fork(
 
 
 def _run_child(
-    module: str, settings: str, fds: list[int], sock: socket.socket, close: tuple[int, ...]
+    module: str,
+    settings: dict[str, Any],
+    fds: list[int],
+    sock: socket.socket,
+    close: tuple[int, ...],
 ) -> NoReturn:
     """In the forked child: become a warm ``module`` child; never returns.
 
@@ -319,14 +327,10 @@ def _run_child(
         os.dup2(fds[0], 0)
         os.close(fds[0])
         set_process_name(CHILD_NAMES[module])
-        mine = json.loads(settings)
         # A new session is a new autogroup, at niceness 0 again; the rest of
         # the limits (niceness, I/O class, environment) came with the fork.
-        child.set_autogroup_nice(int((mine.get("limits") or {}).get("nice", 0)))
-        # The zygote is this child's parent: it must die with the zygote.
-        mine["parent_pid"] = os.getppid()
-        mine["forked"] = True
-        argv = [module, "--warm", json.dumps(mine, sort_keys=True)]
+        child.set_autogroup_nice(int((settings.get("limits") or {}).get("nice", 0)))
+        argv = [module, "--warm", json.dumps({**settings, "forked": True}, sort_keys=True)]
         if len(fds) == 2:
             argv += ["--done-fd", str(fds[1])]
         sys.argv = argv

@@ -187,15 +187,20 @@ def test_a_burst_of_1000_checkpoints_while_down(tmp_path: Path, kit: Kit) -> Non
     rss_first = every.rss_kib()
     every.wait_event("published", n=2, timeout=180)
     rss_later = every.rss_kib()
+    # How many more it exported meanwhile depends on the machine's speed;
+    # the order does not: write order, no gap, one export at a time.
     started: list[Any] = [Path(e["checkpoint"]).name for e in every.named("export_started")]
-    assert started[:2] == ["ckpt-1", "ckpt-2"] and started[2:] in ([], ["ckpt-3"])
-    assert [e["version"] for e in every.named("published")] == [1, 2]
+    versions = [e["version"] for e in every.named("published")]  # read after: never fewer
+    assert started == [f"ckpt-{i}" for i in range(1, len(started) + 1)]
+    assert versions == list(range(1, len(versions) + 1)) and len(versions) >= 2
+    assert len(started) <= len(versions) + 1
     pending = every.metric("ckpt_exporter_pending_checkpoints", model="m")
-    assert pending is not None and 990 <= pending <= 999
+    started_by_now = len(every.named("export_started"))  # read after: never fewer
+    assert pending is not None and 1000 - started_by_now <= pending <= 999
     print(f"daemon RSS: {rss_first} KiB at the first export, {rss_later} KiB after two")
     assert rss_later < 300 * 1024 and rss_later - rss_first < 64 * 1024
     assert every.stop() == 0  # lets a third export under way finish (grace period)
     base = tmp_path / "all" / "serving" / "m"
     prefixes = [metadata(p)["checkpoint"]["prefix"] for _v, p in sorted(version_dirs(base).items())]
     assert prefixes == [str(ckpts / f"ckpt-{i}") for i in range(1, len(prefixes) + 1)]
-    assert 2 <= len(prefixes) <= 3
+    assert len(prefixes) >= len(versions)
