@@ -12,9 +12,10 @@ Scenarios (``--only`` picks some, ``--quick`` leaves out ResNet-50):
   baseline script; also detection latency with one watched directory.
 - ``detection``: checkpoint-to-export-started with 200 watched directories.
 - ``idle``: CPU and RSS of the idle supervisor with 1 and 200 models.
-- ``training``: a CPU training loop's step time alone, then with the daemon
-  exporting ResNet-50 checkpoints beside it (back to back, and one every
-  15 s), and beside a process that only burns CPU at nice 19, for scale.
+- ``training``: a CPU training loop's step time while the daemon exports
+  ResNet-50 checkpoints (one every 15 s) against its step time while the
+  daemon is idle in between, and beside a process that only burns CPU at
+  nice 19, for scale; all within one run of the loop.
 - ``startup``: from exec to "started" and to the first export with 10,000
   versions in the base path and 1,000 checkpoints, against an empty start.
 
@@ -422,17 +423,6 @@ def scenario_idle_and_detection(root: Path, samples: int, idle_seconds: float) -
     return out
 
 
-def _train_loop(seconds: float) -> dict[str, float]:
-    r = subprocess.run(
-        [sys.executable, str(BENCH / "train_loop.py"), str(seconds)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 def tree_cpu_seconds(root_pid: int) -> float:
     """CPU time used so far by ``root_pid`` and every descendant, living or reaped.
 
@@ -469,106 +459,137 @@ def _busy_nice19(seconds: float) -> subprocess.Popen[bytes]:
     )
 
 
-def _training_beside_daemon(
-    root: Path, seconds: float, src: Path, prefixes: list[str], interval: float | None
-) -> dict[str, Any]:
-    """The training loop beside a daemon exporting ResNet-50 checkpoints.
+def _steps_in(
+    steps: list[list[float]], windows: list[tuple[float, float]], *, inside: bool, margin: float
+) -> list[float]:
+    """Durations of the steps that start inside any window (``inside``) or clear of all.
 
-    The first version is published before the loop starts. Then, with
-    ``interval`` None, a checkpoint lands as soon as the previous one is
-    published, so the daemon is busy all along (the worst case); otherwise
-    one lands every ``interval`` seconds, as a trainer's checkpoint period.
-    Counts are of the checkpoints landed while the loop ran.
+    ``margin`` seconds are left out at both ends of each window, so that a
+    step is not counted on the wrong side of a boundary.
     """
-    label = "back-to-back" if interval is None else f"every-{interval:g}s"
-    with workspace(root, f"training-{label}") as ws:
+    out = []
+    for start, seconds in steps:
+        if inside:
+            if any(a + margin <= start <= b - margin for a, b in windows):
+                out.append(seconds)
+        elif all(start < a - margin or start > b + margin for a, b in windows):
+            out.append(seconds)
+    return out
+
+
+def _timeline(
+    steps: list[list[float]], windows: dict[str, list[tuple[float, float]]], width: float
+) -> list[tuple[float, float, str]]:
+    """``(seconds from the first step, median step ms, what ran)`` per ``width`` s of the run."""
+    t0, rows = steps[0][0], []
+    by_bin: dict[int, list[list[float]]] = {}
+    for step in steps:
+        by_bin.setdefault(int((step[0] - t0) // width), []).append(step)
+    for k, group in sorted(by_bin.items()):
+        mid = group[len(group) // 2][0]
+        what = next((n for n, ws in windows.items() if any(a <= mid <= b for a, b in ws)), "")
+        rows.append((k * width, round(statistics.median(s[1] for s in group) * 1e3, 2), what))
+    return rows
+
+
+def scenario_training(
+    root: Path, *, burner_cycles: int = 3, cycle: float = 10.0, interval: float = 15.0, n: int = 8
+) -> dict[str, Any]:
+    """A CPU training loop's step time while the daemon exports ResNet-50, and while not.
+
+    One training process runs throughout, beside a daemon that has published
+    the model's first version (a full export, once per model and start) and
+    sits idle. Conditions alternate within that one run, so that drift of
+    the machine between runs (measured here at up to 16 % between two
+    separate runs alone) cancels out:
+
+    1. For scale: ``burner_cycles`` times ``cycle`` s beside a process that
+       only burns CPU at the children's priority, then ``cycle`` s without.
+    2. ``n`` ResNet-50 checkpoints land, one every ``interval`` s. Steps
+       taken while an export runs (``export_started`` to ``published``) are
+       compared with the steps taken while the daemon is idle in between.
+    """
+    src = root / "src-train"
+    prefixes = make_checkpoints("resnet50", src, n + 1)
+    with workspace(root, "training") as ws:
         d = Daemon(ws, [model_table(ws, "m", "models:resnet50")], export_timeout_seconds=3600)
         try:
             d.wait("started")
-            # The first version is a full export (once per model and start);
-            # what a long training run lives with is the exports after it.
             land(src, prefixes[0], ws / "ckpts" / "m")
             d.wait("published")
             d.settle()
-            cpu0 = tree_cpu_seconds(d.proc.pid)
+            seconds = 10 + 2 * cycle * burner_cycles + n * interval + 2 * interval
+            steps_file = ws / "steps.json"
             trainer = subprocess.Popen(
-                [sys.executable, str(BENCH / "train_loop.py"), str(seconds)],
+                [sys.executable, str(BENCH / "train_loop.py"), str(seconds), str(steps_file)],
                 env=ENV,
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            landed, next_at = 1, time.monotonic() + 5.0  # past the trainer's warm-up
-            while trainer.poll() is None:
-                due = (
-                    len(d.events("published")) >= landed
-                    if interval is None
-                    else time.monotonic() >= next_at
-                )
-                if landed < len(prefixes) and due:
-                    land(src, prefixes[landed], ws / "ckpts" / "m")
-                    landed += 1
-                    next_at += interval or 0.0
-                time.sleep(0.2)
+            time.sleep(10)  # the trainer's import and warm-up
+            burning: list[tuple[float, float]] = []
+            quiet: list[tuple[float, float]] = []
+            for _ in range(burner_cycles):
+                t0 = time.time()
+                burner = _busy_nice19(3 * cycle)
+                time.sleep(cycle)
+                burner.kill()
+                burner.wait()
+                t1 = time.time()
+                time.sleep(cycle)
+                burning.append((t0, t1))
+                quiet.append((t1, time.time()))
+            cpu0, t_daemon = tree_cpu_seconds(d.proc.pid), time.time()
+            for prefix in prefixes[1:]:
+                land(src, prefix, ws / "ckpts" / "m")
+                time.sleep(interval)
+            d.wait("published", n=n + 1)
             daemon_cpu = tree_cpu_seconds(d.proc.pid) - cpu0
             out_text, _ = trainer.communicate()
-            beside = json.loads(out_text.strip().splitlines()[-1])
-            published = len(d.events("published")) - 1
+            t_end = time.time()
+            steps = json.loads(steps_file.read_text())
+            started = [ts(e) for e in d.events("export_started")][1:]
+            published = [ts(e) for e in d.events("published")][1:]
         finally:
             d.stop()
-    result = {
-        **beside,
-        "checkpoints_landed": landed - 1,
-        "published": published,
-        "daemon_cpu_seconds": daemon_cpu,
-        "daemon_cpu_seconds_per_published": daemon_cpu / max(1, published),
-    }
-    log(f"training beside the daemon, {label}: {result}")
-    return result
-
-
-def scenario_training(root: Path, seconds: float, interval: float) -> dict[str, Any]:
-    """Step time alone, beside a daemon exporting ResNet-50, then alone again.
-
-    Beside the daemon twice: with checkpoints back to back (the daemon busy
-    all along: the worst case) and with one every ``interval`` seconds. Two
-    runs alone bracket them, so that drift of the machine shows rather than
-    hides. For scale, also beside a process that does nothing but burn CPU
-    at the children's priority: what any CPU the daemon uses costs the
-    trainer on this machine, whatever its niceness.
-    """
-    src = root / "src-train"
-    prefixes = make_checkpoints("resnet50", src, 16)
-    before = _train_loop(seconds)
-    log(f"training alone: {before}")
-    burner = _busy_nice19(seconds + 10)
-    try:
-        busy = _train_loop(seconds)
-    finally:
-        burner.kill()
-        burner.wait()
-    log(f"training beside a busy nice-19 process: {busy}")
-    back_to_back = _training_beside_daemon(root, seconds, src, prefixes, None)
-    cadence = _training_beside_daemon(root, seconds, src, prefixes, interval)
     shutil.rmtree(src, ignore_errors=True)
-    after = _train_loop(seconds)
-    log(f"training alone again: {after}")
-    alone = (before["median_step_seconds"] + after["median_step_seconds"]) / 2
-
-    def slowdown(run: dict[str, Any]) -> float:
-        return float(run["median_step_seconds"]) / alone - 1
-
-    return {
-        "alone_before": before,
-        "alone_after": after,
-        "beside_busy_nice19": {**busy, "slowdown": slowdown(busy)},
-        "beside_daemon": {**back_to_back, "slowdown": slowdown(back_to_back)},
-        "beside_daemon_cadence": {
-            **cadence,
-            "interval_seconds": interval,
-            "slowdown": slowdown(cadence),
+    exporting = list(zip(started, published, strict=True))
+    on = _steps_in(steps, burning, inside=True, margin=0.5)
+    off = _steps_in(steps, quiet, inside=True, margin=0.5)
+    phase2 = [s for s in steps if t_daemon <= s[0] <= t_end]
+    busy = _steps_in(phase2, exporting, inside=True, margin=0.0)
+    # Idle: clear of every export by a second (the validator's exit, the
+    # publication's fsync and the next fork are not in the window).
+    idle = _steps_in(phase2, exporting, inside=False, margin=1.0)
+    med = statistics.median
+    result = {
+        "steps": len(steps),
+        "beside_busy_nice19": {
+            "steps": len(on),
+            "median_step_seconds": med(on),
+            "median_step_seconds_without": med(off),
+            "slowdown": med(on) / med(off) - 1,
         },
-        "slowdown": slowdown(back_to_back),
+        "while_exporting": {
+            "exports": len(exporting),
+            "steps": len(busy),
+            "median_step_seconds": med(busy),
+            "median_step_seconds_idle": med(idle),
+            "slowdown": med(busy) / med(idle) - 1,
+            "export_seconds": [b - a for a, b in exporting],
+            "daemon_cpu_seconds_per_export": daemon_cpu / max(1, len(exporting)),
+        },
+        "at_cadence": {
+            "interval_seconds": interval,
+            "steps": len(phase2),
+            # Throughput over the whole phase against the idle steps' pace.
+            "slowdown": statistics.fmean(s[1] for s in phase2) / statistics.fmean(idle) - 1,
+        },
+        "summary": json.loads(out_text.strip().splitlines()[-1]),
+        "timeline": _timeline(steps, {"nice19": burning, "exporting": exporting}, 2.5),
     }
+    log(f"training: {json.dumps({k: v for k, v in result.items() if k != 'summary'})}")
+    return result
 
 
 def _fill_base_path(base: Path, n: int) -> None:
@@ -731,30 +752,30 @@ def table(results: dict[str, Any]) -> str:
             )
     t = results.get("training")
     if t:
-        alone = (
-            f"{t['alone_before']['median_step_seconds'] * 1e3:.1f} / "
-            f"{t['alone_after']['median_step_seconds'] * 1e3:.1f} ms alone"
-        )
-        for key, what in (
-            ("beside_daemon", "back to back"),
-            ("beside_daemon_cadence", "one every {interval_seconds:g} s"),
-        ):
-            run = t[key]
-            rows.append(
-                (
-                    f"training step beside ResNet-50 exports, {what.format(**run)}: slowdown",
-                    f"{100 * run['slowdown']:.1f} %",
-                    f"{run['median_step_seconds'] * 1e3:.1f} ms beside, {alone}; "
-                    f"{run['published']} published, daemon CPU "
-                    f"{run['daemon_cpu_seconds_per_published']:.1f} s each",
-                )
+        w, c, b = t["while_exporting"], t["at_cadence"], t["beside_busy_nice19"]
+        rows.append(
+            (
+                "training step while the daemon exports ResNet-50: slowdown",
+                f"{100 * w['slowdown']:.1f} %",
+                f"{w['median_step_seconds'] * 1e3:.1f} ms vs "
+                f"{w['median_step_seconds_idle'] * 1e3:.1f} ms idle; {w['exports']} exports, "
+                f"{statistics.fmean(w['export_seconds']):.1f} s and "
+                f"{w['daemon_cpu_seconds_per_export']:.1f} s of daemon CPU each",
             )
-        busy = t["beside_busy_nice19"]
+        )
+        rows.append(
+            (
+                f"training throughput, one ResNet-50 checkpoint every {c['interval_seconds']:g} s:"
+                " slowdown",
+                f"{100 * c['slowdown']:.1f} %",
+                "mean step, against the steps while the daemon is idle",
+            )
+        )
         rows.append(
             (
                 "training step beside a CPU-bound nice-19 process: slowdown",
-                f"{100 * busy['slowdown']:.1f} %",
-                "scale: what a busy low-priority process costs here",
+                f"{100 * b['slowdown']:.1f} %",
+                "scale: what any busy low-priority process costs here",
             )
         )
     s = results.get("startup")
@@ -799,7 +820,7 @@ def main() -> int:
             r, ["small"] if args.quick else ["small", "resnet50"], args.samples
         ),
         "idle_detection": lambda r: scenario_idle_and_detection(r, 2 * args.samples, 60.0),
-        "training": lambda r: scenario_training(r, 45.0, 15.0),
+        "training": lambda r: scenario_training(r),
         "startup": lambda r: scenario_startup(r, 10_000, 1_000),
     }
     with tempfile.TemporaryDirectory(prefix="ckpt-exporter-bench-") as tmp:

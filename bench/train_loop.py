@@ -1,8 +1,11 @@
 """A CPU training loop that reports its step time: the job the daemon must not slow.
 
-``python bench/train_loop.py SECONDS``: trains a 4-layer MLP (batch 256, 1024
-wide) with Adam for SECONDS after a warm-up, with TensorFlow's default thread
-pools (all CPUs), and prints the median and mean step time as JSON.
+``python bench/train_loop.py SECONDS [STEPS.json]``: trains a 4-layer MLP
+(batch 256, 1024 wide) with Adam for SECONDS after a warm-up, with
+TensorFlow's default thread pools (all CPUs), and prints the median and mean
+step time as JSON. With STEPS.json it also writes every step there as
+``[wall-clock start, seconds]``, so that the bench can sort steps by what
+else was running at the time.
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ def main() -> None:
 
     for _ in range(10):  # trace and warm up
         step()
-    times = []
+    times, starts = [], []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
+        starts.append(time.time())
         t0 = time.monotonic()
         step().numpy()
         times.append(time.monotonic() - t0)
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as f:
+            json.dump([[s, t] for s, t in zip(starts, times, strict=True)], f)
     print(
         json.dumps(
             {

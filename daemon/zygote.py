@@ -118,7 +118,8 @@ class Zygote:
         self._sock = ours
         self._ready = threading.Event()
         self._gone = threading.Event()
-        self._replies: queue.Queue[str] = queue.Queue()
+        # Answers to fork requests: the new child, or the zygote's error text.
+        self._replies: queue.Queue[ForkedProc | str] = queue.Queue()
         self._children: dict[int, ForkedProc] = {}
         self._lock = threading.Lock()
         threading.Thread(target=self._read, name="zygote-reader", daemon=True).start()
@@ -149,14 +150,11 @@ class Zygote:
             return None
         finally:
             os.close(stdin_r)  # the child has its own copy now (or never will)
-        word, _, rest = reply.partition(" ")
-        if word != "forked":
+        if isinstance(reply, str):  # the zygote refused: "error ..."
             os.close(stdin_w)
             return None
-        with self._lock:
-            proc = self._children[int(rest)]
-        proc.stdin = os.fdopen(stdin_w, "wb")
-        return proc
+        reply.stdin = os.fdopen(stdin_w, "wb")
+        return reply
 
     def _read(self) -> None:
         """The reader thread: route the zygote's messages; at EOF, end what it left behind."""
@@ -173,17 +171,18 @@ class Zygote:
             elif word == "forked":
                 # Registered here, before the main thread hears of it, so an
                 # exit reported right after cannot find nobody to tell.
+                proc = ForkedProc(int(rest))
                 with self._lock:
-                    self._children[int(rest)] = ForkedProc(int(rest))
-                self._replies.put(msg)
+                    self._children[proc.pid] = proc
+                self._replies.put(proc)
             elif word == "error":
                 self._replies.put(msg)
             elif word == "exit":
                 pid, code = (int(x) for x in rest.split())
                 with self._lock:
-                    proc = self._children.pop(pid, None)
-                if proc is not None:
-                    proc._set_exit(code)
+                    gone = self._children.pop(pid, None)
+                if gone is not None:
+                    gone._set_exit(code)
         self._gone.set()
         self._ready.set()  # wake a fork() waiting for readiness: it sees the zygote gone
         # The zygote is gone: its children got SIGKILL with it (PR_SET_PDEATHSIG).

@@ -126,6 +126,23 @@ def test_children_die_with_their_zygote_and_a_dead_zygote_is_replaced() -> None:
         pool.close()
 
 
+def test_a_fork_request_the_zygote_refuses_is_answered_and_the_zygote_stays() -> None:
+    pool = WarmPool(enabled=True, env=child_env())
+    settings = WarmPool.settings("daemon.validate", LIMITS, allow_gpu=False)
+    try:
+        (zygote,) = pool.refill({"daemon.validate": settings})
+        assert zygote.fork("daemon.not_a_child", settings) is None  # "error ...", not a fork
+        assert zygote.fork("daemon.validate", "not json") is None
+        assert zygote.alive()
+        child = zygote.fork("daemon.validate", settings)
+        assert child is not None and _comm(child.pid) == "ckpt-validate"
+        assert child.stdin is not None
+        child.stdin.close()  # EOF before any request: exit 0
+        assert child.wait(timeout=30) == 0
+    finally:
+        pool.close()
+
+
 def _metric(port: str, name: str) -> float:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     m = re.search(rf"^{name} (\S+)$", body, re.M)
