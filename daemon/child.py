@@ -172,11 +172,12 @@ def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
     """Set up this child and return its request; the first call of every child.
 
     Cold: ``python -m MODULE REQUEST.json``. Warm (see :mod:`daemon.warm`):
-    ``python -m MODULE --warm SETTINGS [--done-fd N]`` sets up from the
-    settings, imports TensorFlow, then reads the request path from stdin (EOF:
+    ``MODULE --warm SETTINGS [--done-fd N]``, the argv a child forked by
+    :mod:`daemon.zygote` runs with, sets up from the settings, imports
+    TensorFlow (already in), then reads the request path from stdin (EOF:
     exit 0) and sends its output to the request's ``log`` file. Either way the
     priority and environment are applied exactly once, before TensorFlow is
-    imported. With ``--done-fd`` and ``max_exports > 1`` in the settings, the
+    imported: by the zygote for a forked child (``"forked": true``). With ``--done-fd`` and ``max_exports > 1`` in the settings, the
     child may serve more requests: see :func:`next_request`.
     """
     global _reuse
