@@ -177,8 +177,9 @@ def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
     TensorFlow (already in), then reads the request path from stdin (EOF:
     exit 0) and sends its output to the request's ``log`` file. Either way the
     priority and environment are applied exactly once, before TensorFlow is
-    imported: by the zygote for a forked child (``"forked": true``). With ``--done-fd`` and ``max_exports > 1`` in the settings, the
-    child may serve more requests: see :func:`next_request`.
+    imported: by the zygote for a forked child (``"forked": true``). With
+    ``--done-fd`` and ``max_exports > 1`` in the settings, the child may
+    serve more requests: see :func:`next_request`.
     """
     global _reuse
     if len(argv) in (3, 5) and argv[1] == "--warm":
