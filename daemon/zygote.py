@@ -290,8 +290,8 @@ def _fork(
     settings["parent_pid"] = os.getpid()
     # The answer "forked PID" must not go out before the child has its own
     # session: the supervisor may killpg(PID) at once, and until setsid()
-    # there is no such group. The child closes its end of this pipe right
-    # after setsid() (or dies): either way the read below returns.
+    # there is no such group. The child closes its end of this pipe once
+    # set up (or dies): either way the read below returns.
     sync_r, sync_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -313,22 +313,23 @@ def _run_child(
     """In the forked child: become a warm ``module`` child; never returns.
 
     ``close`` holds the zygote's own descriptors, the last one the pipe
-    whose closing tells the zygote that the session exists.
+    whose closing tells the zygote that this child is set up: in its own
+    session, named, and at its niceness.
     """
     code = exitcodes.SOFTWARE
     try:
         os.setsid()  # its own group, so that a timeout's killpg takes what it started
-        for fd in close:
-            os.close(fd)
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        sock.close()
-        os.dup2(fds[0], 0)
-        os.close(fds[0])
         set_process_name(CHILD_NAMES[module])
         # A new session is a new autogroup, at niceness 0 again; the rest of
         # the limits (niceness, I/O class, environment) came with the fork.
         child.set_autogroup_nice(int((settings.get("limits") or {}).get("nice", 0)))
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sock.close()
+        for fd in close:
+            os.close(fd)
+        os.dup2(fds[0], 0)
+        os.close(fds[0])
         argv = [module, "--warm", json.dumps({**settings, "forked": True}, sort_keys=True)]
         if len(fds) == 2:
             argv += ["--done-fd", str(fds[1])]
