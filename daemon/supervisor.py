@@ -916,13 +916,13 @@ class Supervisor:
             self._start_validator_early(job, template)
 
     def _start_validator_early(self, job: Job, template: str) -> None:
-        """Hand the warm validator its request now, for an incremental export.
+        """Fork a warm validator and hand it its request now, for an incremental export.
 
         It imports the template version's graph while the worker writes the
         weights (:func:`daemon.validate.preload`), then waits for ``go``,
         sent when the export succeeded (:meth:`_release_validator`); any other
-        end of the job stops it (:meth:`_cleanup`). Without a warm validator
-        ready, validation starts after the export as usual.
+        end of the job stops it (:meth:`_cleanup`). Without a zygote to fork
+        it from, validation starts after the export as usual.
         """
         warm = self.warm.take("daemon.validate", self._warm_settings("daemon.validate"))
         if warm is None:
