@@ -186,8 +186,8 @@ class WarmPool:
         """A fresh ``module`` child with ``settings``, forked now; None without a live zygote.
 
         Waits while the zygote is still importing TensorFlow (once, seconds
-        after it started): the import it finishes is the one a cold child
-        would start from the beginning.
+        after it started; at most ``READY_WAIT_SECONDS``): the import it
+        finishes is the one a cold child would start from the beginning.
         """
         zygote = self.zygotes.get(self.zygote_settings(settings))
         if zygote is None or not zygote.alive():

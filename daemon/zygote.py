@@ -54,8 +54,13 @@ from daemon import child, exitcodes
 #: What a forked child calls itself in /proc/PID/comm (at most 15 bytes).
 CHILD_NAMES = {"daemon.worker": "ckpt-worker", "daemon.validate": "ckpt-validate"}
 ZYGOTE_NAME = "ckpt-zygote"
-#: Longest a fork request waits for the zygote's answer.
-FORK_TIMEOUT_SECONDS = 10.0
+#: Longest a fork request waits for a zygote still importing TensorFlow (it
+#: normally takes 3 to 4 s), then for the zygote's answer (milliseconds).
+#: The main loop waits meanwhile, so together with the 30 s between two
+#: pings they must stay inside systemd's WatchdogSec (60 s); past them the
+#: export starts a cold child.
+READY_WAIT_SECONDS = 20.0
+FORK_TIMEOUT_SECONDS = 5.0
 _PR_SET_NAME = 15
 
 
@@ -131,12 +136,13 @@ class Zygote:
         """A fresh ``module`` child started like ``python -m MODULE --warm SETTINGS``.
 
         Waits for the zygote to finish importing TensorFlow (seconds, once
-        after it starts) and for its answer; None if it died or did not answer
-        (the caller then starts a child from scratch). ``done_w`` is the
+        after it starts; at most :data:`READY_WAIT_SECONDS`) and for its
+        answer; None if it is not ready by then, died or did not answer (the
+        caller then starts a child from scratch). ``done_w`` is the
         write end of a reusable exporter's done pipe; the caller keeps its own
         copy and closes it.
         """
-        if not self._ready.wait(FORK_TIMEOUT_SECONDS * 6) or not self.alive():
+        if not self._ready.wait(READY_WAIT_SECONDS) or not self.alive():
             return None
         stdin_r, stdin_w = os.pipe()
         fds = [stdin_r] if done_w is None else [stdin_r, done_w]
