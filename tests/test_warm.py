@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from conftest import child_env, niceness, pid_gone, train, version_dirs, write_config
 
+import daemon.zygote
 from daemon.warm import WARM_MODULES, WarmChild, WarmPool, code_changed
 
 LIMITS = {"nice": 3, "io_class": "default", "threads": 1}
@@ -126,11 +127,17 @@ def test_children_die_with_their_zygote_and_a_dead_zygote_is_replaced() -> None:
         pool.close()
 
 
-def test_a_fork_request_the_zygote_refuses_is_answered_and_the_zygote_stays() -> None:
+def test_a_fork_request_the_zygote_refuses_is_answered_and_the_zygote_stays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     pool = WarmPool(enabled=True, env=child_env())
     settings = WarmPool.settings("daemon.validate", LIMITS, allow_gpu=False)
     try:
         (zygote,) = pool.refill({"daemon.validate": settings})
+        # Still importing TensorFlow, and no time to wait: the caller starts cold.
+        with monkeypatch.context() as m:
+            m.setattr(daemon.zygote, "READY_WAIT_SECONDS", 0.0)
+            assert pool.take("daemon.validate", settings) is None
         assert zygote.fork("daemon.not_a_child", settings) is None  # "error ...", not a fork
         assert zygote.fork("daemon.validate", "not json") is None
         assert zygote.alive()
