@@ -1048,6 +1048,15 @@ class Supervisor:
             self.warm.close()
         elif self._running_jobs() < self.config.daemon.concurrency:
             self.warm.refill({m: self._warm_settings(m) for m in WARM_MODULES})
+        for gone in self.warm.take_exits():
+            self.log.warning(
+                "zygote_exited",
+                pid=gone["pid"],
+                code=gone["code"],
+                retry_in_seconds=gone["retry_in"],
+                hint="exports start cold meanwhile; if it keeps exiting, check that the "
+                "daemon's user can run: python -c 'import tensorflow'",
+            )
         for c in self.warm.expire(self.config.daemon.exporter_idle_seconds):
             self._exporter_retired(c, "idle")
         self.metrics.warm_children_bytes.set(self.warm.rss_bytes())

@@ -60,6 +60,12 @@ Proc: TypeAlias = "subprocess.Popen[bytes] | ForkedProc"
 
 #: The modules whose children can be started warm.
 WARM_MODULES = ("daemon.worker", "daemon.validate")
+#: A zygote that exits sooner than this after it started (TensorFlow cannot
+#: be imported, say) is started again only after a wait: the first, doubled
+#: for each such exit in a row, up to the longest. Each start costs seconds of
+#: CPU, taken from the trainer.
+ZYGOTE_QUICK_EXIT_SECONDS = 60.0
+ZYGOTE_BACKOFF_SECONDS = (5.0, 300.0)
 
 
 @dataclass
@@ -159,6 +165,9 @@ class WarmPool:
         self.env = env
         self.zygotes: dict[str, Zygote] = {}  # zygote settings -> zygote
         self.retiring: list[Zygote] = []  # replaced; exit once their children have
+        #: Zygote settings -> (quick exits in a row, no new zygote before this monotonic time).
+        self._backoff: dict[str, tuple[int, float]] = {}
+        self._exits: list[dict[str, Any]] = []  # zygotes found dead, for take_exits()
         self.kept: dict[str, WarmChild] = {}  # exporter key -> exporter waiting for its model
 
     @staticmethod
@@ -215,9 +224,11 @@ class WarmPool:
         """Have a live zygote for each module's settings; returns the zygotes started.
 
         ``settings_for`` maps each module to the settings its children must
-        have now. A dead zygote is replaced; one whose settings no longer
-        serve any module (the config was reloaded) is told to exit once the
-        children it forked have.
+        have now. A dead zygote is replaced, after a backoff if it exited
+        soon after it started (see ``ZYGOTE_BACKOFF_SECONDS``; children start
+        cold meanwhile) and reported by :meth:`take_exits`; one whose settings
+        no longer serve any module (the config was reloaded) is told to exit
+        once the children it forked have.
         """
         if not self.enabled:
             return []
@@ -232,11 +243,28 @@ class WarmPool:
             zygote = self.zygotes.get(key)
             if zygote is not None and zygote.alive():
                 continue
+            now = time.monotonic()
             if zygote is not None:
-                zygote.kill()
+                del self.zygotes[key]
+                zygote.kill()  # reaps it
+                quick = now - zygote.started < ZYGOTE_QUICK_EXIT_SECONDS
+                n = self._backoff.get(key, (0, 0.0))[0] + 1 if quick else 0
+                first, longest = ZYGOTE_BACKOFF_SECONDS
+                wait = min(first * 2 ** (n - 1), longest) if n else 0.0
+                self._backoff[key] = (n, now + wait)
+                self._exits.append(
+                    {"pid": zygote.proc.pid, "code": zygote.proc.returncode, "retry_in": wait}
+                )
+            if now < self._backoff.get(key, (0, 0.0))[1]:
+                continue
             self.zygotes[key] = Zygote(key, self.env)
             started.append(self.zygotes[key])
         return started
+
+    def take_exits(self) -> list[dict[str, Any]]:
+        """The zygotes found dead since the last call: ``pid``, exit ``code``, ``retry_in`` s."""
+        exits, self._exits = self._exits, []
+        return exits
 
     # --- kept exporters -----------------------------------------------------
 

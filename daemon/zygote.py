@@ -46,6 +46,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from typing import IO, Any, NoReturn
 
@@ -106,6 +107,7 @@ class Zygote:
 
     def __init__(self, settings: str, env: dict[str, str] | None = None) -> None:
         self.settings = settings
+        self.started = time.monotonic()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(

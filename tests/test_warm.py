@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from conftest import child_env, niceness, pid_gone, train, version_dirs, write_config
 
+import daemon.warm
 import daemon.zygote
 from daemon.warm import WARM_MODULES, WarmChild, WarmPool, code_changed
 
@@ -123,6 +124,33 @@ def test_children_die_with_their_zygote_and_a_dead_zygote_is_replaced() -> None:
         (again,) = pool.refill({"daemon.validate": settings})
         assert again is not zygote
         assert pool.take("daemon.validate", settings) is not None
+    finally:
+        pool.close()
+
+
+def test_a_zygote_that_exits_at_once_is_restarted_after_a_growing_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TensorFlow that cannot be imported, as after a broken upgrade.
+    (tmp_path / "tensorflow.py").write_text("raise ImportError('broken on purpose')\n")
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    monkeypatch.setattr(daemon.warm, "ZYGOTE_BACKOFF_SECONDS", (0.5, 1.0))
+    pool = WarmPool(enabled=True, env=env)
+    settings = {"daemon.validate": WarmPool.settings("daemon.validate", LIMITS, allow_gpu=False)}
+    try:
+        waits = []
+        for _ in range(3):
+            (zygote,) = pool.refill(settings)
+            assert zygote.proc.wait(timeout=60) != 0
+            assert pool.refill(settings) == []  # found dead: not started again at once
+            (gone,) = pool.take_exits()
+            assert gone["pid"] == zygote.proc.pid and gone["code"] == zygote.proc.returncode
+            waits.append(gone["retry_in"])
+            assert pool.take("daemon.validate", settings["daemon.validate"]) is None
+            assert pool.refill(settings) == [] and pool.take_exits() == []
+            time.sleep(gone["retry_in"] + 0.1)
+        assert waits == [0.5, 1.0, 1.0]  # doubled, up to the longest
     finally:
         pool.close()
 
