@@ -105,7 +105,11 @@ def test_a_disabled_pool_starts_nothing() -> None:
     assert pool.zygotes == {} and pool.rss_bytes() == 0
 
 
-def test_children_die_with_their_zygote_and_a_dead_zygote_is_replaced() -> None:
+def test_children_die_with_their_zygote_and_a_dead_zygote_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if it had lived long (the OOM killer, an operator's kill): replaced at once.
+    monkeypatch.setattr(daemon.warm, "ZYGOTE_QUICK_EXIT_SECONDS", 0.0)
     pool = WarmPool(enabled=True, env=child_env())
     settings = WarmPool.settings("daemon.validate", LIMITS, allow_gpu=False)
     try:
@@ -123,6 +127,9 @@ def test_children_die_with_their_zygote_and_a_dead_zygote_is_replaced() -> None:
         assert pool.take("daemon.validate", settings) is None  # nobody to fork it
         (again,) = pool.refill({"daemon.validate": settings})
         assert again is not zygote
+        assert pool.take_exits() == [
+            {"pid": zygote.proc.pid, "code": -signal.SIGKILL, "retry_in": 0.0}
+        ]
         assert pool.take("daemon.validate", settings) is not None
     finally:
         pool.close()
