@@ -173,26 +173,20 @@ def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
 
     Cold: ``python -m MODULE REQUEST.json``. Warm (see :mod:`daemon.warm`):
     ``MODULE --warm SETTINGS [--done-fd N]``, the argv a child forked by
-    :mod:`daemon.zygote` runs with, sets up from the settings, imports
-    TensorFlow (already in), then reads the request path from stdin (EOF:
+    :mod:`daemon.zygote` runs with, reads the request path from stdin (EOF:
     exit 0) and sends its output to the request's ``log`` file. Either way the
     priority and environment are applied exactly once, before TensorFlow is
-    imported: by the zygote for a forked child (``"forked": true``). With
-    ``--done-fd`` and ``max_exports > 1`` in the settings, the child may
-    serve more requests: see :func:`next_request`.
+    imported: by the zygote for a forked child. With ``--done-fd`` and
+    ``max_exports > 1`` in the settings, the child may serve more requests:
+    see :func:`next_request`.
     """
     global _reuse
     if len(argv) in (3, 5) and argv[1] == "--warm":
         settings = json.loads(argv[2])
         die_with_parent(int(settings["parent_pid"]))
-        if not settings.get("forked"):
-            # A child forked by daemon.zygote has its limits already (and
-            # niceness is relative: applying it twice would add it twice).
-            prepare_from_request(settings, allow_gpu=bool(settings.get("allow_gpu")))
-        import tensorflow  # noqa: F401  (the point of a warm child)
-
-        if not validator:
-            import keras  # noqa: F401
+        # The zygote applied the limits before it imported TensorFlow, and
+        # this child inherited them (niceness is relative: applying it again
+        # would add it twice).
         if len(argv) == 5 and argv[3] == "--done-fd" and int(settings.get("max_exports", 1)) > 1:
             _reuse = _Reuse(done_fd=int(argv[4]), max_requests=int(settings["max_exports"]))
         req = _read_request(argv[0])

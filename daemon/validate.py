@@ -631,7 +631,7 @@ def main(argv: list[str]) -> int:
 
 
 def run(argv: list[str]) -> NoReturn:
-    """The process's entry point, cold, warm or forked by :mod:`daemon.zygote`; exits."""
+    """The process's entry point, cold or forked by :mod:`daemon.zygote`; exits."""
     child.exit_now(main(argv))
 
 

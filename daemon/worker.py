@@ -299,7 +299,7 @@ def serve_one(req: dict[str, Any]) -> int:
 
 
 def run(argv: list[str]) -> NoReturn:
-    """The process's entry point, cold, warm or forked by :mod:`daemon.zygote`; exits."""
+    """The process's entry point, cold or forked by :mod:`daemon.zygote`; exits."""
     os.umask(0o022)
     child.exit_now(main(argv))
 

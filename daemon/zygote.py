@@ -338,7 +338,7 @@ def _run_child(
             os.close(fd)
         os.dup2(fds[0], 0)
         os.close(fds[0])
-        argv = [module, "--warm", json.dumps({**settings, "forked": True}, sort_keys=True)]
+        argv = [module, "--warm", json.dumps(settings, sort_keys=True)]
         if len(fds) == 2:
             argv += ["--done-fd", str(fds[1])]
         sys.argv = argv
