@@ -11,8 +11,9 @@ one started from scratch.
 
 Contract:
 
-- Started by :class:`Zygote` as ``python -m daemon.zygote --warm SETTINGS
-  --sock FD``; ``SETTINGS`` are a warm child's (``parent_pid``, ``limits``,
+- Started by :class:`Zygote` as ``python -m daemon.zygote --warm SETTINGS``
+  with its end of the socket pair named by ``CKPT_EXPORTER_ZYGOTE_FD``;
+  ``SETTINGS`` are a warm child's (``parent_pid``, ``limits``,
   ``allow_gpu``), applied before TensorFlow is imported, so every child it
   forks inherits them (niceness, I/O class, thread caps, GPU visibility).
 - It talks to the supervisor over a ``SOCK_SEQPACKET`` socket pair, one
@@ -24,9 +25,10 @@ Contract:
   (negative: killed by that signal).
 - A forked child starts a session of its own (like a cold child: a timeout
   kills its whole group), names itself ``ckpt-worker`` or ``ckpt-validate``
-  (``ps``, ``top``), and then runs exactly what a warm child started by
-  ``python -m MODULE --warm`` runs: it dies with the zygote, which dies
-  with the supervisor (``PR_SET_PDEATHSIG``).
+  (``ps``, ``top``), and then runs the module's ``run`` with the argv
+  ``MODULE --warm SETTINGS [--done-fd N]`` (see :func:`daemon.child.begin`):
+  it dies with the zygote, which dies with the supervisor
+  (``PR_SET_PDEATHSIG``).
 - EOF from the supervisor means "no more forks": the zygote exits once its
   last child has exited and been reported. So a zygote replaced after a
   config reload lets the exports it forked finish.
@@ -106,7 +108,6 @@ class Zygote:
     """The supervisor's handle on one zygote process (see the module docstring)."""
 
     def __init__(self, settings: str, env: dict[str, str] | None = None) -> None:
-        self.settings = settings
         self.started = time.monotonic()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -135,7 +136,7 @@ class Zygote:
         return not self._gone.is_set() and self.proc.poll() is None
 
     def fork(self, module: str, settings: str, *, done_w: int | None = None) -> ForkedProc | None:
-        """A fresh ``module`` child started like ``python -m MODULE --warm SETTINGS``.
+        """A fresh ``module`` child, forked with ``settings`` (see :func:`_run_child`).
 
         Waits for the zygote to finish importing TensorFlow (seconds, once
         after it starts; at most :data:`READY_WAIT_SECONDS`) and for its
@@ -200,6 +201,9 @@ class Zygote:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc._set_exit(-signal.SIGKILL)
+        # Nothing more can come from it: without this close each replaced
+        # zygote would leave a descriptor behind in the supervisor.
+        self._sock.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
 
