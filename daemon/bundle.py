@@ -24,14 +24,17 @@ block.cc, format.cc), read here as:
 
 TensorFlow writes bundle indexes uncompressed; a compressed block, a bad
 magic number or a truncated file raises :class:`BundleFormatError`, and the
-caller falls back to TensorFlow's own reader. Runs in the validator (it
-parses the protos with TensorFlow's generated classes).
+caller falls back to TensorFlow's own reader. :func:`write_index` writes one
+in the same format (what an incremental export's linked weights need:
+:mod:`daemon.incremental`). Both run in children that imported TensorFlow
+(the protos are TensorFlow's generated classes).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 #: ``kTableMagicNumber``, little-endian: the last 8 bytes of every table file.
@@ -39,6 +42,9 @@ TABLE_MAGIC = (0xDB4775248B80FB57).to_bytes(8, "little")
 _FOOTER_SIZE = 48
 _BLOCK_TRAILER_SIZE = 5  # compression type, CRC32C
 _NO_COMPRESSION = 0
+_DT_STRING = 7  # tensorflow.DataType.DT_STRING
+#: ``kTensorBundleVersion``: what TensorFlow's BundleWriter records as producer.
+_BUNDLE_VERSION = 1
 
 
 class BundleFormatError(ValueError):
@@ -78,6 +84,21 @@ class Bundle:
         if len(data) != e.size:
             raise OSError(f"{self.data_file(e.shard_id)} is shorter than its index says ({name})")
         return data
+
+    def read_string(self, name: str) -> bytes:
+        """The value of scalar string tensor ``name`` (such as the object graph).
+
+        A string tensor is stored as the varint64 length of each element, a
+        4-byte checksum of those lengths, then the elements' bytes.
+        """
+        e = self.entries[name]
+        if e.dtype != _DT_STRING or e.shape != ():
+            raise BundleFormatError(f"{name} is not a scalar string")
+        data = self.read(name)
+        length, pos = _varint(data, 0)
+        if pos + 4 + length != len(data):
+            raise BundleFormatError(f"{name}: the string's length does not match its entry")
+        return data[pos + 4 :]
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -164,3 +185,96 @@ def read_index(prefix: str) -> Bundle:
     if header.num_shards < 1:
         raise BundleFormatError(f"{prefix}.index has no bundle header")
     return Bundle(prefix=prefix, num_shards=header.num_shards, entries=entries)
+
+
+# --- writing -------------------------------------------------------------------
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli) of ``data``; only block trailers of a few KiB go through it."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The CRC as tables and bundles store it (``crc32c::Mask``)."""
+    crc = crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _put_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _build_block(items: list[tuple[bytes, bytes]]) -> bytes:
+    """A block with every entry a restart point (no shared key prefixes): valid, simple."""
+    body, restarts = bytearray(), []
+    for key, value in items:
+        restarts.append(len(body))
+        body += _put_varint(0) + _put_varint(len(key)) + _put_varint(len(value)) + key + value
+    restarts = restarts or [0]  # an empty block still has one restart point, as LevelDB's
+    body += b"".join(struct.pack("<I", r) for r in restarts) + struct.pack("<I", len(restarts))
+    return bytes(body)
+
+
+def _append_block(out: bytearray, block: bytes) -> bytes:
+    """Append ``block`` and its trailer to ``out``; the encoded handle that finds it."""
+    handle = _put_varint(len(out)) + _put_varint(len(block))
+    trailer = bytes([_NO_COMPRESSION])
+    out += block + trailer + struct.pack("<I", masked_crc32c(block + trailer))
+    return handle
+
+
+def encode_index(num_shards: int, entries: Mapping[str, Entry]) -> bytes:
+    """The bytes of a bundle index (``PREFIX.index``) holding ``entries`` in ``num_shards`` shards.
+
+    The table TensorFlow's ``BundleReader`` (and :func:`read_index`) reads: one
+    data block with the header under the empty key and the entries sorted by
+    name, an index block pointing at it, an empty metaindex block, the footer.
+    Sliced entries cannot be written (their slices are separate keys).
+    """
+    from tensorflow.core.protobuf import tensor_bundle_pb2
+
+    header = tensor_bundle_pb2.BundleHeaderProto(num_shards=num_shards)
+    header.version.producer = _BUNDLE_VERSION
+    items = [(b"", header.SerializeToString())]
+    for name in sorted(entries, key=lambda n: n.encode()):
+        e = entries[name]
+        if e.sliced or not 0 <= e.shard_id < num_shards:
+            raise ValueError(f"cannot write entry {name!r} (sliced, or shard {e.shard_id})")
+        proto = tensor_bundle_pb2.BundleEntryProto(
+            dtype=e.dtype, shard_id=e.shard_id, offset=e.offset, size=e.size, crc32c=e.crc32c
+        )
+        for d in e.shape:
+            proto.shape.dim.add(size=d)
+        items.append((name.encode(), proto.SerializeToString()))
+    out = bytearray()
+    data_handle = _append_block(out, _build_block(items))
+    meta_handle = _append_block(out, _build_block([]))
+    index_handle = _append_block(out, _build_block([(items[-1][0], data_handle)]))
+    footer = (meta_handle + index_handle).ljust(_FOOTER_SIZE - len(TABLE_MAGIC), b"\0")
+    return bytes(out + footer + TABLE_MAGIC)

@@ -23,12 +23,32 @@ supervisor retries the checkpoint once with a full export before blaming it.
 ``fingerprint.pb`` is not copied: it hashes the old variables. The server
 reads it only for logging; TensorFlow writes it anew on a full export.
 
+Linked weights (:func:`link`), the cheaper of the two incremental paths: a
+SavedModel's variables are a tensor bundle in the same format as the
+trainer's checkpoint, so the new version's bytes are already on disk. Every
+export that restored a checkpoint through TensorFlow records, in
+``assets.extra/ckpt_exporter_weights.json`` (:func:`record_weights_map`),
+which checkpoint tensor each of its variables was restored from (the
+matching TensorFlow's restore made through the checkpoint's object graph),
+with a digest of that object graph and the source files the builder
+imported; the validator checks the record tensor by tensor. The next
+checkpoint whose object graph is byte for byte the same, with the same
+dtypes and shapes and no imported source file changed, needs no
+TensorFlow at all: its data shards are hard-linked into the export (copied,
+only the tensors needed, when the linked shards would be mostly optimizer
+state or linking fails) and a new ``variables.index`` names them under the
+SavedModel's keys, checksums carried over from the checkpoint's index. No
+model is built, restored or run; the validator's serving-path checks and
+its per-tensor byte comparison prove the result (it has no in-memory
+outputs to compare with; the graph is byte-identical to a validated one).
+
 :func:`export_key` runs in the supervisor (no TensorFlow); the rest runs in
 the worker.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,10 +57,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from daemon import bundle
+
 #: The checkpoint entry holding the object graph (copied as it is).
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 #: What is not taken over from the template version.
 _NOT_COPIED = frozenset({"variables", "assets.extra", "fingerprint.pb"})
+#: Which checkpoint tensor each variable of an export holds (see the module docstring).
+WEIGHTS_MAP_RELPATH = Path("assets.extra", "ckpt_exporter_weights.json")
+#: What a linked export takes over from the template's assets.extra: the map,
+#: and the warmup records (inputs for the same graph).
+_EXTRA_COPIED = ("ckpt_exporter_weights.json", "tf_serving_warmup_requests")
+#: Linked shards must be at least this share of used bytes, else only the
+#: needed tensors are copied (a trainer's Adam slots would triple a version).
+LINK_MIN_USED_SHARE = 0.5
 
 
 class Fallback(Exception):
@@ -154,15 +184,7 @@ def write(obj: Any, template: str, export_dir: str) -> int:
     names.append(OBJECT_GRAPH_KEY)
     tensors.append(tf.constant(graph_bytes))
     try:
-        for entry in os.listdir(template):
-            if entry in _NOT_COPIED:
-                continue
-            src, dst = os.path.join(template, entry), os.path.join(export_dir, entry)
-            if os.path.isdir(src):
-                shutil.copytree(src, dst)
-            else:
-                shutil.copy2(src, dst)
-        os.makedirs(os.path.join(export_dir, "variables"), exist_ok=True)
+        _copy_template(template, export_dir, extras=False)
         # One SaveV2 writes variables.index and variables.data-00000-of-00001,
         # the layout a single-shard tf.saved_model.save writes and the graph's
         # restore op reads.
@@ -177,6 +199,230 @@ def write(obj: Any, template: str, export_dir: str) -> int:
         _empty(export_dir)
         raise Fallback(f"the template version went away: {e}") from e
     return len(names) - 1
+
+
+def object_graph_digest(checkpoint: bundle.Bundle) -> str:
+    """sha256 of a checkpoint's stored object graph: equal digests, equal structure and keys."""
+    return "sha256:" + hashlib.sha256(checkpoint.read(OBJECT_GRAPH_KEY)).hexdigest()
+
+
+def restored_from(status: Any, prefix: str) -> dict[str, str]:
+    """``variable name -> checkpoint key`` of what ``tf.train.Checkpoint.read`` restored.
+
+    Taken from the restore's own matching of the checkpoint's object graph
+    nodes to the model's objects (a private attribute of the load status;
+    anything unexpected gives an empty map, and later exports of this model
+    take the TensorFlow path instead of linking).
+    """
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    try:
+        by_node = status._checkpoint.object_by_proto_id
+        graph = trackable_object_graph_pb2.TrackableObjectGraph()
+        graph.ParseFromString(bundle.read_index(prefix).read_string(OBJECT_GRAPH_KEY))
+    except Exception:  # a private attribute, a damaged index: no map, nothing worse
+        return {}
+    out: dict[str, str] = {}
+    for node_id, obj in by_node.items():
+        keys = [a.checkpoint_key for a in graph.nodes[node_id].attributes]
+        v = getattr(obj, "value", obj)  # a Keras 3 variable wraps the tf.Variable
+        name = getattr(v, "name", None)
+        if len(keys) == 1 and keys[0].endswith("/.ATTRIBUTES/VARIABLE_VALUE") and name:
+            out[name.split(":")[0]] = keys[0]
+    return out
+
+
+def record_weights_map(
+    export_dir: str,
+    restored: Mapping[str, str],
+    checkpoint: str,
+    checkpoint_key: str,
+    code_files: Mapping[str, list[int]],
+) -> str | None:
+    """Write ``export_dir``'s weights map; None if written, else why not (then no later link).
+
+    ``restored`` is :func:`restored_from`'s map for the checkpoint the export
+    was restored from; each variable of the SavedModel is looked up by name.
+    """
+    try:
+        keys, _ = variable_keys(export_dir)
+        source = bundle.read_index(checkpoint)
+    except (Fallback, OSError, bundle.BundleFormatError) as e:
+        return f"cannot read back the export or the checkpoint: {e}"
+    variables = {}
+    for key, (name, _, _) in keys.items():
+        if name not in restored or restored[name] not in source.entries:
+            return f"variable {name} was not matched to a checkpoint tensor"
+        variables[key] = restored[name]
+    record = {
+        "checkpoint_key": checkpoint_key,
+        "object_graph": object_graph_digest(source),
+        "variables": variables,
+        "code_files": dict(code_files),
+    }
+    path = Path(export_dir, WEIGHTS_MAP_RELPATH)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return None
+
+
+def read_weights_map(saved_model: str) -> dict[str, Any] | None:
+    """The weights map of a SavedModel folder, or None if it has none."""
+    try:
+        text = Path(saved_model, WEIGHTS_MAP_RELPATH).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    record = json.loads(text)
+    if not isinstance(record, dict) or not isinstance(record.get("variables"), dict):
+        raise ValueError(f"{saved_model}/{WEIGHTS_MAP_RELPATH} is not a weights map")
+    return record
+
+
+def link(
+    template: str, checkpoint: str, checkpoint_key: str, export_dir: str, *, need_warmup: bool
+) -> dict[str, Any]:
+    """Write ``export_dir`` as ``template``'s graph over ``checkpoint``'s stored tensors.
+
+    No TensorFlow op runs. The template's weights map and (``need_warmup``:
+    it must have them) warmup records are taken over. Returns ``{"weights":
+    "linked" | "copied", "variables": N}``; raises :class:`Fallback`
+    (``export_dir`` left empty) when the template's weights map does not
+    apply to ``checkpoint``: no map, an object graph or ``checkpoint_key`` of
+    another shape, another dtype or shape, a sliced tensor, a source file
+    the builder imported changed.
+    """
+    try:
+        record = read_weights_map(template)
+        source = bundle.read_index(checkpoint)
+        saved = bundle.read_index(os.path.join(template, "variables", "variables"))
+        graph_blob = saved.read(OBJECT_GRAPH_KEY)
+    except (OSError, ValueError, KeyError) as e:
+        raise Fallback(f"cannot read the template or the checkpoint: {e}") from e
+    if record is None:
+        raise Fallback(f"{template} has no {WEIGHTS_MAP_RELPATH}")
+    if need_warmup and not Path(template, "assets.extra", _EXTRA_COPIED[1]).exists():
+        raise Fallback(f"{template} has no warmup records to take over")
+    if record.get("checkpoint_key") != checkpoint_key:
+        raise Fallback(f"{template}'s weights were restored from another checkpoint_key")
+    if object_graph_digest(source) != record.get("object_graph"):
+        raise Fallback("the checkpoint's object graph differs from the template's source's")
+    for path, (mtime_ns, size) in record.get("code_files", {}).items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is None or (st.st_mtime_ns, st.st_size) != (mtime_ns, size):
+            raise Fallback(f"{path}, imported by the builder, changed since {template}")
+    mapping: dict[str, str] = record["variables"]
+    wanted = set(saved.entries) - {OBJECT_GRAPH_KEY}
+    if set(mapping) != wanted:
+        raise Fallback(f"{template}'s weights map does not cover its variables")
+    entries: dict[str, bundle.Entry] = {}
+    for key, ckpt_key in mapping.items():
+        have, want = source.entries.get(ckpt_key), saved.entries[key]
+        if have is None or have.sliced or (have.dtype, have.shape) != (want.dtype, want.shape):
+            raise Fallback(f"checkpoint tensor {ckpt_key} does not fit variable {key}")
+        entries[key] = have
+    try:
+        _copy_template(template, export_dir, extras=True)
+        prefix = os.path.join(export_dir, "variables", "variables")
+        used = sum(e.size for e in entries.values())
+        total = sum(_size(source.data_file(i)) for i in range(source.num_shards))
+        how = "copied"
+        if used >= LINK_MIN_USED_SHARE * total and _link_shards(source, prefix):
+            how, n = "linked", source.num_shards + 1
+        else:
+            entries, n = _copy_tensors(source, entries, prefix), 1
+        # The SavedModel's own object graph goes last, in a shard of its own
+        # when the checkpoint's shards are linked.
+        graph_entry = saved.entries[OBJECT_GRAPH_KEY]
+        offset = _size(f"{prefix}.data-{n - 1:05d}-of-{n:05d}") if how == "copied" else 0
+        with open(f"{prefix}.data-{n - 1:05d}-of-{n:05d}", "ab") as f:
+            f.write(graph_blob)
+        entries[OBJECT_GRAPH_KEY] = bundle.Entry(
+            graph_entry.dtype, graph_entry.shape, n - 1, offset, len(graph_blob),
+            graph_entry.crc32c, False,
+        )  # fmt: skip
+        with open(prefix + ".index", "wb") as f:
+            f.write(bundle.encode_index(n, entries))
+    except FileNotFoundError as e:
+        _empty(export_dir)
+        raise Fallback(f"the template version or the pinned checkpoint went away: {e}") from e
+    return {"weights": how, "variables": len(mapping)}
+
+
+def _copy_template(template: str, export_dir: str, *, extras: bool) -> None:
+    """Everything of ``template`` but what :data:`_NOT_COPIED` says; an empty ``variables/``.
+
+    With ``extras``, also what :data:`_EXTRA_COPIED` names.
+    """
+    for entry in os.listdir(template):
+        if entry in _NOT_COPIED:
+            continue
+        src, dst = os.path.join(template, entry), os.path.join(export_dir, entry)
+        if os.path.isdir(src):
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+    extra = Path(export_dir, "assets.extra")
+    for name in _EXTRA_COPIED if extras else ():
+        kept = Path(template, "assets.extra", name)
+        if kept.exists():
+            extra.mkdir(exist_ok=True)
+            shutil.copy2(kept, extra / name)
+    os.makedirs(os.path.join(export_dir, "variables"), exist_ok=True)
+
+
+def _size(path: str) -> int:
+    return os.stat(path).st_size
+
+
+def _link_shards(source: bundle.Bundle, prefix: str) -> bool:
+    """Hard-link each data shard as ``PREFIX.data-i-of-(n+1)``; False (none left) if one cannot."""
+    n = source.num_shards + 1
+    done: list[str] = []
+    for i in range(source.num_shards):
+        dst = f"{prefix}.data-{i:05d}-of-{n:05d}"
+        try:
+            os.link(source.data_file(i), dst)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise FileNotFoundError(e.errno, e.strerror, e.filename) from e
+            for path in done:
+                os.unlink(path)
+            return False
+        done.append(dst)
+    return True
+
+
+def _copy_tensors(
+    source: bundle.Bundle, entries: Mapping[str, bundle.Entry], prefix: str
+) -> dict[str, bundle.Entry]:
+    """Copy just ``entries``' bytes into one shard (in the kernel); their new entries."""
+    out: dict[str, bundle.Entry] = {}
+    fds: dict[int, int] = {}
+    dst = os.open(f"{prefix}.data-00000-of-00001", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        offset = 0
+        for key in sorted(entries):
+            e = entries[key]
+            if e.shard_id not in fds:
+                fds[e.shard_id] = os.open(source.data_file(e.shard_id), os.O_RDONLY)
+            done = 0
+            while done < e.size:
+                n = os.copy_file_range(
+                    fds[e.shard_id], dst, e.size - done, e.offset + done, offset + done
+                )
+                if n == 0:
+                    raise OSError(f"{source.data_file(e.shard_id)} ends inside tensor {key}")
+                done += n
+            out[key] = bundle.Entry(e.dtype, e.shape, 0, offset, e.size, e.crc32c, False)
+            offset += e.size
+    finally:
+        os.close(dst)
+        for fd in fds.values():
+            os.close(fd)
+    return out
 
 
 def _empty(folder: str) -> None:

@@ -21,8 +21,12 @@ was in memory is caught. Checks, in order, each recorded in the report:
   as the server does at load (:mod:`daemon.warmup`);
 - ``weight_parity``: given the source ``checkpoint`` (the pinned copy), every
   variable saved in the SavedModel holds exactly the value of a tensor in that
-  checkpoint (:func:`weight_parity`). Output parity alone cannot see a restore
-  that matched nothing: the exporter's reference comes from the same model.
+  checkpoint (:func:`weight_parity`); with a weights map
+  (``assets.extra/ckpt_exporter_weights.json``, :mod:`daemon.incremental`),
+  exactly the value of the one tensor the map names for it. Output parity
+  alone cannot see a restore that matched nothing: the exporter's reference
+  comes from the same model. A linked export has no reference outputs; its
+  map must then be checked, or validation fails (``no_reference``).
 
 The result is the validation report: ``ok``, the checks run with their
 timings, each signature's inputs (and where they came from) and outputs, and
@@ -42,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import bundle, child, exitcodes, samples, warmup
+from daemon import bundle, child, exitcodes, incremental, samples, warmup
 
 #: Entries of a TF2 checkpoint that are bookkeeping, not variables.
 _NOT_VARIABLES = ("_CHECKPOINTABLE_OBJECT_GRAPH",)
@@ -90,12 +94,18 @@ def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
     """
     prefix = os.path.join(saved_model, "variables", "variables")
     try:
+        record = incremental.read_weights_map(saved_model)
+    except ValueError as e:
+        raise child.ChildFailure("weight_mismatch", str(e)) from e
+    try:
         saved = bundle.read_index(prefix)
         source = bundle.read_index(checkpoint)
         fast = not any(e.sliced for b in (saved, source) for e in b.entries.values())
     except (OSError, bundle.BundleFormatError):
         fast = False
-    if fast:
+    if fast and record is not None:
+        names, unmatched = _unmatched_by_map(record, saved, source, saved_model)
+    elif fast:
         names, unmatched = _unmatched_by_bytes(saved, source)
     else:
         names, unmatched = _unmatched_by_reader(saved_model, prefix, checkpoint)
@@ -109,7 +119,42 @@ def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
             f"nowhere in checkpoint {checkpoint}: {shown}. The restore missed them (left at "
             "their initializer) or they were changed after it",
         )
-    return {"ok": True, "variables": len(names), "checkpoint": checkpoint}
+    by = "key" if fast and record is not None else "value"
+    return {"ok": True, "variables": len(names), "checkpoint": checkpoint, "matched_by": by}
+
+
+def _unmatched_by_map(
+    record: dict[str, Any], saved: bundle.Bundle, source: bundle.Bundle, saved_model: str
+) -> tuple[list[str], list[str]]:
+    """``(variables, unmatched)``: each variable against the one tensor its weights map names.
+
+    Stronger than matching by value (two layers of one shape cannot trade
+    places), and it is what proves a linked export, which has no in-memory
+    outputs to be compared with. The map must cover every variable and have
+    been made for a checkpoint with this one's object graph.
+    """
+    names = sorted(k for k in saved.entries if k not in _NOT_VARIABLES)
+    mapping: dict[str, str] = record["variables"]
+    where = f"{saved_model}/{incremental.WEIGHTS_MAP_RELPATH}"
+    if set(mapping) != set(names):
+        missing = sorted(set(names) ^ set(mapping))[:3]
+        raise child.ChildFailure(
+            "weight_mismatch", f"{where} does not list exactly the saved variables ({missing})"
+        )
+    if record.get("object_graph") != incremental.object_graph_digest(source):
+        raise child.ChildFailure(
+            "weight_mismatch",
+            f"{where} was made for a checkpoint whose object graph differs from this one's",
+        )
+    unmatched = []
+    for key in names:
+        e, ckpt_key = saved.entries[key], mapping[key]
+        want = source.entries.get(ckpt_key)
+        if want is None or (want.dtype, want.shape) != (e.dtype, e.shape):
+            unmatched.append(f"{key} (its tensor {ckpt_key} is missing or of another shape)")
+        elif saved.read(key) != source.read(ckpt_key):
+            unmatched.append(f"{key} (differs from {ckpt_key})")
+    return names, unmatched
 
 
 def _unmatched_by_bytes(saved: bundle.Bundle, source: bundle.Bundle) -> tuple[list[str], list[str]]:
@@ -278,6 +323,20 @@ def _validate(
     if req.get("reference"):
         with np.load(req["reference"], allow_pickle=True) as z:
             reference = {k: z[k] for k in z.files}
+    no_outputs = bool(req.get("reference")) and not any(k.startswith("out/") for k in reference)
+    if no_outputs:
+        # A linked export (daemon.incremental.link) built no model, so there
+        # are no outputs to compare with: its weights map must then be
+        # checked tensor by tensor, or nothing proves the weights.
+        report["reference"] = "none: linked weights, checked by their weights map"
+        if not req.get("checkpoint") or not os.path.exists(
+            os.path.join(path, str(incremental.WEIGHTS_MAP_RELPATH))
+        ):
+            raise child.ChildFailure(
+                "no_reference",
+                f"the exporter recorded no outputs for {path} and it has no weights map "
+                "to check instead",
+            )
     rtol, atol = float(req.get("rtol", 1e-4)), float(req.get("atol", 1e-5))
 
     placement = _placement(path, req.get("graph_of"))
@@ -350,6 +409,11 @@ def _validate(
     if req.get("checkpoint"):
         with checks.run("weight_parity", checkpoint=req["checkpoint"]):
             report["weights"] = weight_parity(path, req["checkpoint"])
+        if no_outputs and report["weights"]["matched_by"] != "key":
+            raise child.ChildFailure(
+                "no_reference",
+                f"{path} has no reference outputs and its weights map could not be checked",
+            )
     report["ok"] = True
 
 

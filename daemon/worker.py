@@ -123,7 +123,7 @@ def build(req: dict[str, Any]) -> Any:
 
 #: What a reusable exporter keeps between requests: ``key`` (the exporter key),
 #: ``model``, ``endpoint`` (the traced serving function, once a full export
-#: made one) and ``code_files``. Empty in a single-use process.
+#: made one) and ``code_files`` (the only entry in a single-use process).
 _kept: dict[str, Any] = {}
 
 #: At most this many imported files are watched for changes (stat per reuse).
@@ -141,14 +141,15 @@ def model_for(req: dict[str, Any]) -> tuple[Any, bool]:
     _kept.clear()
     before = set(sys.modules)
     obj = build(req)
+    # Recorded even when nothing is kept: an export's weights map names them.
+    _kept["code_files"] = _code_files([sys.modules[n] for n in sys.modules.keys() - before])
     if key is not None:
-        files = _code_files([sys.modules[n] for n in sys.modules.keys() - before])
-        _kept.update(key=key, model=obj, endpoint=None, code_files=files)
+        _kept.update(key=key, model=obj, endpoint=None)
     return obj, False
 
 
 def kept_code_files() -> dict[str, list[int]]:
-    """``path -> [st_mtime_ns, st_size]`` of the modules the kept model's builder imported."""
+    """``path -> [st_mtime_ns, st_size]`` of the modules the current model's builder imported."""
     files: dict[str, list[int]] = _kept.get("code_files", {})
     return files
 
