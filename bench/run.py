@@ -80,6 +80,13 @@ def make_checkpoints(model: str, out: Path, n: int) -> list[str]:
     return sorted({p.name.split(".")[0] for p in out.glob("ckpt-*.index")}, key=_step)
 
 
+def cache(path: Path) -> None:
+    """Read ``path`` once, so that its pages are in the page cache."""
+    with path.open("rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
 def _step(prefix: str) -> int:
     return int(prefix.rsplit("-", 1)[1])
 
@@ -92,7 +99,12 @@ def land(src: Path, prefix: str, dst: Path, name: str | None = None) -> float:
     name = name or prefix
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.glob(f"{prefix}.data-*"):
-        # A link, not a copy: the bench's own I/O would disturb what it measures.
+        # A trainer's checkpoint is in the page cache right after it is
+        # written; these files were written minutes ago and may have been
+        # evicted (this VM reclaims cold pages), so read them first, before
+        # the clock starts. Then a link, not a copy: the bench's own writes
+        # would disturb what it measures.
+        cache(f)
         os.link(f, dst / f.name.replace(prefix, name, 1))
     tmp = dst / f".{name}.index.tmp"
     shutil.copyfile(src / f"{prefix}.index", tmp)
@@ -275,6 +287,8 @@ def baseline(model: str, src: Path, prefixes: list[str], root: Path) -> dict[str
     walls, phases = [], []
     for prefix in prefixes:
         out = root / f"baseline-{model}-{prefix}"
+        for f in src.glob(f"{prefix}.*"):
+            cache(f)  # as land() does for the daemon
         t0 = time.monotonic()
         r = subprocess.run(
             [sys.executable, str(BENCH / "baseline.py"), model, str(src / prefix), str(out)],

@@ -1228,6 +1228,10 @@ class Supervisor:
                 # Which version's graph was reused, or why not (daemon.incremental).
                 incremental_from=(result.get("incremental") or {}).get("template"),
                 incremental_fallback=(result.get("incremental") or {}).get("fallback"),
+                # Linked or copied from the checkpoint without TensorFlow, or
+                # why not (then restored by TensorFlow).
+                weights=(result.get("incremental") or {}).get("weights"),
+                link_fallback=(result.get("incremental") or {}).get("link_fallback"),
             )
             assert job.temp_dir is not None
             if not self._release_validator(job):

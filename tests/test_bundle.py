@@ -1,14 +1,16 @@
-"""The checkpoint index reader, against TensorFlow's own reader on real checkpoints.
+"""The checkpoint index reader and writer, against TensorFlow's own reader on real checkpoints.
 
 Weight parity compares stored bytes found through this reader; if it read an
 offset wrong, parity would compare the wrong bytes. So every entry of real
 checkpoints (a trainer's, a SavedModel's variables, one holding strings and
 integers) is checked here against ``tf.train.load_checkpoint``: names, dtypes,
-shapes and the bytes themselves.
+shapes and the bytes themselves. Indexes written here (linked incremental
+exports) must read back in TensorFlow with the same values.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,120 @@ def test_weight_parity_by_bytes_and_by_tensorflows_reader_agree(
         outcome = validate.weight_parity(str(sm), checkpoint)
     except child.ChildFailure as e:
         outcome = e.reason
-    assert outcome == (
-        "weight_mismatch" if unmatched else {"ok": True, "variables": 8, "checkpoint": checkpoint}
+    expected = {"ok": True, "variables": 8, "checkpoint": checkpoint, "matched_by": "value"}
+    assert outcome == ("weight_mismatch" if unmatched else expected)
+
+
+def test_crc32c_matches_the_castagnoli_check_value() -> None:
+    assert bundle.crc32c(b"123456789") == 0xE3069283
+    assert bundle.crc32c(b"") == 0
+
+
+def _mixed(path: Path) -> str:
+    import tensorflow as tf
+
+    return str(
+        tf.train.Checkpoint(
+            text=tf.Variable([b"checkpoint", b"", b"\x00\xff bytes"]),
+            step=tf.Variable(1234, dtype=tf.int64),
+            half=tf.Variable([[1.5, -2.0]], dtype=tf.float16),
+            empty=tf.Variable(tf.zeros([0, 3])),
+        ).write(str(path))
     )
+
+
+def test_an_index_written_here_reads_back_in_tensorflow_across_shards(tmp_path: Path) -> None:
+    """The entries of two checkpoints in one bundle of two shards: TensorFlow reads every value."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    train(tmp_path / "ckpts", 1)
+    first = bundle.read_index(str(tmp_path / "ckpts" / "ckpt-5"))
+    second = bundle.read_index(_mixed(tmp_path / "mixed" / "ckpt"))
+    out = tmp_path / "out" / "both"
+    out.parent.mkdir()
+    entries = dict(first.entries)
+    for key, e in second.entries.items():
+        entries["mixed/" + key] = bundle.Entry(
+            e.dtype, e.shape, 1, e.offset, e.size, e.crc32c, False
+        )
+    os.link(first.data_file(0), f"{out}.data-00000-of-00002")
+    os.link(second.data_file(0), f"{out}.data-00001-of-00002")
+    (tmp_path / "out" / "both.index").write_bytes(bundle.encode_index(2, entries))
+
+    assert bundle.read_index(str(out)).entries == entries
+    reader = tf.train.load_checkpoint(str(out))
+    assert set(reader.get_variable_to_shape_map()) == set(entries)
+    for name, source in [(first.prefix, ""), (second.prefix, "mixed/")]:
+        original = tf.train.load_checkpoint(name)
+        for key in original.get_variable_to_shape_map():
+            np.testing.assert_array_equal(reader.get_tensor(source + key), original.get_tensor(key))
+    # The object graph, read as a string without TensorFlow, parses.
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(first.read_string("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    assert {c.local_name for c in graph.nodes[0].children} >= {"model", "optimizer"}
+    with pytest.raises(bundle.BundleFormatError, match="not a scalar string"):
+        second.read_string("step/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+def test_a_sliced_entry_or_a_shard_out_of_range_is_not_written() -> None:
+    with pytest.raises(ValueError, match="shard 1"):
+        bundle.encode_index(1, {"a": bundle.Entry(1, (2,), 1, 0, 8, 0, False)})
+    with pytest.raises(ValueError, match="sliced"):
+        bundle.encode_index(1, {"a": bundle.Entry(1, (2,), 0, 0, 8, 0, True)})
+
+
+def _mapped_export(tmp_path: Path, prefix: Path) -> Path:
+    """The demo model restored from ``prefix`` and exported, with its weights map recorded."""
+    import tensorflow as tf
+
+    from daemon import incremental
+    from daemon.demo.model import build_model
+
+    model = build_model()
+    status = tf.train.Checkpoint(model=model).read(str(prefix))
+    status.assert_existing_objects_matched()
+    out = tmp_path / "sm"
+    model.export(str(out), verbose=False)
+    restored = incremental.restored_from(status, str(prefix))
+    assert len(restored) == 4  # two kernels, two biases
+    why_not = incremental.record_weights_map(str(out), restored, str(prefix), "model", {})
+    assert why_not is None
+    return out
+
+
+def test_weight_parity_by_weights_map_names_a_variable_holding_another_tensor(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from daemon import incremental
+
+    train(tmp_path / "ckpts", 2)  # ckpt-5, ckpt-10
+    checkpoint = str(tmp_path / "ckpts" / "ckpt-10")
+    sm = _mapped_export(tmp_path, tmp_path / "ckpts" / "ckpt-10")
+    report = validate.weight_parity(str(sm), checkpoint)
+    assert report["matched_by"] == "key" and report["variables"] == 8
+
+    map_file = sm / incremental.WEIGHTS_MAP_RELPATH
+    record = json.loads(map_file.read_text())
+    # A kernel pointed at its Adam slot: same dtype and shape, other bytes.
+    key, ckpt_key = next((k, v) for k, v in sorted(record["variables"].items()) if "0/" in v)
+    source = bundle.read_index(checkpoint)
+    slot = next(
+        k
+        for k, e in source.entries.items()
+        if k != ckpt_key and "optimizer" in k and e.shape == source.entries[ckpt_key].shape
+    )
+    map_file.write_text(json.dumps(dict(record, variables={**record["variables"], key: slot})))
+    with pytest.raises(child.ChildFailure, match=f"{key} \\(differs from {slot}\\)"):
+        validate.weight_parity(str(sm), checkpoint)
+    # ckpt-5 holds other weights: by map, every variable differs.
+    map_file.write_text(json.dumps(record))
+    with pytest.raises(child.ChildFailure, match="8 of 8 variables"):
+        validate.weight_parity(str(sm), str(tmp_path / "ckpts" / "ckpt-5"))
+    # A map made for a checkpoint of another structure does not apply.
+    map_file.write_text(json.dumps(dict(record, object_graph="sha256:0")))
+    with pytest.raises(child.ChildFailure, match="object graph differs"):
+        validate.weight_parity(str(sm), checkpoint)

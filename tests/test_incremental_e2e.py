@@ -2,10 +2,11 @@
 
 Real trainer, real daemon, real SavedModels. The decisive properties: an
 incremental version serves exactly the checkpoint's weights through the old
-graph (the validator's weight parity and output comparison, and a TF2 load
-here); what does not fit falls back to a full export; a graph that no longer
-computes what the builder's model computes is exported again in full rather
-than blamed on the checkpoint; the switch turns it off.
+graph (the validator's weight parity by weights map, and a TF2 load here);
+a template without a weights map goes through TensorFlow (output
+comparison); what does not fit falls back to a full export; a graph that no
+longer computes what the builder's model computes is exported again in full
+rather than blamed on the checkpoint; the switch turns it off.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from conftest import (
     write_config,
 )
 
+from daemon import incremental
 from daemon.versions import REPORT_RELPATH, read_metadata
 
 pytestmark = pytest.mark.e2e
@@ -60,7 +62,21 @@ def test_later_checkpoints_reuse_the_published_graph_and_serve_their_own_weights
     metas = {v: read_metadata(p) or {} for v, p in versions.items()}
     keys = {m["export_key"] for m in metas.values()}
     assert len(keys) == 1 and next(iter(keys)).startswith("sha256:")
-    assert metas[3]["export"]["incremental"] == {"template": str(versions[2]), "variables": 8}
+    # The trainer's checkpoints hold Adam's slots too: the weights were copied
+    # out of them, with no TensorFlow in the exporter (no reference outputs).
+    assert metas[3]["export"]["incremental"] == {
+        "template": str(versions[2]),
+        "variables": 8,
+        "weights": "copied",
+    }
+    assert [e["weights"] for e in exported] == [None, "copied", "copied"]
+    reports = {v: json.loads((versions[v] / REPORT_RELPATH).read_text()) for v in (1, 2, 3)}
+    assert [reports[v].get("reference") for v in (1, 2, 3)] == [
+        None,
+        "none: linked weights, checked by their weights map",
+        "none: linked weights, checked by their weights map",
+    ]
+    assert [reports[v]["weights"]["matched_by"] for v in (1, 2, 3)] == ["key"] * 3
     # The graph is the first version's, byte for byte; the weights are not.
     assert (versions[3] / "saved_model.pb").read_bytes() == (
         versions[1] / "saved_model.pb"
@@ -96,6 +112,32 @@ out = served(features=tf.constant(x))["output_0"].numpy()
 np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-5, atol=1e-6)
 """
     run_script(script)
+
+
+def test_a_template_without_a_weights_map_is_used_through_tensorflow(
+    tmp_path: Path, daemons: Any
+) -> None:
+    """A version with no weights map (made by an earlier release): restore, then write."""
+    train(tmp_path / "ckpts", 1)  # ckpt-5
+    d = daemons(write_config(tmp_path), tmp_path / "daemon.log")
+    d.wait_for(_published(1), timeout=120)
+    first = version_dirs(tmp_path / "serving" / "m")[1]
+    (first / incremental.WEIGHTS_MAP_RELPATH).unlink()
+    trainer = [sys.executable, "-m", "daemon.demo.trainer", str(tmp_path / "ckpts")]
+    args = ["--checkpoints", "1", "--steps-per-checkpoint", "7", "--interval", "0", "--seed", "1"]
+    subprocess.run([*trainer, *args], env=child_env(), check=True, capture_output=True, timeout=300)
+    d.wait_for(_published(2), timeout=240)
+    assert d.stop() == 0
+    second = version_dirs(tmp_path / "serving" / "m")[2]
+    (exported,) = [e for e in _exported(d) if e["checkpoint"].endswith("ckpt-7")]
+    assert exported["incremental_from"] == str(first) and exported["weights"] is None
+    assert "has no assets.extra/ckpt_exporter_weights.json" in exported["link_fallback"]
+    report = json.loads((second / REPORT_RELPATH).read_text())
+    # Compared with the in-memory model's outputs, and mapped again for the next export.
+    assert "reference" not in report
+    assert report["signatures"]["serving_default"]["inputs_from"] == "reference"
+    assert report["weights"]["matched_by"] == "key"
+    assert (second / incremental.WEIGHTS_MAP_RELPATH).exists()
 
 
 def test_incremental_export_can_be_switched_off(tmp_path: Path, daemons: Any) -> None:
@@ -148,6 +190,8 @@ def test_a_graph_that_no_longer_matches_the_builder_is_exported_again_in_full(
     assert failed["checkpoint"].endswith("ckpt-7") and failed["reason"] == "output_mismatch"
     exported = [e for e in _exported(d) if e["checkpoint"].endswith("ckpt-7")]
     assert [bool(e["incremental_from"]) for e in exported] == [True, False]
+    # Not linked either: the weights map of version 1 names the helper as it was.
+    assert f"{code / 'helper.py'}, imported by the builder, changed" in exported[0]["link_fallback"]
     assert not any(e["event"] in ("export_rejected", "export_failed") for e in ev)
     versions = version_dirs(tmp_path / "serving" / "m")
     assert (versions[2] / "saved_model.pb").read_bytes() != (

@@ -1,0 +1,167 @@
+"""Linked incremental exports (:func:`daemon.incremental.link`) on real checkpoints.
+
+The decisive properties: the SavedModel written without TensorFlow serves the
+new checkpoint's weights exactly (read back by TensorFlow's reader and by
+TF2's loader); a trainer's checkpoint that holds little else than the model is
+linked, not copied; anything the weights map does not vouch for falls back and
+leaves the export folder empty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import train
+
+from daemon import bundle, incremental
+
+pytestmark = pytest.mark.e2e
+
+
+def _template(tmp_path: Path, prefix: Path, code_files: dict[str, list[int]] | None = None) -> Path:
+    """The demo model restored from ``prefix``, exported with its weights map."""
+    import tensorflow as tf
+
+    from daemon.demo.model import build_model
+
+    model = build_model()
+    status = tf.train.Checkpoint(model=model).read(str(prefix))
+    status.assert_existing_objects_matched()
+    out = tmp_path / "template"
+    model.export(str(out), verbose=False)
+    restored = incremental.restored_from(status, str(prefix))
+    assert (
+        incremental.record_weights_map(str(out), restored, str(prefix), "model", code_files or {})
+        is None
+    )
+    return out
+
+
+def _model_outputs(prefix: Path, x: Any) -> Any:
+    import tensorflow as tf
+
+    from daemon.demo.model import build_model
+
+    model = build_model()
+    tf.train.Checkpoint(model=model).read(str(prefix)).expect_partial()
+    return model(x).numpy()
+
+
+def _served(saved_model: Path, x: Any) -> Any:
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    return next(iter(fn(features=tf.constant(x)).values())).numpy()
+
+
+X = np.linspace(-2, 2, 12, dtype="float32").reshape(3, 4)
+
+
+def test_a_trainers_checkpoint_is_copied_tensor_by_tensor_and_serves_its_weights(
+    tmp_path: Path,
+) -> None:
+    train(tmp_path / "ckpts", 2)  # ckpt-5, ckpt-10; Adam slots make most of each shard
+    template = _template(tmp_path, tmp_path / "ckpts" / "ckpt-5")
+    out = tmp_path / "out"
+    out.mkdir()
+    new = tmp_path / "ckpts" / "ckpt-10"
+    assert incremental.link(str(template), str(new), "model", str(out), need_warmup=False) == {
+        "weights": "copied",
+        "variables": 8,
+    }
+    assert (out / "saved_model.pb").read_bytes() == (template / "saved_model.pb").read_bytes()
+    assert sorted(p.name for p in (out / "variables").iterdir()) == [
+        "variables.data-00000-of-00001",
+        "variables.index",
+    ]
+    # Only the variables' tensors and the SavedModel's object graph: no optimizer state.
+    record = json.loads((out / incremental.WEIGHTS_MAP_RELPATH).read_text())
+    assert record == json.loads((template / incremental.WEIGHTS_MAP_RELPATH).read_text())
+    source, saved = (
+        bundle.read_index(str(new)),
+        bundle.read_index(str(template / "variables" / "variables")),
+    )
+    graph = saved.entries["_CHECKPOINTABLE_OBJECT_GRAPH"].size
+    used = sum(source.entries[k].size for k in record["variables"].values())
+    assert (out / "variables" / "variables.data-00000-of-00001").stat().st_size == used + graph
+    np.testing.assert_allclose(_served(out, X), _model_outputs(new, X), rtol=1e-6)
+    assert not np.allclose(_served(out, X), _served(template, X))
+
+
+def test_a_checkpoint_of_the_model_alone_is_linked_not_copied(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from daemon.demo.model import build_model
+
+    model = build_model()
+    ckpt = tf.train.Checkpoint(model=model)
+    first = ckpt.write(str(tmp_path / "ckpts" / "a"))
+    for v in model.trainable_variables:
+        v.assign(v + 0.5)
+    second = Path(ckpt.write(str(tmp_path / "ckpts" / "b")))
+    template = _template(tmp_path, Path(first))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = incremental.link(str(template), str(second), "model", str(out), need_warmup=False)
+    assert result == {"weights": "linked", "variables": 8}
+    # The checkpoint's own shard, not a copy of it; the object graph in a shard of its own.
+    assert os.path.samefile(
+        out / "variables" / "variables.data-00000-of-00002",
+        second.parent / "b.data-00000-of-00001",
+    )
+    assert (out / "variables" / "variables.data-00001-of-00002").stat().st_size > 0
+    np.testing.assert_allclose(_served(out, X), _model_outputs(second, X), rtol=1e-6)
+    reader = tf.train.load_checkpoint(str(out / "variables" / "variables"))
+    assert len(reader.get_variable_to_shape_map()) == 9
+
+
+def test_what_the_weights_map_does_not_vouch_for_falls_back_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    import tensorflow as tf
+
+    from daemon.demo.model import build_model
+
+    train(tmp_path / "ckpts", 2)
+    helper = tmp_path / "helper.py"
+    helper.write_text("ACTIVATION = 'relu'\n")
+    st = helper.stat()
+    template = _template(
+        tmp_path, tmp_path / "ckpts" / "ckpt-5", {str(helper): [st.st_mtime_ns, st.st_size]}
+    )
+    new = str(tmp_path / "ckpts" / "ckpt-10")
+    alone = tf.train.Checkpoint(model=build_model()).write(str(tmp_path / "alone" / "c"))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def falls_back(match: str, checkpoint: str = new, key: str = "model", **kw: Any) -> None:
+        with pytest.raises(incremental.Fallback, match=match):
+            incremental.link(
+                str(template), checkpoint, key, str(out), **{"need_warmup": False, **kw}
+            )
+        assert os.listdir(out) == []
+
+    falls_back("object graph differs", checkpoint=alone)
+    falls_back("another checkpoint_key", key="net")
+    falls_back("no warmup records", need_warmup=True)
+    helper.write_text("ACTIVATION = 'tanh'\n")
+    falls_back(f"{helper}, imported by the builder, changed")
+    helper.write_text("ACTIVATION = 'relu'\n")
+    os.utime(helper, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert incremental.link(str(template), new, "model", str(out), need_warmup=False)["variables"]
+    for entry in os.listdir(out):
+        path = out / entry
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    (template / incremental.WEIGHTS_MAP_RELPATH).unlink()
+    falls_back("has no assets.extra/ckpt_exporter_weights.json")
+    assert bundle.read_index(new).num_shards == 1
