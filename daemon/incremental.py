@@ -53,6 +53,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -306,23 +307,11 @@ def link(
         raise Fallback(f"{template}'s weights were restored from another checkpoint_key")
     if object_graph_digest(source) != record.get("object_graph"):
         raise Fallback("the checkpoint's object graph differs from the template's source's")
-    for path, (mtime_ns, size) in record.get("code_files", {}).items():
-        try:
-            st = os.stat(path)
-        except OSError:
-            st = None
-        if st is None or (st.st_mtime_ns, st.st_size) != (mtime_ns, size):
-            raise Fallback(f"{path}, imported by the builder, changed since {template}")
-    mapping: dict[str, str] = record["variables"]
-    wanted = set(saved.entries) - {OBJECT_GRAPH_KEY}
-    if set(mapping) != wanted:
-        raise Fallback(f"{template}'s weights map does not cover its variables")
-    entries: dict[str, bundle.Entry] = {}
-    for key, ckpt_key in mapping.items():
-        have, want = source.entries.get(ckpt_key), saved.entries[key]
-        if have is None or have.sliced or (have.dtype, have.shape) != (want.dtype, want.shape):
-            raise Fallback(f"checkpoint tensor {ckpt_key} does not fit variable {key}")
-        entries[key] = have
+    try:
+        entries = _entries_by_map(record, source, saved, template)
+    except (TypeError, ValueError, AttributeError) as e:  # a map edited by hand
+        raise Fallback(f"{template}/{WEIGHTS_MAP_RELPATH} cannot be used: {e}") from e
+    n_vars = len(entries)
     try:
         _copy_template(template, export_dir, extras=True)
         prefix = os.path.join(export_dir, "variables", "variables")
@@ -348,7 +337,30 @@ def link(
     except FileNotFoundError as e:
         _empty(export_dir)
         raise Fallback(f"the template version or the pinned checkpoint went away: {e}") from e
-    return {"weights": how, "variables": len(mapping)}
+    return {"weights": how, "variables": n_vars}
+
+
+def _entries_by_map(
+    record: Mapping[str, Any], source: bundle.Bundle, saved: bundle.Bundle, template: str
+) -> dict[str, bundle.Entry]:
+    """``source``'s entry for each variable of ``saved`` (the template), as its map says."""
+    for path, (mtime_ns, size) in record.get("code_files", {}).items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is None or (st.st_mtime_ns, st.st_size) != (mtime_ns, size):
+            raise Fallback(f"{path}, imported by the builder, changed since {template}")
+    mapping: dict[str, str] = record["variables"]
+    if set(mapping) != set(saved.entries) - {OBJECT_GRAPH_KEY}:
+        raise Fallback(f"{template}'s weights map does not cover its variables")
+    entries: dict[str, bundle.Entry] = {}
+    for key, ckpt_key in mapping.items():
+        have, want = source.entries.get(ckpt_key), saved.entries[key]
+        if have is None or have.sliced or (have.dtype, have.shape) != (want.dtype, want.shape):
+            raise Fallback(f"checkpoint tensor {ckpt_key} does not fit variable {key}")
+        entries[key] = have
+    return entries
 
 
 def _copy_template(template: str, export_dir: str, *, extras: bool) -> None:
@@ -378,12 +390,19 @@ def _size(path: str) -> int:
 
 
 def _link_shards(source: bundle.Bundle, prefix: str) -> bool:
-    """Hard-link each data shard as ``PREFIX.data-i-of-(n+1)``; False (none left) if one cannot."""
+    """Hard-link each data shard as ``PREFIX.data-i-of-(n+1)``; False (none left) if one cannot.
+
+    A linked file keeps its owner and mode: one that not everybody may read
+    (a trainer's umask 027, say) is not linked, since TF Serving, often
+    another user, must read it as it reads the files this daemon writes.
+    """
     n = source.num_shards + 1
     done: list[str] = []
     for i in range(source.num_shards):
         dst = f"{prefix}.data-{i:05d}-of-{n:05d}"
         try:
+            if not os.stat(source.data_file(i)).st_mode & stat.S_IROTH:
+                raise PermissionError(errno.EACCES, "not readable by others", source.data_file(i))
             os.link(source.data_file(i), dst)
         except OSError as e:
             if e.errno == errno.ENOENT:

@@ -118,6 +118,13 @@ def test_a_checkpoint_of_the_model_alone_is_linked_not_copied(tmp_path: Path) ->
     np.testing.assert_allclose(_served(out, X), _model_outputs(second, X), rtol=1e-6)
     reader = tf.train.load_checkpoint(str(out / "variables" / "variables"))
     assert len(reader.get_variable_to_shape_map()) == 9
+    # A shard that only its owner's group may read is copied: the server may be another user.
+    os.chmod(second.parent / "b.data-00000-of-00001", 0o640)
+    again = tmp_path / "again"
+    again.mkdir()
+    result = incremental.link(str(template), str(second), "model", str(again), need_warmup=False)
+    assert result["weights"] == "copied"
+    np.testing.assert_allclose(_served(again, X), _model_outputs(second, X), rtol=1e-6)
 
 
 def test_what_the_weights_map_does_not_vouch_for_falls_back_and_leaves_nothing(
