@@ -217,19 +217,19 @@ def restored_from(status: Any, prefix: str) -> dict[str, str]:
     """
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+    out: dict[str, str] = {}
     try:
         by_node = status._checkpoint.object_by_proto_id
         graph = trackable_object_graph_pb2.TrackableObjectGraph()
         graph.ParseFromString(bundle.read_index(prefix).read_string(OBJECT_GRAPH_KEY))
-    except Exception:  # a private attribute, a damaged index: no map, nothing worse
+        for node_id, obj in by_node.items():
+            keys = [a.checkpoint_key for a in graph.nodes[node_id].attributes]
+            v = getattr(obj, "value", obj)  # a Keras 3 variable wraps the tf.Variable
+            name = getattr(v, "name", None)
+            if len(keys) == 1 and keys[0].endswith("/.ATTRIBUTES/VARIABLE_VALUE") and name:
+                out[name.split(":")[0]] = keys[0]
+    except Exception:  # a private attribute changed, a damaged index: no map, nothing worse
         return {}
-    out: dict[str, str] = {}
-    for node_id, obj in by_node.items():
-        keys = [a.checkpoint_key for a in graph.nodes[node_id].attributes]
-        v = getattr(obj, "value", obj)  # a Keras 3 variable wraps the tf.Variable
-        name = getattr(v, "name", None)
-        if len(keys) == 1 and keys[0].endswith("/.ATTRIBUTES/VARIABLE_VALUE") and name:
-            out[name.split(":")[0]] = keys[0]
     return out
 
 
