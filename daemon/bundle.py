@@ -37,6 +37,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from daemon import crc32c
+
 #: ``kTableMagicNumber``, little-endian: the last 8 bytes of every table file.
 TABLE_MAGIC = (0xDB4775248B80FB57).to_bytes(8, "little")
 _FOOTER_SIZE = 48
@@ -190,34 +192,6 @@ def read_index(prefix: str) -> Bundle:
 # --- writing -------------------------------------------------------------------
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of ``data``; only block trailers of a few KiB go through it."""
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The CRC as tables and bundles store it (``crc32c::Mask``)."""
-    crc = crc32c(data)
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def _put_varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -245,7 +219,7 @@ def _append_block(out: bytearray, block: bytes) -> bytes:
     """Append ``block`` and its trailer to ``out``; the encoded handle that finds it."""
     handle = _put_varint(len(out)) + _put_varint(len(block))
     trailer = bytes([_NO_COMPRESSION])
-    out += block + trailer + struct.pack("<I", masked_crc32c(block + trailer))
+    out += block + trailer + struct.pack("<I", crc32c.masked(block + trailer))
     return handle
 
 

@@ -292,9 +292,13 @@ def link(
     another shape, another dtype or shape, a sliced tensor, a source file
     the builder imported changed.
     """
+    # Anything wrong with the checkpoint's files (a truncated shard) is left
+    # to the TensorFlow path, which names it: checkpoint_corrupt.
     try:
         record = read_weights_map(template)
         source = bundle.read_index(checkpoint)
+        shard_sizes = [_size(source.data_file(i)) for i in range(source.num_shards)]
+        source_graph = object_graph_digest(source)
         saved = bundle.read_index(os.path.join(template, "variables", "variables"))
         graph_blob = saved.read(OBJECT_GRAPH_KEY)
     except (OSError, ValueError, KeyError) as e:
@@ -305,18 +309,24 @@ def link(
         raise Fallback(f"{template} has no warmup records to take over")
     if record.get("checkpoint_key") != checkpoint_key:
         raise Fallback(f"{template}'s weights were restored from another checkpoint_key")
-    if object_graph_digest(source) != record.get("object_graph"):
+    if source_graph != record.get("object_graph"):
         raise Fallback("the checkpoint's object graph differs from the template's source's")
     try:
         entries = _entries_by_map(record, source, saved, template)
     except (TypeError, ValueError, AttributeError) as e:  # a map edited by hand
         raise Fallback(f"{template}/{WEIGHTS_MAP_RELPATH} cannot be used: {e}") from e
+    for key, have in entries.items():
+        if (
+            have.shard_id >= len(shard_sizes)
+            or have.offset + have.size > shard_sizes[have.shard_id]
+        ):
+            raise Fallback(f"the checkpoint's data ends before tensor {key}'s")
     n_vars = len(entries)
     try:
         _copy_template(template, export_dir, extras=True)
         prefix = os.path.join(export_dir, "variables", "variables")
         used = sum(e.size for e in entries.values())
-        total = sum(_size(source.data_file(i)) for i in range(source.num_shards))
+        total = sum(shard_sizes)
         how = "copied"
         if used >= LINK_MIN_USED_SHARE * total and _link_shards(source, prefix):
             how, n = "linked", source.num_shards + 1
@@ -337,6 +347,9 @@ def link(
     except FileNotFoundError as e:
         _empty(export_dir)
         raise Fallback(f"the template version or the pinned checkpoint went away: {e}") from e
+    except Fallback:
+        _empty(export_dir)
+        raise
     return {"weights": how, "variables": n_vars}
 
 
@@ -432,8 +445,8 @@ def _copy_tensors(
                 n = os.copy_file_range(
                     fds[e.shard_id], dst, e.size - done, e.offset + done, offset + done
                 )
-                if n == 0:
-                    raise OSError(f"{source.data_file(e.shard_id)} ends inside tensor {key}")
+                if n == 0:  # shrunk since it was checked: not this daemon's to judge
+                    raise Fallback(f"{source.data_file(e.shard_id)} ends inside tensor {key}")
                 done += n
             out[key] = bundle.Entry(e.dtype, e.shape, 0, offset, e.size, e.crc32c, False)
             offset += e.size

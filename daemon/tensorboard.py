@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from daemon.crc32c import masked as _masked_crc32c
+
 __all__ = ["EventFileReader", "read_scalars"]
 
 # A TFRecord is: uint64 length, uint32 masked CRC32C of those 8 bytes, the data, uint32 masked
@@ -48,28 +50,6 @@ _DTYPES: dict[int, tuple[str, int, int]] = {
     9: ("<q", 10, 0),  # DT_INT64: int64_val, varint
     19: ("<e", 13, 0),  # DT_HALF: half_val, the 16 bits in an int32 varint
 }
-
-
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc_table()
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """CRC32C (Castagnoli) of ``data``, masked (rotated and offset) as TFRecord stores it."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:

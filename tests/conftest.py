@@ -207,3 +207,27 @@ def version_dirs(base: Path) -> dict[int, Path]:
     from daemon.versions import scan_base_path
 
     return {e.version: base / e.name for e in scan_base_path(base) if e.is_dir}
+
+
+def mapped_export(out: Path, prefix: Path, code_files: dict[str, list[int]] | None = None) -> Path:
+    """The demo model restored from checkpoint ``prefix``, exported to ``out`` with its weights map.
+
+    As the worker does it (restore, Keras export, :func:`daemon.incremental.record_weights_map`),
+    in this process.
+    """
+    import tensorflow as tf
+
+    from daemon import incremental
+    from daemon.demo.model import build_model
+
+    model = build_model()
+    status = tf.train.Checkpoint(model=model).read(str(prefix))
+    status.assert_existing_objects_matched()
+    model.export(str(out), verbose=False)
+    restored = incremental.restored_from(status, str(prefix))
+    assert len(restored) == 4, restored  # two kernels, two biases
+    why_not = incremental.record_weights_map(
+        str(out), restored, str(prefix), "model", code_files or {}
+    )
+    assert why_not is None, why_not
+    return out

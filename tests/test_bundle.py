@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import train
+from conftest import mapped_export, train
 
-from daemon import bundle, child, validate
+from daemon import bundle, child, crc32c, validate
 
 pytestmark = pytest.mark.e2e
 
@@ -131,8 +131,8 @@ def test_weight_parity_by_bytes_and_by_tensorflows_reader_agree(
 
 
 def test_crc32c_matches_the_castagnoli_check_value() -> None:
-    assert bundle.crc32c(b"123456789") == 0xE3069283
-    assert bundle.crc32c(b"") == 0
+    assert crc32c.crc32c(b"123456789") == 0xE3069283
+    assert crc32c.crc32c(b"") == 0
 
 
 def _mixed(path: Path) -> str:
@@ -190,25 +190,6 @@ def test_a_sliced_entry_or_a_shard_out_of_range_is_not_written() -> None:
         bundle.encode_index(1, {"a": bundle.Entry(1, (2,), 0, 0, 8, 0, True)})
 
 
-def _mapped_export(tmp_path: Path, prefix: Path) -> Path:
-    """The demo model restored from ``prefix`` and exported, with its weights map recorded."""
-    import tensorflow as tf
-
-    from daemon import incremental
-    from daemon.demo.model import build_model
-
-    model = build_model()
-    status = tf.train.Checkpoint(model=model).read(str(prefix))
-    status.assert_existing_objects_matched()
-    out = tmp_path / "sm"
-    model.export(str(out), verbose=False)
-    restored = incremental.restored_from(status, str(prefix))
-    assert len(restored) == 4  # two kernels, two biases
-    why_not = incremental.record_weights_map(str(out), restored, str(prefix), "model", {})
-    assert why_not is None
-    return out
-
-
 def test_weight_parity_by_weights_map_names_a_variable_holding_another_tensor(
     tmp_path: Path,
 ) -> None:
@@ -218,7 +199,7 @@ def test_weight_parity_by_weights_map_names_a_variable_holding_another_tensor(
 
     train(tmp_path / "ckpts", 2)  # ckpt-5, ckpt-10
     checkpoint = str(tmp_path / "ckpts" / "ckpt-10")
-    sm = _mapped_export(tmp_path, tmp_path / "ckpts" / "ckpt-10")
+    sm = mapped_export(tmp_path / "sm", tmp_path / "ckpts" / "ckpt-10")
     report = validate.weight_parity(str(sm), checkpoint)
     assert report["matched_by"] == "key" and report["variables"] == 8
 

@@ -44,6 +44,13 @@ def _exported(d: Daemon) -> list[dict[str, Any]]:
     return [e for e in d.events() if e["event"] == "exported"]
 
 
+def _train_again(ckpts: Path) -> None:
+    """A second run of the trainer: ckpt-7, other weights, the same variables."""
+    trainer = [sys.executable, "-m", "daemon.demo.trainer", str(ckpts)]
+    args = ["--checkpoints", "1", "--steps-per-checkpoint", "7", "--interval", "0", "--seed", "1"]
+    subprocess.run([*trainer, *args], env=child_env(), check=True, capture_output=True, timeout=300)
+
+
 def test_later_checkpoints_reuse_the_published_graph_and_serve_their_own_weights(
     tmp_path: Path, daemons: Any
 ) -> None:
@@ -123,9 +130,7 @@ def test_a_template_without_a_weights_map_is_used_through_tensorflow(
     d.wait_for(_published(1), timeout=120)
     first = version_dirs(tmp_path / "serving" / "m")[1]
     (first / incremental.WEIGHTS_MAP_RELPATH).unlink()
-    trainer = [sys.executable, "-m", "daemon.demo.trainer", str(tmp_path / "ckpts")]
-    args = ["--checkpoints", "1", "--steps-per-checkpoint", "7", "--interval", "0", "--seed", "1"]
-    subprocess.run([*trainer, *args], env=child_env(), check=True, capture_output=True, timeout=300)
+    _train_again(tmp_path / "ckpts")
     d.wait_for(_published(2), timeout=240)
     assert d.stop() == 0
     second = version_dirs(tmp_path / "serving" / "m")[2]
@@ -176,10 +181,7 @@ def test_a_graph_that_no_longer_matches_the_builder_is_exported_again_in_full(
     d.wait_for(_published(1), timeout=120)
 
     (code / "helper.py").write_text('ACTIVATION = "tanh"\n')
-    # A second run of the trainer: ckpt-7, other weights, the same variables.
-    trainer = [sys.executable, "-m", "daemon.demo.trainer", str(tmp_path / "ckpts")]
-    args = ["--checkpoints", "1", "--steps-per-checkpoint", "7", "--interval", "0", "--seed", "1"]
-    subprocess.run([*trainer, *args], env=child_env(), check=True, capture_output=True, timeout=300)
+    _train_again(tmp_path / "ckpts")
     ev = d.wait_for(_published(2), timeout=240)
     assert d.stop() == 0
     # The worker kept from version 1 still runs the old helper: retired, not reused.
