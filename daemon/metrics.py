@@ -56,6 +56,7 @@ KNOWN_FAILURES: dict[str, tuple[str, ...]] = {
         "signature_failed",
         "no_variables",
         "weight_mismatch",
+        "no_reference",
         "golden_mismatch",
         "warmup_failed",
         "timeout",
