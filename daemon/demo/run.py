@@ -60,11 +60,16 @@ def run_demo(workspace: Path | None, versions: int) -> int:
     published: list[tuple[int, Path, dict[str, Any]]] = []
 
     def on_published(_model: str, version: int, path: Path, validation: dict[str, Any]) -> None:
-        sigs = validation.get("signatures", {})
-        summary = ", ".join(
-            f"{name} {'ok' if s.get('ok') else 'FAILED'} (max diff {s.get('max_abs_diff', 0):.1g})"
-            for name, s in sorted(sigs.items())
-        )
+        parts = []
+        for name, s in sorted(validation.get("signatures", {}).items()):
+            # A linked export has no exporter outputs, so no difference to show.
+            diff = s.get("max_abs_diff")
+            shown = f" (max diff {diff:.1g})" if diff is not None else ""
+            parts.append(f"{name} {'ok' if s.get('ok') else 'FAILED'}{shown}")
+        weights = validation.get("weights")
+        if weights:
+            parts.append(f"{weights['variables']} weights matched by {weights['matched_by']}")
+        summary = ", ".join(parts)
         print(f"demo: version {version} is live at {path}  [validated: {summary}]", flush=True)
         published.append((version, path, validation))
 
