@@ -24,7 +24,7 @@ block.cc, format.cc), read here as:
 
 TensorFlow writes bundle indexes uncompressed; a compressed block, a bad
 magic number or a truncated file raises :class:`BundleFormatError`, and the
-caller falls back to TensorFlow's own reader. :func:`write_index` writes one
+caller falls back to TensorFlow's own reader. :func:`encode_index` writes one
 in the same format (what an incremental export's linked weights need:
 :mod:`daemon.incremental`). Both run in children that imported TensorFlow
 (the protos are TensorFlow's generated classes).

@@ -273,8 +273,11 @@ def read_weights_map(saved_model: str) -> dict[str, Any] | None:
         text = Path(saved_model, WEIGHTS_MAP_RELPATH).read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    record = json.loads(text)
-    if not isinstance(record, dict) or not isinstance(record.get("variables"), dict):
+    record: dict[str, Any] = json.loads(text)
+    variables = record.get("variables") if isinstance(record, dict) else None
+    if not isinstance(variables, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in variables.items()
+    ):
         raise ValueError(f"{saved_model}/{WEIGHTS_MAP_RELPATH} is not a weights map")
     return record
 
