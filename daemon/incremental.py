@@ -42,8 +42,9 @@ model is built, restored or run; the validator's serving-path checks and
 its per-tensor byte comparison prove the result (it has no in-memory
 outputs to compare with; the graph is byte-identical to a validated one).
 
-:func:`export_key` runs in the supervisor (no TensorFlow); the rest runs in
-the worker.
+:func:`export_key` runs in the supervisor (importing this module imports no
+TensorFlow); :func:`read_weights_map` and :func:`object_graph_digest` in the
+validator too; the rest runs in the worker.
 """
 
 from __future__ import annotations
