@@ -57,7 +57,7 @@ ENV = dict(
     PYTHONUNBUFFERED="1",
     PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]),
 )
-from daemon.warm import warm_children_of  # noqa: E402  (after sys.path)
+from daemon.supervisor.warm_pool import warm_children_of  # noqa: E402  (after sys.path)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -463,7 +463,7 @@ def _busy_nice19(seconds: float) -> subprocess.Popen[bytes]:
     """A process that only burns CPU, with the limits the daemon gives its children."""
     code = (
         "import sys, time\n"
-        "from daemon.child import prepare_tensorflow_env\n"
+        "from daemon.children.runtime import prepare_tensorflow_env\n"
         "prepare_tensorflow_env(False, nice=19, io_class='idle', threads=1)\n"
         "end = time.monotonic() + float(sys.argv[1])\n"
         "while time.monotonic() < end: pass\n"

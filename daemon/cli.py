@@ -22,10 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, exitcodes, logs
-from daemon.builders import check_builders
-from daemon.config import Config, ConfigError, ModelConfig, load_config
-from daemon.operations import (
+from daemon import __version__, exitcodes, logs, protocol
+from daemon.basepath.catalog import published_versions
+from daemon.basepath.operations import (
     LOCK_TIMEOUT_SECONDS,
     LockBusy,
     OperationError,
@@ -37,10 +36,11 @@ from daemon.operations import (
     tree_bytes,
     unpin_version,
 )
-from daemon.planner import History, plan
-from daemon.rejected import read_rejected
+from daemon.basepath.records import read_rejected
+from daemon.config.builders import check_builders
+from daemon.config.loading import Config, ConfigError, ModelConfig, load_config
+from daemon.rules.planner import History, plan
 from daemon.sources import SOURCES
-from daemon.versions import published_versions
 
 #: Exit status of an operator command (rollback, pin, unpin) that refused or failed.
 REFUSED = 1
@@ -138,7 +138,6 @@ def run_validator(
     ``sample_inputs`` the signatures run on them, and ``golden_outputs`` are
     compared with what they answer.
     """
-    from daemon import child
 
     with tempfile.TemporaryDirectory(prefix="ckpt-exporter-validate-") as tmp:
         req = Path(tmp) / "request.json"
@@ -151,12 +150,12 @@ def run_validator(
                 request[key] = str(file.resolve())
         req.write_text(json.dumps(request))
         proc = subprocess.run(
-            child.child_command("daemon.validate", req),
+            protocol.child_command(protocol.VALIDATOR, req),
             capture_output=True,
             timeout=timeout,
             check=False,
         )
-        data = child.read_result(result)
+        data = protocol.read_result(result)
         if data is None:
             tail = proc.stdout.decode(errors="replace")[-2000:]
             return {

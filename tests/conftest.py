@@ -204,7 +204,7 @@ def daemons() -> Iterator[Callable[[Path, Path], Daemon]]:
 
 
 def version_dirs(base: Path) -> dict[int, Path]:
-    from daemon.versions import scan_base_path
+    from daemon.basepath.catalog import scan_base_path
 
     return {e.version: base / e.name for e in scan_base_path(base) if e.is_dir}
 
@@ -212,12 +212,13 @@ def version_dirs(base: Path) -> dict[int, Path]:
 def mapped_export(out: Path, prefix: Path, code_files: dict[str, list[int]] | None = None) -> Path:
     """The demo model restored from checkpoint ``prefix``, exported to ``out`` with its weights map.
 
-    As the worker does it (restore, Keras export, :func:`daemon.incremental.record_weights_map`),
+    As the worker does it (restore, Keras export,
+    :func:`daemon.children.incremental.record_weights_map`),
     in this process.
     """
     import tensorflow as tf
 
-    from daemon import incremental
+    from daemon.children import incremental
     from daemon.demo.model import build_model
 
     model = build_model()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.builders import builder_problem, check_builders
-from daemon.config import ConfigError, parse_config
+from daemon.config.builders import builder_problem, check_builders
+from daemon.config.loading import ConfigError, parse_config
 
 #: A package whose __init__ would leave a mark (and fail) if it ran.
 _LOUD_INIT = "open(__file__ + '.ran', 'w').close()\nraise RuntimeError('ran')\n"

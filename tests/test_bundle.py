@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from conftest import mapped_export, train
 
-from daemon import bundle, child, crc32c, validate
+from daemon.children import runtime, validator
+from daemon.formats import bundle, crc32c
 
 pytestmark = pytest.mark.e2e
 
@@ -114,17 +115,17 @@ def test_weight_parity_by_bytes_and_by_tensorflows_reader_agree(
     train(tmp_path / "ckpts", 2)  # ckpt-5, ckpt-10
     sm = _export(tmp_path, tmp_path / "ckpts" / "ckpt-10", "sm", change)
     prefix, checkpoint = str(sm / "variables" / "variables"), str(tmp_path / "ckpts" / source)
-    by_bytes = validate._unmatched_by_bytes(
+    by_bytes = validator._unmatched_by_bytes(
         bundle.read_index(prefix), bundle.read_index(checkpoint)
     )
-    by_reader = validate._unmatched_by_reader(str(sm), prefix, checkpoint)
+    by_reader = validator._unmatched_by_reader(str(sm), prefix, checkpoint)
     assert by_bytes == by_reader
     names, missing = by_bytes
     assert len(names) == 8 and len(missing) == unmatched
     outcome: Any
     try:
-        outcome = validate.weight_parity(str(sm), checkpoint)
-    except child.ChildFailure as e:
+        outcome = validator.weight_parity(str(sm), checkpoint)
+    except runtime.ChildFailure as e:
         outcome = e.reason
     expected = {"ok": True, "variables": 8, "checkpoint": checkpoint, "matched_by": "value"}
     assert outcome == ("weight_mismatch" if unmatched else expected)
@@ -195,12 +196,12 @@ def test_weight_parity_by_weights_map_names_a_variable_holding_another_tensor(
 ) -> None:
     import json
 
-    from daemon import incremental
+    from daemon.children import incremental
 
     train(tmp_path / "ckpts", 2)  # ckpt-5, ckpt-10
     checkpoint = str(tmp_path / "ckpts" / "ckpt-10")
     sm = mapped_export(tmp_path / "sm", tmp_path / "ckpts" / "ckpt-10")
-    report = validate.weight_parity(str(sm), checkpoint)
+    report = validator.weight_parity(str(sm), checkpoint)
     assert report["matched_by"] == "key" and report["variables"] == 8
 
     map_file = sm / incremental.WEIGHTS_MAP_RELPATH
@@ -214,13 +215,13 @@ def test_weight_parity_by_weights_map_names_a_variable_holding_another_tensor(
         if k != ckpt_key and "optimizer" in k and e.shape == source.entries[ckpt_key].shape
     )
     map_file.write_text(json.dumps(dict(record, variables={**record["variables"], key: slot})))
-    with pytest.raises(child.ChildFailure, match=f"{key} \\(differs from {slot}\\)"):
-        validate.weight_parity(str(sm), checkpoint)
+    with pytest.raises(runtime.ChildFailure, match=f"{key} \\(differs from {slot}\\)"):
+        validator.weight_parity(str(sm), checkpoint)
     # ckpt-5 holds other weights: by map, every variable differs.
     map_file.write_text(json.dumps(record))
-    with pytest.raises(child.ChildFailure, match="8 of 8 variables"):
-        validate.weight_parity(str(sm), str(tmp_path / "ckpts" / "ckpt-5"))
+    with pytest.raises(runtime.ChildFailure, match="8 of 8 variables"):
+        validator.weight_parity(str(sm), str(tmp_path / "ckpts" / "ckpt-5"))
     # A map made for a checkpoint of another structure does not apply.
     map_file.write_text(json.dumps(dict(record, object_graph="sha256:0")))
-    with pytest.raises(child.ChildFailure, match="object graph differs"):
-        validate.weight_parity(str(sm), checkpoint)
+    with pytest.raises(runtime.ChildFailure, match="object graph differs"):
+        validator.weight_parity(str(sm), checkpoint)

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import child_env, niceness
 
-from daemon.config import DaemonConfig
+from daemon.config.loading import DaemonConfig
 
 _CHILD = """
 import os, sys, time
-from daemon import child
-child.prepare_from_request(
+from daemon.children import runtime
+runtime.prepare_from_request(
     {"limits": {"nice": 7, "io_class": sys.argv[1], "threads": 3}}, allow_gpu=False
 )
 print(os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"],

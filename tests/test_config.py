@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from daemon.config import (
+from daemon.config.loading import (
     Config,
     ConfigError,
     DaemonConfig,

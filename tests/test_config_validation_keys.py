@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_config import model
 
-from daemon.config import MAX_RECORDS, Config, ConfigError, ModelConfig, parse_config
+from daemon.config.loading import MAX_RECORDS, Config, ConfigError, ModelConfig, parse_config
 
 WHERE = "models[0] (m)"
 

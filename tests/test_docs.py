@@ -6,8 +6,8 @@ import re
 import tomllib
 from pathlib import Path
 
-from daemon.config import DAEMON_SCHEMA, MODEL_SCHEMA, parse_config
-from daemon.gate import GATE_SCHEMA
+from daemon.config.loading import DAEMON_SCHEMA, MODEL_SCHEMA, parse_config
+from daemon.rules.gate import GATE_SCHEMA
 from daemon.sources import SOURCES
 
 ROOT = Path(__file__).resolve().parent.parent

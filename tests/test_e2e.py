@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from conftest import Daemon, child_env, run_script, train, version_dirs, write_config
 
-from daemon.versions import METADATA_RELPATH, TEMP_PREFIX, read_metadata
+from daemon.basepath.catalog import read_metadata
+from daemon.basepath.layout import METADATA_RELPATH, TEMP_PREFIX
 
 pytestmark = pytest.mark.e2e
 BUILDERS = str(Path(__file__).parent / "builders")

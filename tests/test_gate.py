@@ -1,4 +1,4 @@
-"""Unit tests for daemon.gate: parsing a [models.gate] table, the threshold, the decision.
+"""Unit tests for daemon.rules.gate: parsing a [models.gate] table, the threshold, the decision.
 
 Pure and fast: no TensorFlow, no subprocesses. Metric files are real files in tmp_path; event
 files are built by hand with the encoder of tests/test_tensorboard.py.
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from test_tensorboard import event, simple, write_events
 
-from daemon.config import ConfigError, parse_config
-from daemon.gate import (
+from daemon.config.loading import ConfigError, parse_config
+from daemon.rules.gate import (
     GATE_SCHEMA,
     LAST_PUBLISHED,
     Gate,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.health import HealthSnapshot, evaluate
+from daemon.rules.health import HealthSnapshot, evaluate
 
 
 def verdict(snap: HealthSnapshot, mono: float, wall: float) -> tuple[bool, list[str]]:

@@ -30,8 +30,9 @@ from conftest import (
     write_config,
 )
 
-from daemon import incremental
-from daemon.versions import REPORT_RELPATH, read_metadata
+from daemon.basepath.catalog import read_metadata
+from daemon.basepath.layout import REPORT_RELPATH
+from daemon.children import incremental
 
 pytestmark = pytest.mark.e2e
 
@@ -206,7 +207,7 @@ def test_a_template_that_does_not_fit_the_model_falls_back_and_leaves_nothing(
 ) -> None:
     script = f"""
 import os, keras, tensorflow as tf
-from daemon import incremental
+from daemon.children import incremental
 from daemon.demo.model import build_model
 template, out = {str(tmp_path / "template")!r}, {str(tmp_path / "out")!r}
 build_model().export(template, verbose=False)

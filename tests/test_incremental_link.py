@@ -1,4 +1,4 @@
-"""Linked incremental exports (:func:`daemon.incremental.link`) on real checkpoints.
+"""Linked incremental exports (:func:`daemon.children.incremental.link`) on real checkpoints.
 
 The decisive properties: the SavedModel written without TensorFlow serves the
 new checkpoint's weights exactly (read back by TensorFlow's reader and by
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from conftest import mapped_export, train
 
-from daemon import bundle, incremental
+from daemon.children import incremental
+from daemon.formats import bundle
 
 pytestmark = pytest.mark.e2e
 

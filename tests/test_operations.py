@@ -21,8 +21,10 @@ from typing import Any
 import pytest
 from conftest import child_env, write_config
 
-from daemon import operations
-from daemon.operations import (
+from daemon.basepath import operations
+from daemon.basepath.catalog import scan_base_path
+from daemon.basepath.layout import METADATA_RELPATH
+from daemon.basepath.operations import (
     LockBusy,
     OperationError,
     apply_rolled_back,
@@ -34,9 +36,9 @@ from daemon.operations import (
     rolled_back_problem,
     unpin_version,
 )
-from daemon.planner import History, plan
+from daemon.rules.planner import History, plan
+from daemon.rules.versions import plan_retention
 from daemon.sources import Checkpoint, TFCheckpointSource
-from daemon.versions import METADATA_RELPATH, plan_retention, scan_base_path
 
 #: A recent, fixed write time (ns) so checkpoints and versions order predictably.
 T0 = 1_700_000_000 * 10**9
@@ -393,7 +395,7 @@ def test_a_foreign_version_above_the_target_is_left_and_named(base: Path) -> Non
 _HOLDER = """
 import sys, time
 from pathlib import Path
-from daemon.publish import BasePathLock
+from daemon.basepath.publish import BasePathLock
 lock = BasePathLock(Path(sys.argv[1]))
 assert lock.try_acquire()
 print("locked", flush=True)

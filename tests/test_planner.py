@@ -1,4 +1,4 @@
-"""Unit tests for daemon.planner: state in, decision out.
+"""Unit tests for daemon.rules.planner: state in, decision out.
 
 Pure and fast: checkpoints are built directly, nothing touches the disk.
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.planner import History, Plan, candidates, plan
+from daemon.rules.planner import History, Plan, candidates, plan
 from daemon.sources.base import Checkpoint
 
 

@@ -12,26 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from daemon.pin import CheckpointVanished, pin_checkpoint
-from daemon.publish import (
+from daemon.basepath.catalog import read_metadata
+from daemon.basepath.layout import state_dir
+from daemon.basepath.publish import (
     BasePathLock,
     move_aside,
     new_temp_dir,
     publish,
     remove_stale_temps,
     remove_version,
-    rename_noreplace,
-    state_dir,
-    write_json_atomic,
 )
+from daemon.durable import rename_noreplace, write_json_atomic
+from daemon.rules.versions import VersionError, next_version, parse_version, step_version
 from daemon.sources.base import Checkpoint
-from daemon.versions import (
-    VersionError,
-    next_version,
-    parse_version,
-    read_metadata,
-    step_version,
-)
+from daemon.supervisor.staging import CheckpointVanished, pin_checkpoint
 
 
 def _export(base: Path, payload: str = "model") -> Path:
@@ -173,7 +167,8 @@ def test_stale_temps_removed_only_when_their_process_is_gone(tmp_path: Path) -> 
 def test_base_path_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
     base = tmp_path / "base"
     script = (
-        "import sys, time; from pathlib import Path; from daemon.publish import BasePathLock;"
+        "import sys, time; from pathlib import Path;"
+        "from daemon.basepath.publish import BasePathLock;"
         f"lock = BasePathLock(Path({str(base)!r})); assert lock.try_acquire();"
         "print('held', flush=True); time.sleep(60)"
     )

@@ -1,4 +1,4 @@
-"""Unit tests for daemon.samples: sample inputs read from .npz files and fitted to signatures.
+"""Unit tests for daemon.children.samples: sample inputs read from .npz files, fitted to signatures.
 
 Pure and fast: NumPy only (the module imports it lazily, as the children do), real files in
 tmp_path, no TensorFlow.
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from daemon.child import ChildFailure
-from daemon.samples import (
+from daemon.children.runtime import ChildFailure
+from daemon.children.samples import (
     DEFAULT_SIGNATURE,
     fit_input,
     inputs_for,

@@ -25,7 +25,7 @@ import pytest
 import structlog
 from conftest import child_env
 
-from daemon.config import parse_config
+from daemon.config.loading import parse_config
 from daemon.supervisor import Supervisor
 
 

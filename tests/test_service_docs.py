@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.exposition import generate_latest
 
-from daemon.metrics import Metrics
+from daemon.supervisor.metrics import Metrics
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SCRAPE = "# prometheus.yml"

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from conftest import Daemon, train, version_dirs, write_config
 
-from daemon.config import ConfigError, parse_config
-from daemon.versions import read_metadata
+from daemon.basepath.catalog import read_metadata
+from daemon.config.loading import ConfigError, parse_config
 
 EXPORTER = str(Path(__file__).parent / "builders" / "external_exporter.py")
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import Daemon, run_script, version_dirs, write_config
 
-from daemon.config import ConfigError, parse_config
+from daemon.config.loading import ConfigError, parse_config
 from daemon.sources.saved_model import SavedModelSource
 
 HOUR_AGO = time.time() - 3600

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from conftest import Daemon, run_script, version_dirs, write_config
 
-from daemon.config import ConfigError, parse_config
+from daemon.basepath.catalog import read_metadata
+from daemon.config.loading import ConfigError, parse_config
 from daemon.sources.tf1_checkpoint import TF1CheckpointSource
-from daemon.versions import read_metadata
 
 #: A TF1 graph with a lookup table (filled by a table initializer) and two
 #: Saver checkpoints, as an Estimator-era trainer writes them.

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import structlog
 
-from daemon.config import parse_config
+from daemon.basepath.layout import METADATA_RELPATH, TEMP_PREFIX
+from daemon.config.loading import parse_config
 from daemon.supervisor import Supervisor
-from daemon.versions import METADATA_RELPATH, TEMP_PREFIX
 
 
 def _supervisor(tmp_path: Path, keep_versions: int) -> Supervisor:

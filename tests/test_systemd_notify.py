@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.systemd import notify
+from daemon.supervisor.systemd import notify
 
 
 @pytest.fixture(params=["path", "abstract"])

@@ -1,4 +1,4 @@
-"""daemon.tensorboard: scalars read from event files without TensorFlow.
+"""daemon.formats.tensorboard: scalars read from event files without TensorFlow.
 
 The e2e tests write real event files with TensorFlow in a subprocess (this process never imports
 it); the others build records by hand to reach what TensorFlow rarely writes: unpacked repeated
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import REPO, child_env, run_script
 
-from daemon.tensorboard import EventFileReader, _masked_crc32c, read_scalars
+from daemon.formats.tensorboard import EventFileReader, _masked_crc32c, read_scalars
 
 # tf.summary.scalar and keras.callbacks.TensorBoard live in the tensorboard package, which
 # TensorFlow 2.21 no longer installs; without it they raise TBNotInstalledError.
@@ -290,7 +290,7 @@ def test_later_files_override_earlier_ones(tmp_path: Path) -> None:
 
 def test_the_module_imports_neither_tensorflow_nor_protobuf() -> None:
     code = (
-        "import sys, daemon.tensorboard\n"
+        "import sys, daemon.formats.tensorboard\n"
         "bad = [m for m in ('tensorflow', 'google.protobuf', 'numpy') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

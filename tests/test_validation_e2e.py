@@ -18,8 +18,9 @@ import pytest
 from conftest import Daemon, run_script, train, version_dirs, write_config
 from test_e2e import cli
 
-from daemon.rejected import read_rejected
-from daemon.versions import REPORT_RELPATH, read_metadata
+from daemon.basepath.catalog import read_metadata
+from daemon.basepath.layout import REPORT_RELPATH
+from daemon.basepath.records import read_rejected
 
 pytestmark = pytest.mark.e2e
 

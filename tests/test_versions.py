@@ -1,4 +1,4 @@
-"""Unit tests for daemon.versions: TF Serving's version-name rule and the base path.
+"""Unit tests for daemon.rules.versions: TF Serving's version-name rule and the base path.
 
 Pure and fast: no TensorFlow, no subprocesses. The parse cases are the ones in
 the design notes ("What TensorFlow Serving does with a base path"), i.e. the
@@ -14,24 +14,18 @@ from typing import Any
 
 import pytest
 
-from daemon.versions import (
+from daemon.basepath.catalog import Published, published_versions, read_metadata, scan_base_path
+from daemon.basepath.layout import METADATA_RELPATH, STATE_DIRNAME, TEMP_PREFIX, is_temp_name
+from daemon.rules.versions import (
     INT64_MAX,
     INT64_MIN,
-    METADATA_RELPATH,
-    STATE_DIRNAME,
-    TEMP_PREFIX,
-    Published,
     VersionEntry,
     VersionError,
     checkpoint_step,
-    is_temp_name,
     list_versions,
     next_version,
     parse_version,
     plan_retention,
-    published_versions,
-    read_metadata,
-    scan_base_path,
     step_version,
 )
 

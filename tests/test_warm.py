@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from conftest import child_env, niceness, pid_gone, train, version_dirs, write_config
 
-import daemon.warm
-import daemon.zygote
-from daemon.warm import WARM_MODULES, WarmChild, WarmPool, code_changed
+import daemon.supervisor.warm_pool
+import daemon.supervisor.zygote_handle
+from daemon.supervisor.warm_pool import WARM_MODULES, WarmChild, WarmPool, code_changed
 
 LIMITS = {"nice": 3, "io_class": "default", "threads": 1}
 
@@ -49,7 +49,7 @@ def test_the_pool_forks_fresh_children_from_one_zygote_with_the_limits_applied_o
             time.sleep(0.05)
         assert niceness(zygote.proc.pid) == want  # applied before TensorFlow is imported
 
-        validator = pool.take("daemon.validate", settings["daemon.validate"])
+        validator = pool.take("daemon.children.validator", settings["daemon.children.validator"])
         assert validator is not None and validator.done is None
         pid = validator.proc.pid
         fields = _stat(pid)
@@ -68,7 +68,8 @@ def test_the_pool_forks_fresh_children_from_one_zygote_with_the_limits_applied_o
 
         # A reusable exporter gets its done pipe; killed, it reports the signal.
         worker = pool.take(
-            "daemon.worker", WarmPool.settings("daemon.worker", LIMITS, False, max_exports=3)
+            "daemon.children.worker",
+            WarmPool.settings("daemon.children.worker", LIMITS, False, max_exports=3),
         )
         assert worker is not None and worker.done is not None
         assert _comm(worker.proc.pid) == "ckpt-worker"
@@ -78,11 +79,11 @@ def test_the_pool_forks_fresh_children_from_one_zygote_with_the_limits_applied_o
 
         # The config changed (another niceness): a new zygote; the old one
         # lives until the child it forked has exited, then goes by itself.
-        busy = pool.take("daemon.validate", settings["daemon.validate"])
+        busy = pool.take("daemon.children.validator", settings["daemon.children.validator"])
         assert busy is not None
         other = {m: WarmPool.settings(m, {**LIMITS, "nice": 5}, allow_gpu=False) for m in settings}
         (second,) = pool.refill(other)
-        assert pool.take("daemon.validate", settings["daemon.validate"]) is None
+        assert pool.take("daemon.children.validator", settings["daemon.children.validator"]) is None
         assert pool.retiring == [zygote]
         time.sleep(0.5)
         assert zygote.alive() and not pid_gone(busy.proc.pid)
@@ -92,7 +93,9 @@ def test_the_pool_forks_fresh_children_from_one_zygote_with_the_limits_applied_o
         assert not zygote.alive()
 
         # Once TensorFlow is in, the zygote holds real memory and it is reported.
-        assert pool.take("daemon.validate", other["daemon.validate"]) is not None
+        assert (
+            pool.take("daemon.children.validator", other["daemon.children.validator"]) is not None
+        )
         assert pool.rss_bytes() >= 200 * 2**20
     finally:
         pool.close()
@@ -101,7 +104,7 @@ def test_the_pool_forks_fresh_children_from_one_zygote_with_the_limits_applied_o
 
 def test_a_disabled_pool_starts_nothing() -> None:
     pool = WarmPool(enabled=False)
-    assert pool.refill({"daemon.worker": "{}"}) == []
+    assert pool.refill({"daemon.children.worker": "{}"}) == []
     assert pool.zygotes == {} and pool.rss_bytes() == 0
 
 
@@ -109,12 +112,12 @@ def test_children_die_with_their_zygote_and_a_dead_zygote_is_replaced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # As if it had lived long (the OOM killer, an operator's kill): replaced at once.
-    monkeypatch.setattr(daemon.warm, "ZYGOTE_QUICK_EXIT_SECONDS", 0.0)
+    monkeypatch.setattr(daemon.supervisor.warm_pool, "ZYGOTE_QUICK_EXIT_SECONDS", 0.0)
     pool = WarmPool(enabled=True, env=child_env())
-    settings = WarmPool.settings("daemon.validate", LIMITS, allow_gpu=False)
+    settings = WarmPool.settings("daemon.children.validator", LIMITS, allow_gpu=False)
     try:
-        (zygote,) = pool.refill({"daemon.validate": settings})
-        child = pool.take("daemon.validate", settings)
+        (zygote,) = pool.refill({"daemon.children.validator": settings})
+        child = pool.take("daemon.children.validator", settings)
         assert child is not None
         os.kill(zygote.proc.pid, signal.SIGKILL)
         # The child was waiting for its request: it goes with its zygote
@@ -124,13 +127,13 @@ def test_children_die_with_their_zygote_and_a_dead_zygote_is_replaced(
         while not pid_gone(child.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pid_gone(child.proc.pid)
-        assert pool.take("daemon.validate", settings) is None  # nobody to fork it
-        (again,) = pool.refill({"daemon.validate": settings})
+        assert pool.take("daemon.children.validator", settings) is None  # nobody to fork it
+        (again,) = pool.refill({"daemon.children.validator": settings})
         assert again is not zygote
         assert pool.take_exits() == [
             {"pid": zygote.proc.pid, "code": -signal.SIGKILL, "retry_in": 0.0}
         ]
-        assert pool.take("daemon.validate", settings) is not None
+        assert pool.take("daemon.children.validator", settings) is not None
     finally:
         pool.close()
 
@@ -142,9 +145,13 @@ def test_a_zygote_that_exits_at_once_is_restarted_after_a_growing_wait(
     (tmp_path / "tensorflow.py").write_text("raise ImportError('broken on purpose')\n")
     env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
-    monkeypatch.setattr(daemon.warm, "ZYGOTE_BACKOFF_SECONDS", (0.5, 1.0))
+    monkeypatch.setattr(daemon.supervisor.warm_pool, "ZYGOTE_BACKOFF_SECONDS", (0.5, 1.0))
     pool = WarmPool(enabled=True, env=env)
-    settings = {"daemon.validate": WarmPool.settings("daemon.validate", LIMITS, allow_gpu=False)}
+    settings = {
+        "daemon.children.validator": WarmPool.settings(
+            "daemon.children.validator", LIMITS, allow_gpu=False
+        )
+    }
     try:
         waits = []
         for _ in range(3):
@@ -154,7 +161,10 @@ def test_a_zygote_that_exits_at_once_is_restarted_after_a_growing_wait(
             (gone,) = pool.take_exits()
             assert gone["pid"] == zygote.proc.pid and gone["code"] == zygote.proc.returncode
             waits.append(gone["retry_in"])
-            assert pool.take("daemon.validate", settings["daemon.validate"]) is None
+            assert (
+                pool.take("daemon.children.validator", settings["daemon.children.validator"])
+                is None
+            )
             assert pool.refill(settings) == [] and pool.take_exits() == []
             time.sleep(gone["retry_in"] + 0.1)
         assert waits == [0.5, 1.0, 1.0]  # doubled, up to the longest
@@ -166,17 +176,17 @@ def test_a_fork_request_the_zygote_refuses_is_answered_and_the_zygote_stays(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pool = WarmPool(enabled=True, env=child_env())
-    settings = WarmPool.settings("daemon.validate", LIMITS, allow_gpu=False)
+    settings = WarmPool.settings("daemon.children.validator", LIMITS, allow_gpu=False)
     try:
-        (zygote,) = pool.refill({"daemon.validate": settings})
+        (zygote,) = pool.refill({"daemon.children.validator": settings})
         # Still importing TensorFlow, and no time to wait: the caller starts cold.
         with monkeypatch.context() as m:
-            m.setattr(daemon.zygote, "READY_WAIT_SECONDS", 0.0)
-            assert pool.take("daemon.validate", settings) is None
+            m.setattr(daemon.supervisor.zygote_handle, "READY_WAIT_SECONDS", 0.0)
+            assert pool.take("daemon.children.validator", settings) is None
         assert zygote.fork("daemon.not_a_child", settings) is None  # "error ...", not a fork
-        assert zygote.fork("daemon.validate", "not json") is None
+        assert zygote.fork("daemon.children.validator", "not json") is None
         assert zygote.alive()
-        child = zygote.fork("daemon.validate", settings)
+        child = zygote.fork("daemon.children.validator", settings)
         assert child is not None and _comm(child.pid) == "ckpt-validate"
         assert child.stdin is not None
         child.stdin.close()  # EOF before any request: exit 0
@@ -216,7 +226,7 @@ def test_exports_run_in_warm_children_only_when_enabled(
 def _sleeper() -> WarmChild:
     """A real process standing in for a kept exporter (the pool only starts and stops it)."""
     proc = subprocess.Popen(["sleep", "300"], stdin=subprocess.PIPE, start_new_session=True)
-    return WarmChild("daemon.worker", proc, "{}")
+    return WarmChild("daemon.children.worker", proc, "{}")
 
 
 def test_code_changed_names_a_file_whose_time_or_size_changed_or_that_is_gone(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from daemon.watch import Watcher
+from daemon.supervisor.watch import Watcher
 
 
 class Hints:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import exitcodes, logs
-from daemon.config import load_config
+from daemon.config.loading import load_config
 
 #: The demo gives up (and says so) if it has not finished by then.
 DEMO_TIMEOUT_SECONDS = 900

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from daemon.schema import Schema
+from daemon.config.schema import Schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +95,7 @@ class SourceKind:
       prove each one came from it (weight parity);
     - ``reusable_exporter``: the exporter builds the model once and restores
       each checkpoint into it, so one export worker may serve many exports
-      of the model (``exporter_max_exports``, see :mod:`daemon.warm`).
+      of the model (``exporter_max_exports``, see :mod:`daemon.supervisor.warm_pool`).
     """
 
     name: str

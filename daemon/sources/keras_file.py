@@ -26,19 +26,17 @@ on unless ``safe_mode = false``.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import re
 import stat
-import sys
 import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon import child, worker
-from daemon.schema import non_negative, nonempty, string_list
+from daemon.config.schema import non_negative, nonempty, string_list
+from daemon.protocol import EXPORTERS_PACKAGE
 from daemon.sources.base import Checkpoint, ScanResult, SourceKind
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -150,7 +148,7 @@ def _container_problem(path: Path) -> str | None:
 KIND = SourceKind(
     name="keras",
     scanner=KerasFileSource,
-    exporter=__name__,
+    exporter=f"{EXPORTERS_PACKAGE}.keras_file",
     options={
         "pattern": ((str,), "*.keras", nonempty),
         "step_regex": ((str,), r"(\d+)", _regex),
@@ -161,64 +159,3 @@ KIND = SourceKind(
     builder="optional",
     check=_check,
 )
-
-
-# --- export (runs in the worker child; imports TensorFlow) -------------------
-
-
-def _custom_objects(specs: list[str], python_path: list[str]) -> dict[str, Any]:
-    for p in reversed(python_path):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    out = {}
-    for spec in specs:
-        module_name, _, attr = spec.partition(":")
-        try:
-            out[attr] = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise child.ChildFailure(
-                "builder_import", f"custom_objects: cannot import {spec!r}: {e}"
-            ) from e
-    return out
-
-
-def export(req: dict[str, Any]) -> dict[str, Any]:
-    """Load the pinned file (into the builder's model for weights) and export it."""
-    import keras
-
-    path = req["checkpoint"]
-    options = req.get("options") or {}
-    t0 = time.monotonic()
-    custom = _custom_objects(list(options.get("custom_objects", [])), req["python_path"])
-    try:
-        if path.endswith(WEIGHTS_SUFFIX):
-            model = worker.build(req)
-            t_build = time.monotonic()
-            model.load_weights(path)
-        else:
-            t_build = time.monotonic()
-            # compile=False: serving needs no optimizer or loss, and deserialising
-            # a legacy .h5 file's training config fails in Keras 3 ("Could not
-            # deserialize 'keras.metrics.mse'") although its model loads fine.
-            model = keras.models.load_model(
-                path,
-                custom_objects=custom,
-                compile=False,
-                safe_mode=bool(options.get("safe_mode", True)),
-            )
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
-        raise child.ChildFailure(
-            "checkpoint_corrupt", f"cannot load {os.path.basename(path)}: {type(e).__name__}: {e}"
-        ) from e
-    t_load = time.monotonic()
-    result = worker.export_model(model, req)
-    return {
-        **result,
-        "variables": len(model.weights),
-        "saved_counters": {},
-        "durations": {
-            "import_seconds": round(t_build - t0, 3),
-            "restore_seconds": round(t_load - t_build, 3),
-            "save_seconds": result.pop("save_seconds"),
-        },
-    }

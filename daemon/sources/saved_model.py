@@ -33,16 +33,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon import child, samples
-from daemon.schema import non_negative
+from daemon.config.schema import non_negative
+from daemon.protocol import EXPORTERS_PACKAGE
 from daemon.sources.base import Checkpoint, ScanResult, SourceKind, list_directory
-from daemon.versions import METADATA_RELPATH, REPORT_RELPATH
 
 _STEP_RE = re.compile(r"(\d+)$")
 _SKIP_PREFIXES = (".", "temp-", "tmp-")
@@ -138,75 +136,10 @@ def _listing(folder: Path) -> list[tuple[str, int, int]]:
 KIND = SourceKind(
     name="saved_model",
     scanner=SavedModelSource,
-    exporter=__name__,
+    exporter=f"{EXPORTERS_PACKAGE}.saved_model",
     options={
         "marker": ((str,), "", None),
         "settle_seconds": ((int, float), 5.0, non_negative),
     },
     builder="unused",
 )
-
-
-# --- export (runs in the worker child; imports TensorFlow) -------------------
-
-
-def export(req: dict[str, Any]) -> dict[str, Any]:
-    """Copy the pinned SavedModel and record its TF2 outputs as the reference."""
-    source, export_dir = req["checkpoint"], req["export_dir"]
-    t0 = time.monotonic()
-    shutil.copytree(source, export_dir, dirs_exist_ok=True)
-    # A SavedModel republished from another base path carries that daemon's
-    # metadata and report; this publication writes its own.
-    for relpath in (METADATA_RELPATH, REPORT_RELPATH):
-        (Path(export_dir) / relpath).unlink(missing_ok=True)
-    t_copy = time.monotonic()
-    result = tf2_reference(source, req)
-    result["durations"] = {
-        "copy_seconds": round(t_copy - t0, 3),
-        "reference_seconds": round(time.monotonic() - t_copy, 3),
-    }
-    return result
-
-
-def tf2_reference(saved_model: str, req: Mapping[str, Any]) -> dict[str, Any]:
-    """Run ``serving_default`` of ``saved_model`` with TF2 on the validator's inputs.
-
-    The inputs are the request's ``sample_inputs`` or synthesised. Writes
-    them and the outputs to ``req["reference"]`` (the ``.npz`` the validator
-    compares with) and returns the export result's description fields. For
-    SavedModels the daemon did not trace itself, TF2's own loader is the
-    independent second opinion; the validator's graph-mode load is the first.
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    try:
-        loaded = tf.saved_model.load(saved_model)
-    except Exception as e:
-        raise child.ChildFailure("load_failed", f"cannot load SavedModel {saved_model}: {e}") from e
-    fn = getattr(loaded, "signatures", {}).get("serving_default")
-    if fn is None:
-        raise child.ChildFailure(
-            "no_serving_default",
-            f"{saved_model} has no 'serving_default' signature; TF Serving requests without a "
-            "signature name would fail",
-        )
-    specs = fn.structured_input_signature[1]
-    shapes = {
-        k: (s.dtype.name, s.shape.as_list() if s.shape.rank is not None else [])
-        for k, s in specs.items()
-    }
-    feeds = samples.reference_inputs(
-        req, shapes, {k: child.synth_input(k, *shapes[k]) for k in shapes}
-    )
-    outputs = fn(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in feeds.items()})
-    arrays = {f"in/{k}": v for k, v in feeds.items()}
-    arrays.update({f"out/{k}": np.asarray(v) for k, v in outputs.items()})
-    np.savez(req["reference"], **arrays)
-    return {
-        "kind": "saved_model",
-        "inputs": {k: [s.dtype.name, list(s.shape)] for k, s in specs.items()},
-        "outputs": sorted(outputs),
-        "variables": len(loaded.variables) if hasattr(loaded, "variables") else None,
-        "saved_counters": {},
-    }

@@ -17,14 +17,11 @@ tables are filled when TF Serving loads the model.
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon import child, samples
-from daemon.schema import REQUIRED, nonempty, one_of, string_table
+from daemon.config.schema import REQUIRED, nonempty, one_of, string_table
+from daemon.protocol import EXPORTERS_PACKAGE
 from daemon.sources.base import ScanResult, SourceKind
 from daemon.sources.tf_checkpoint import TFCheckpointSource
 
@@ -61,7 +58,7 @@ def _tensor_table(v: Any) -> str | None:
 KIND = SourceKind(
     name="tf1_checkpoint",
     scanner=TF1CheckpointSource,
-    exporter=__name__,
+    exporter=f"{EXPORTERS_PACKAGE}.tf1_checkpoint",
     options={
         "inputs": ((dict,), REQUIRED, _tensor_table),
         "outputs": ((dict,), REQUIRED, _tensor_table),
@@ -71,93 +68,3 @@ KIND = SourceKind(
     builder="unused",
     weights_in_checkpoint=True,
 )
-
-
-# --- export (runs in the worker child; imports TensorFlow) -------------------
-
-
-def export(req: dict[str, Any]) -> dict[str, Any]:
-    """Import the pinned ``.meta``, restore, and write a ``serve`` SavedModel."""
-    import numpy as np
-    import tensorflow as tf
-
-    v1 = tf.compat.v1
-    options: Mapping[str, Any] = req["options"]
-    prefix = req["checkpoint"]
-    t0 = time.monotonic()
-    graph = tf.Graph()
-    with graph.as_default(), v1.Session(graph=graph) as sess:
-        try:
-            saver = v1.train.import_meta_graph(prefix + ".meta", clear_devices=True)
-        except Exception as e:
-            raise child.ChildFailure(
-                "checkpoint_corrupt", f"cannot import the graph {prefix}.meta: {e}"
-            ) from e
-        if saver is None:
-            raise child.ChildFailure("no_variables", f"the graph {prefix}.meta has no variables")
-        try:
-            saver.restore(sess, prefix)
-        except Exception as e:
-            raise child.ChildFailure("restore_mismatch", f"cannot restore {prefix}: {e}") from e
-        # Lookup tables are not in the checkpoint: fill them as the server will.
-        init_tables = v1.tables_initializer()
-        sess.run(init_tables)
-        t_restore = time.monotonic()
-
-        def tensors(kind: str) -> dict[str, Any]:
-            out = {}
-            for key, name in options[kind].items():
-                try:
-                    out[key] = graph.get_tensor_by_name(name)
-                except (KeyError, ValueError) as e:
-                    raise child.ChildFailure(
-                        "no_signature",
-                        f"{kind} {key} = {name!r}: no such tensor in {prefix}.meta ({e})",
-                    ) from e
-            return out
-
-        inputs, outputs = tensors("inputs"), tensors("outputs")
-        sig = v1.saved_model.signature_def_utils.build_signature_def(
-            inputs={k: v1.saved_model.utils.build_tensor_info(t) for k, t in inputs.items()},
-            outputs={k: v1.saved_model.utils.build_tensor_info(t) for k, t in outputs.items()},
-            method_name=options["method_name"],
-        )
-        # Requests without a signature name use serving_default: always offer it.
-        signatures = {"serving_default": sig, options["signature_name"]: sig}
-        shapes = {
-            key: (t.dtype.name, t.shape.as_list() if t.shape.rank is not None else [])
-            for key, t in inputs.items()
-        }
-        feeds = samples.reference_inputs(
-            req, shapes, {k: child.synth_input(k, *shapes[k]) for k in shapes}
-        )
-        values = sess.run(outputs, {inputs[k]: v for k, v in feeds.items()})
-        # SavedModelBuilder refuses an existing folder; the export folder exists
-        # (the supervisor made it), so build inside it and move the result up.
-        inner = os.path.join(req["export_dir"], "saved_model")
-        builder = v1.saved_model.Builder(inner)
-        builder.add_meta_graph_and_variables(
-            sess,
-            [v1.saved_model.tag_constants.SERVING],
-            signature_def_map=signatures,
-            main_op=init_tables,
-            strip_default_attrs=True,
-        )
-        builder.save()
-    for entry in os.listdir(inner):
-        os.rename(os.path.join(inner, entry), os.path.join(req["export_dir"], entry))
-    os.rmdir(inner)
-    arrays = {f"in/{k}": v for k, v in feeds.items()}
-    arrays.update({f"out/{k}": np.asarray(v) for k, v in values.items()})
-    np.savez(req["reference"], **arrays)
-    return {
-        "kind": "tf1_checkpoint",
-        "inputs": {k: [t.dtype.name, t.shape.as_list()] for k, t in inputs.items()},
-        "outputs": sorted(outputs),
-        "variables": len(graph.get_collection(v1.GraphKeys.GLOBAL_VARIABLES)),
-        "saved_counters": {},
-        "durations": {
-            "restore_seconds": round(t_restore - t0, 3),
-            "save_seconds": round(time.monotonic() - t_restore, 3),
-        },
-    }

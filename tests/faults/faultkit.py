@@ -27,9 +27,10 @@ from typing import Any
 
 from conftest import child_env
 
-from daemon.versions import METADATA_RELPATH, STATE_DIRNAME, TEMP_PREFIX, read_metadata
-from daemon.warm import warm_children_of
-from daemon.zygote import CHILD_NAMES
+from daemon.basepath.catalog import read_metadata
+from daemon.basepath.layout import METADATA_RELPATH, STATE_DIRNAME, TEMP_PREFIX
+from daemon.protocol import CHILD_NAMES
+from daemon.supervisor.warm_pool import warm_children_of
 
 HERE = Path(__file__).resolve().parent
 READER = HERE / "serving_reader.py"
@@ -210,7 +211,7 @@ def children_of_base(base: Path, module: str | None = None) -> list[int]:
     staging folder. Both show in /proc.
     """
     staging = str(base / STATE_DIRNAME / "staging")
-    mods = [module] if module else ["daemon.worker", "daemon.validate"]
+    mods = [module] if module else ["daemon.children.worker", "daemon.children.validator"]
     pids = []
     for pid, cmd in proc_cmdlines().items():
         comm = ""

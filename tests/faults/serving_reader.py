@@ -4,7 +4,7 @@
 
 Lists ``BASE_PATH`` in a tight loop (every 20 ms; the server polls every
 second) and treats a child as a version exactly as the server does: when its
-whole name parses as an int64 (``daemon.versions.parse_version``, the
+whole name parses as an int64 (``daemon.rules.versions.parse_version``, the
 ``absl::SimpleAtoi`` rule). The first time it sees a version it records
 whether the folder was complete at that moment, then loads it the way the
 model server's C++ loader does, with TensorFlow's graph-mode loader
@@ -28,7 +28,8 @@ os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
 import numpy as np
 import tensorflow as tf
 
-from daemon.versions import METADATA_RELPATH, parse_version
+from daemon.basepath.layout import METADATA_RELPATH
+from daemon.rules.versions import parse_version
 
 #: What a complete export from this daemon contains (a SavedModel whose
 #: variables are missing loads "successfully" in TF Serving, so check them).

@@ -34,8 +34,9 @@ from faultkit import (
 )
 
 from daemon import exitcodes
+from daemon.basepath.catalog import scan_base_path
+from daemon.rules.versions import next_version
 from daemon.sources.tf_checkpoint import TFCheckpointSource
-from daemon.versions import next_version, scan_base_path
 
 pytestmark = pytest.mark.faults
 
@@ -249,7 +250,7 @@ def test_worker_reports_a_full_disk_as_transient_naming_the_file(tmp_path: Path,
         )
     )
     r = subprocess.run(
-        [sys.executable, "-m", "daemon.worker", str(request)],
+        [sys.executable, "-m", "daemon.children.worker", str(request)],
         env=child_env(),
         capture_output=True,
         timeout=300,

@@ -41,7 +41,7 @@ def test_killed_worker_and_crashed_validator_are_retried_with_backoff_then_publi
 
     # 1. kill -9 the worker while it exports.
     worker = d.wait_event("child_started", phase="export")["pid"]
-    assert worker in wait_children(base, "daemon.worker")
+    assert worker in wait_children(base, "daemon.children.worker")
     assert list((base / ".ckpt-exporter" / "staging").glob("*/export.request.json"))
     os.kill(worker, signal.SIGKILL)
     f1 = d.wait_event("export_failed")
@@ -55,7 +55,7 @@ def test_killed_worker_and_crashed_validator_are_retried_with_backoff_then_publi
     retry = d.wait_event("export_started", n=2)
     assert _ts(retry) >= _ts(f1) + f1["retry_in_seconds"] - 0.05  # waited the backoff
     validator = d.wait_event("child_started", phase="validate")["pid"]
-    assert validator in wait_children(base, "daemon.validate")
+    assert validator in wait_children(base, "daemon.children.validator")
     os.kill(validator, signal.SIGSEGV)
     f2 = d.wait_event("export_failed", n=2)
     assert (f2["phase"], f2["reason"], f2["permanent"]) == ("validate", "child_crashed", False)

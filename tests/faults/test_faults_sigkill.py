@@ -33,8 +33,8 @@ from faultkit import (
     wait_children_gone,
 )
 
+from daemon.rules.versions import parse_version
 from daemon.sources.tf_checkpoint import TFCheckpointSource
-from daemon.versions import parse_version
 
 pytestmark = pytest.mark.faults
 

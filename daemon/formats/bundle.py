@@ -5,7 +5,7 @@ table mapping each tensor's name to a ``BundleEntryProto`` (dtype, shape,
 data shard, offset, size, masked CRC32C of the bytes), and the data files
 ``PREFIX.data-SSSSS-of-NNNNN`` holding the bytes. TensorFlow's
 ``CheckpointReader`` gives names, dtypes and shapes, but neither where a
-tensor's bytes are nor their checksum; weight parity (:mod:`daemon.validate`)
+tensor's bytes are nor their checksum; weight parity (:mod:`daemon.children.validator`)
 needs both to compare the bytes of two checkpoints without decoding every
 tensor into an array and hashing it.
 
@@ -26,7 +26,7 @@ TensorFlow writes bundle indexes uncompressed; a compressed block, a bad
 magic number or a truncated file raises :class:`BundleFormatError`, and the
 caller falls back to TensorFlow's own reader. :func:`encode_index` writes one
 in the same format (what an incremental export's linked weights need:
-:mod:`daemon.incremental`). Both run in children that imported TensorFlow
+:mod:`daemon.children.incremental`). Both run in children that imported TensorFlow
 (the protos are TensorFlow's generated classes).
 """
 
@@ -37,7 +37,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from daemon import crc32c
+from daemon.formats import crc32c
 
 #: ``kTableMagicNumber``, little-endian: the last 8 bytes of every table file.
 TABLE_MAGIC = (0xDB4775248B80FB57).to_bytes(8, "little")

@@ -1,6 +1,6 @@
 """The validator: load a SavedModel the way TF Serving does and prove what it will serve.
 
-Runs as ``python -m daemon.validate REQUEST.json`` in a fresh process that never
+Runs as ``python -m daemon.children.validator REQUEST.json`` in a fresh process that never
 imported the user's builder, so an export that only works because user code
 was in memory is caught. Checks, in order, each recorded in the report:
 
@@ -18,11 +18,11 @@ was in memory is caught. Checks, in order, each recorded in the report:
   ``serving_default``'s must equal the exporter's within ``rtol``/``atol``;
 - ``golden_outputs``: with a golden ``.npz``, outputs equal it within tolerance;
 - ``warmup``: replay ``assets.extra/tf_serving_warmup_requests`` record by record
-  as the server does at load (:mod:`daemon.warmup`);
+  as the server does at load (:mod:`daemon.children.warmup_records`);
 - ``weight_parity``: given the source ``checkpoint`` (the pinned copy), every
   variable saved in the SavedModel holds exactly the value of a tensor in that
   checkpoint (:func:`weight_parity`); with a weights map
-  (``assets.extra/ckpt_exporter_weights.json``, :mod:`daemon.incremental`),
+  (``assets.extra/ckpt_exporter_weights.json``, :mod:`daemon.children.incremental`),
   exactly the value of the one tensor the map names for it. Output parity
   alone cannot see a restore that matched nothing: the exporter's reference
   comes from the same model. A linked export has no reference outputs; its
@@ -46,7 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import bundle, child, exitcodes, incremental, samples, warmup
+from daemon import exitcodes
+from daemon.children import incremental, runtime, samples, warmup_records
+from daemon.formats import bundle
 
 #: Entries of a TF2 checkpoint that are bookkeeping, not variables.
 _NOT_VARIABLES = ("_CHECKPOINTABLE_OBJECT_GRAPH",)
@@ -85,7 +87,7 @@ def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
     name. Memory stays at about two tensors at a time.
 
     The stored bytes of both checkpoints are compared directly, found through
-    their indexes (:mod:`daemon.bundle`); the CRC32C each index keeps of each
+    their indexes (:mod:`daemon.formats.bundle`); the CRC32C each index keeps of each
     tensor only says which tensor to compare with first. A variable whose
     candidate differs, or that has none, is looked up by digest among every
     tensor of its dtype and shape before it is called unmatched, so the
@@ -96,7 +98,7 @@ def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
     try:
         record = incremental.read_weights_map(saved_model)
     except ValueError as e:
-        raise child.ChildFailure("weight_mismatch", str(e)) from e
+        raise runtime.ChildFailure("weight_mismatch", str(e)) from e
     try:
         saved = bundle.read_index(prefix)
         source = bundle.read_index(checkpoint)
@@ -113,7 +115,7 @@ def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
         shown = ", ".join(unmatched[:5]) + (
             f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
         )
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "weight_mismatch",
             f"{len(unmatched)} of {len(names)} variables in {saved_model} hold a value found "
             f"nowhere in checkpoint {checkpoint}: {shown}. The restore missed them (left at "
@@ -138,11 +140,11 @@ def _unmatched_by_map(
     where = f"{saved_model}/{incremental.WEIGHTS_MAP_RELPATH}"
     if set(mapping) != set(names):
         missing = sorted(set(names) ^ set(mapping))[:3]
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "weight_mismatch", f"{where} does not list exactly the saved variables ({missing})"
         )
     if record.get("object_graph") != incremental.object_graph_digest(source):
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "weight_mismatch",
             f"{where} was made for a checkpoint whose object graph differs from this one's",
         )
@@ -195,7 +197,7 @@ def _unmatched_by_reader(
     try:
         saved = tf.train.load_checkpoint(prefix)
     except Exception as e:
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "no_variables",
             f"{saved_model} has no readable variables/ checkpoint ({e}); TF Serving would "
             "load it with no weights restored",
@@ -225,7 +227,7 @@ class _Checks:
         t0 = time.monotonic()
         try:
             yield entry
-        except child.ChildFailure as e:
+        except runtime.ChildFailure as e:
             entry.update(ok=False, reason=e.reason)
             raise
         finally:
@@ -302,7 +304,7 @@ def validate(req: dict[str, Any], preloaded: _Session | None = None) -> dict[str
     report: dict[str, Any] = {"ok": False, "saved_model": req["saved_model"], "signatures": {}}
     try:
         _validate(req, report, _Checks(report), preloaded)
-    except child.ChildFailure as e:
+    except runtime.ChildFailure as e:
         report.update(ok=False, reason=e.reason, error=str(e), permanent=e.permanent)
     report["durations"] = {
         f"{c['check']}_seconds": c["seconds"] for c in report.get("checks", []) if "seconds" in c
@@ -325,14 +327,14 @@ def _validate(
             reference = {k: z[k] for k in z.files}
     no_outputs = bool(req.get("reference")) and not any(k.startswith("out/") for k in reference)
     if no_outputs:
-        # A linked export (daemon.incremental.link) built no model, so there
+        # A linked export (daemon.children.incremental.link) built no model, so there
         # are no outputs to compare with: its weights map must then be
         # checked tensor by tensor, or nothing proves the weights.
         report["reference"] = "none: linked weights, checked by their weights map"
         if not req.get("checkpoint") or not os.path.exists(
             os.path.join(path, str(incremental.WEIGHTS_MAP_RELPATH))
         ):
-            raise child.ChildFailure(
+            raise runtime.ChildFailure(
                 "no_reference",
                 f"the exporter recorded no outputs for {path} and it has no weights map "
                 "to check instead",
@@ -350,16 +352,16 @@ def _validate(
             "serving_load", tags=["serve"], placement=placement, preloaded=s.saver is not None
         ):
             if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-                raise child.ChildFailure("not_a_saved_model", f"{path} has no saved_model.pb")
+                raise runtime.ChildFailure("not_a_saved_model", f"{path} has no saved_model.pb")
             try:
                 meta = _load(s, path)
             except Exception as e:
-                raise child.ChildFailure(
+                raise runtime.ChildFailure(
                     "load_failed", f"TF Serving's loader would fail on {path}: {e}"
                 ) from e
             sigs = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
             if "serving_default" not in sigs:
-                raise child.ChildFailure(
+                raise runtime.ChildFailure(
                     "no_serving_default",
                     f"{path} has no 'serving_default' signature (it has "
                     f"{sorted(sigs) or 'none'}); requests without a signature name would fail",
@@ -386,31 +388,33 @@ def _validate(
                     (r for r in ("output_mismatch", "not_finite") if r in reasons),
                     "signature_failed",
                 )
-                raise child.ChildFailure(
+                raise runtime.ChildFailure(
                     reason,
                     "; ".join(f"{n}: {report['signatures'][n]['error']}" for n in failed),
                 )
         if golden:
             with checks.run("golden_outputs", file=req.get("golden_outputs")) as entry:
                 entry["compared"] = _compare_golden(golden, outputs, rtol, atol, req)
-        warmup_file = os.path.exists(os.path.join(path, str(warmup.WARMUP_RELPATH)))
+        warmup_file = os.path.exists(os.path.join(path, str(warmup_records.WARMUP_RELPATH)))
         if warmup_file or req.get("warmup_records"):
-            with checks.run("warmup", file=str(warmup.WARMUP_RELPATH)) as entry:
+            with checks.run("warmup", file=str(warmup_records.WARMUP_RELPATH)) as entry:
                 if not warmup_file:
-                    raise child.ChildFailure(
+                    raise runtime.ChildFailure(
                         "warmup_failed",
-                        f"{path} has no {warmup.WARMUP_RELPATH} although warmup_records = "
+                        f"{path} has no {warmup_records.WARMUP_RELPATH} although warmup_records = "
                         f"{req.get('warmup_records')}",
                         permanent=False,
                     )
-                replayed = warmup.replay(path, sigs, lambda sig, feed: _run(sess, sig, feed))
+                replayed = warmup_records.replay(
+                    path, sigs, lambda sig, feed: _run(sess, sig, feed)
+                )
                 report["warmup"] = replayed
                 entry.update(replayed or {})
     if req.get("checkpoint"):
         with checks.run("weight_parity", checkpoint=req["checkpoint"]):
             report["weights"] = weight_parity(path, req["checkpoint"])
         if no_outputs and report["weights"]["matched_by"] != "key":
-            raise child.ChildFailure(
+            raise runtime.ChildFailure(
                 "no_reference",
                 f"{path} has no reference outputs and its weights map could not be checked",
             )
@@ -495,7 +499,7 @@ class _Inputs:
                 shape = [1 if d is None or d < 0 else d for d in dims]
                 out[key] = np.full(shape, self.example(), dtype=object)
             else:
-                out[key] = child.synth_input(key, dtype, dims)
+                out[key] = runtime.synth_input(key, dtype, dims)
         return out, "synthesised"
 
     def example(self) -> bytes | None:
@@ -544,7 +548,7 @@ def _example_for_graph(sess: Any) -> bytes | None:
     example = tf.train.Example()
 
     def fill(key: str, dtype: Any, count: int) -> None:
-        value = child.synth_input(key, tf.dtypes.as_dtype(dtype).name, [count])
+        value = runtime.synth_input(key, tf.dtypes.as_dtype(dtype).name, [count])
         feature = example.features.feature[key]
         flat = np.asarray(value).reshape(-1)
         if tf.dtypes.as_dtype(dtype).is_floating:
@@ -576,7 +580,7 @@ def _run_signature(
     import numpy as np
 
     entry: dict[str, Any] = {"method": sig.method_name}
-    problem = warmup.signature_rules(sig.method_name, sig)
+    problem = warmup_records.signature_rules(sig.method_name, sig)
     if problem:
         return dict(entry, ok=False, reason="signature_rules", error=problem), {}
     values, origin = inputs.values(name, sig, reference)
@@ -590,11 +594,11 @@ def _run_signature(
             entry,
             ok=False,
             reason="run_failed",
-            error=f"run failed: {warmup.first_line(e)}{hint}",
+            error=f"run failed: {warmup_records.first_line(e)}{hint}",
         ), {}
     entry["outputs"] = {k: list(np.shape(v)) for k, v in out.items()}
     batch = len(next(iter(values.values()))) if values else 0
-    problem = warmup.output_rules(sig.method_name, out, batch)
+    problem = warmup_records.output_rules(sig.method_name, out, batch)
     if problem:
         return dict(entry, ok=False, reason="signature_rules", error=problem), out
     for k, v in out.items():
@@ -651,12 +655,12 @@ def _compare_golden(
     compared = {}
     for name, expected in sorted(golden.items()):
         if name not in outputs:
-            raise child.ChildFailure(
+            raise runtime.ChildFailure(
                 "sample_inputs", f"golden_outputs {where}: there is no signature {name!r}"
             )
         unknown = sorted(set(expected) - set(outputs[name]))
         if unknown:
-            raise child.ChildFailure(
+            raise runtime.ChildFailure(
                 "sample_inputs",
                 f"golden_outputs {where}: signature {name!r} has no outputs {unknown} "
                 f"(it has {sorted(outputs[name])})",
@@ -664,39 +668,39 @@ def _compare_golden(
         actual = {k: outputs[name][k] for k in expected}
         mismatch, worst = _compare(actual, expected, rtol, atol, "golden_outputs'")
         if mismatch:
-            raise child.ChildFailure("golden_mismatch", f"signature {name!r}: {mismatch}")
+            raise runtime.ChildFailure("golden_mismatch", f"signature {name!r}: {mismatch}")
         compared[name] = worst
     return compared
 
 
 def main(argv: list[str]) -> int:
     # Validation never needs the GPU the trainer is using.
-    req = child.begin(argv, validator=True)
+    req = runtime.begin(argv, validator=True)
     preloaded = None
     if req.get("wait_for_export"):
         # Started with the export (see preload): wait for the supervisor's go,
         # which comes once the export succeeded; EOF means it did not.
         preloaded = preload(req["graph_of"]) if req.get("graph_of") else None
-        if not child.wait_for_go():
+        if not runtime.wait_for_go():
             return exitcodes.OK
     try:
         result = validate(req, preloaded)
-    except child.ChildFailure as e:
-        result = child.failure(e.reason, str(e), permanent=e.permanent)
+    except runtime.ChildFailure as e:
+        result = runtime.failure(e.reason, str(e), permanent=e.permanent)
     except MemoryError:
-        result = child.failure("out_of_memory", "validation ran out of memory", permanent=False)
+        result = runtime.failure("out_of_memory", "validation ran out of memory", permanent=False)
     except Exception as e:
         tb = traceback.format_exc(limit=8)
-        result = child.environment_failure(e) or child.failure(
+        result = runtime.environment_failure(e) or runtime.failure(
             "validate_error", f"{type(e).__name__}: {e}\n{tb}", permanent=True
         )
     result["warm"] = bool(req.get("warm"))
-    return child.finish(Path(req["result"]), result)
+    return runtime.finish(Path(req["result"]), result)
 
 
 def run(argv: list[str]) -> NoReturn:
-    """The process's entry point, cold or forked by :mod:`daemon.zygote`; exits."""
-    child.exit_now(main(argv))
+    """The process's entry point, cold or forked by :mod:`daemon.children.zygote`; exits."""
+    runtime.exit_now(main(argv))
 
 
 if __name__ == "__main__":

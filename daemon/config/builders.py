@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from pathlib import Path
 
-from daemon.config import Config, ConfigError
+from daemon.config.loading import Config, ConfigError
 
 #: How Python finds modules in a folder: the public equivalents of what
 #: ``sys.path_hooks`` installs for plain directories.

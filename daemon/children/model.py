@@ -1,30 +1,9 @@
-"""The export worker: restore a checkpoint into the user's model, write a SavedModel.
+"""The user's model in the worker: build it, keep it between requests, export it as a SavedModel.
 
-Runs as ``python -m daemon.worker REQUEST.json`` (see :mod:`daemon.child`); it is
-one of the two places TensorFlow is imported. Contract:
-
-1. import ``builder`` (with ``python_path`` on ``sys.path``) and call it; it
-   returns a Keras model or a ``tf.Module`` whose variables already exist;
-2. restore the pinned checkpoint's object ``checkpoint_key`` into it and fail
-   (permanently) unless every variable of the model was restored;
-3. export with a ``serving_default`` signature whose outputs are a dict (or,
-   given a ``template`` version of the same model, write only the new weights
-   into its graph: :mod:`daemon.incremental`; anything that does not fit falls
-   back to the full export). Keras
-   models go through Keras' ``ExportArchive`` (what ``model.export()`` uses),
-   because a Keras 3 model written by ``tf.saved_model.save`` loads in TF2 yet
-   fails in TF Serving's graph-mode loader ("Could not find variable");
-   ``tf.Module`` objects go through ``tf.saved_model.save``;
-4. run the serving function of the *in-memory* model on deterministic inputs
-   and store inputs and outputs as the reference the validator must match.
-
-A reusable exporter (see :mod:`daemon.warm`) serves several requests with the
-same ``exporter_key``: :func:`model_for` builds the model for the first one
-and hands the same object to the next, which restores its checkpoint into
-it; the serving function traced by the first full export is kept too, so an
-incremental export's reference costs one graph call instead of an eager
-pass. Each result lists the source files the builder imported
-(``code_files``), so the supervisor can retire this process when they change.
+The exporters (:mod:`daemon.children.exporters`) call these; the model a
+reusable exporter keeps between requests lives here, in one module that
+:mod:`daemon.children.worker` (run as ``__main__``) never needs to import
+under a second name.
 """
 
 from __future__ import annotations
@@ -33,11 +12,9 @@ import importlib
 import os
 import sys
 import time
-import traceback
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from daemon import child, incremental, samples, serving_inputs, warmup
+from daemon.children import incremental, runtime, samples, serving_inputs
 
 
 def import_builder(spec: str, python_path: list[str]) -> Any:
@@ -48,14 +25,14 @@ def import_builder(spec: str, python_path: list[str]) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "builder_import",
             f"cannot import builder module {module_name!r} (python_path={python_path}): "
             f"{type(e).__name__}: {e}",
         ) from e
     fn = getattr(module, func_name, None)
     if not callable(fn):
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "builder_import",
             f"builder {spec!r}: module {module_name!r} has no function {func_name!r}",
         )
@@ -91,7 +68,7 @@ def _input_specs(obj: Any, signature: list[dict[str, Any]]) -> list[Any]:
     sig = getattr(type(obj).__dict__.get("__call__"), "input_signature", None)
     if sig:
         return list(sig)
-    raise child.ChildFailure(
+    raise runtime.ChildFailure(
         "no_signature",
         "cannot tell the model's inputs: add a [models.signature] table "
         '(inputs = { x = { dtype = "float32", shape = [-1, 4] } }) or give the model '
@@ -108,12 +85,12 @@ def build(req: dict[str, Any]) -> Any:
     try:
         obj = builder()
     except Exception as e:
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "builder_error",
             f"builder {req['builder']!r} raised {type(e).__name__}: {e}",
         ) from e
     if not isinstance(obj, (keras.Model, tf.Module)):
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "builder_error",
             f"builder {req['builder']!r} returned {type(obj).__name__}; it must return a "
             "keras.Model or a tf.Module",
@@ -233,81 +210,3 @@ def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
         "incremental": incremental_result,
         "save_seconds": round(t_export - t0, 3),
     }
-
-
-def export(req: dict[str, Any]) -> dict[str, Any]:
-    """Run the export of the request's source (see :class:`daemon.sources.SourceKind`)."""
-    from daemon.sources import SOURCES
-
-    kind = SOURCES.get(req.get("source", "tf_checkpoint"))
-    if kind is None:
-        raise child.ChildFailure("bad_request", f"unknown source {req.get('source')!r}")
-    result: dict[str, Any] = importlib.import_module(kind.exporter).export(req)
-    if req.get("warmup_records"):
-        result["warmup"] = write_warmup(req)
-    return {"ok": True, **result}
-
-
-def write_warmup(req: dict[str, Any]) -> dict[str, Any]:
-    """Write the export's warmup file from the reference inputs (``warmup_records``).
-
-    A SavedModel that brings its own warmup file (the ``saved_model`` and
-    ``command`` sources) keeps it: the validator replays whatever is there.
-    """
-    import numpy as np
-
-    path = os.path.join(req["export_dir"], str(warmup.WARMUP_RELPATH))
-    if os.path.exists(path):
-        return {"records": None, "kept": str(warmup.WARMUP_RELPATH)}
-    with np.load(req["reference"], allow_pickle=True) as z:
-        inputs = {k[3:]: z[k] for k in z.files if k.startswith("in/")}
-    n = warmup.write_warmup(req["export_dir"], inputs, int(req["warmup_records"]), req["model"])
-    return {"records": n}
-
-
-def main(argv: list[str]) -> int:
-    req: dict[str, Any] | None = child.begin(argv, validator=False)
-    code = 0
-    while req is not None:
-        code = serve_one(req)
-        req = child.next_request(code)
-    return code
-
-
-def serve_one(req: dict[str, Any]) -> int:
-    """Run one export request; write its result; return the exit code that goes with it."""
-    try:
-        result = export(req)
-    except child.ChildFailure as e:
-        result = child.failure(e.reason, str(e), permanent=e.permanent)
-    except MemoryError:
-        result = child.failure("out_of_memory", "the export ran out of memory", permanent=False)
-    except OSError as e:
-        # Disk full, permissions: the environment, not the checkpoint.
-        result = child.environment_failure(e) or child.failure(
-            "os_error", f"{type(e).__name__}: {e}", permanent=False
-        )
-    except Exception as e:
-        tb = traceback.format_exc(limit=8)
-        result = child.environment_failure(e) or child.failure(
-            "export_error", f"{type(e).__name__}: {e}\n{tb}", permanent=True
-        )
-    result["warm"] = bool(req.get("warm"))
-    result["reused"] = int(req.get("reused", 0))
-    if req.get("exporter_key"):
-        result["code_files"] = kept_code_files()
-    return child.finish(Path(req["result"]), result)
-
-
-def run(argv: list[str]) -> NoReturn:
-    """The process's entry point, cold or forked by :mod:`daemon.zygote`; exits."""
-    os.umask(0o022)
-    child.exit_now(main(argv))
-
-
-if __name__ == "__main__":
-    # Run as daemon.worker, not as __main__: the sources import daemon.worker,
-    # and the model it keeps between requests must live in one module.
-    from daemon import worker
-
-    worker.run(sys.argv)

@@ -1,13 +1,10 @@
-"""What the worker and validator child processes share, and how they are called.
+"""What every child process does first and last: limits, its request, its result.
 
-Protocol: the supervisor writes a JSON request file and runs
-``python -m daemon.worker REQUEST`` (or ``daemon.validate``). The child writes a
-JSON result file (path given in the request) atomically and exits with a code
-from :mod:`daemon.exitcodes`. A child that dies without a result (killed,
-segfault, out of memory) is a transient failure by definition.
-
-This module imports neither TensorFlow nor NumPy at import time, so the
-supervisor can use :func:`run_child_command` and :func:`read_result`.
+The protocol itself (module names, argv, result files) is
+:mod:`daemon.protocol`; this module is its child side. It imports neither
+TensorFlow nor NumPy at import time (:func:`synth_input` imports NumPy when
+called), because it runs before TensorFlow is imported: a child's priority
+and environment must be set first.
 """
 
 from __future__ import annotations
@@ -26,7 +23,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from daemon import exitcodes
-from daemon.publish import write_json_atomic
+from daemon.durable import write_json_atomic
+from daemon.protocol import DONE
 
 _PR_SET_PDEATHSIG = 1
 
@@ -38,23 +36,6 @@ class ChildFailure(Exception):
         super().__init__(message)
         self.reason = reason
         self.permanent = permanent
-
-
-def child_command(module: str, request: Path) -> list[str]:
-    """The argv that runs a child module with the same interpreter as the supervisor."""
-    return [sys.executable, "-m", module, str(request)]
-
-
-def read_result(path: Path) -> dict[str, Any] | None:
-    """The child's result, or None if it died before writing one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-# --- inside a child ---------------------------------------------------------
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -77,7 +58,7 @@ def die_with_parent(parent_pid: int) -> None:
 _SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "ppc64le": 273, "s390x": 282}
 _IOPRIO_WHO_PROCESS = 1
 _IOPRIO_CLASS_SHIFT = 13
-IO_CLASSES = {"idle": 3, "best-effort": 2}
+_IOPRIO_CLASSES = {"idle": 3, "best-effort": 2}
 
 
 def set_io_class(io_class: str) -> bool:
@@ -88,11 +69,11 @@ def set_io_class(io_class: str) -> bool:
     schedulers with priorities honour it (BFQ; mq-deadline and none ignore it).
     """
     number = _SYS_IOPRIO_SET.get(os.uname().machine)
-    if io_class not in IO_CLASSES or number is None:
+    if io_class not in _IOPRIO_CLASSES or number is None:
         return False
     # best-effort takes a level 0-7; 7 is the lowest. idle takes none.
     data = 7 if io_class == "best-effort" else 0
-    value = (IO_CLASSES[io_class] << _IOPRIO_CLASS_SHIFT) | data
+    value = (_IOPRIO_CLASSES[io_class] << _IOPRIO_CLASS_SHIFT) | data
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return int(libc.syscall(number, _IOPRIO_WHO_PROCESS, 0, value)) == 0
@@ -171,9 +152,9 @@ def load_request(argv: Sequence[str]) -> dict[str, Any]:
 def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
     """Set up this child and return its request; the first call of every child.
 
-    Cold: ``python -m MODULE REQUEST.json``. Warm (see :mod:`daemon.warm`):
+    Cold: ``python -m MODULE REQUEST.json``. Warm (see :mod:`daemon.supervisor.warm_pool`):
     ``MODULE --warm SETTINGS [--done-fd N]``, the argv a child forked by
-    :mod:`daemon.zygote` runs with, reads the request path from stdin (EOF:
+    :mod:`daemon.children.zygote` runs with, reads the request path from stdin (EOF:
     exit 0) and sends its output to the request's ``log`` file. Either way the
     priority and environment are applied exactly once, before TensorFlow is
     imported: by the zygote for a forked child. With ``--done-fd`` and
@@ -202,7 +183,7 @@ def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
 
 @dataclass
 class _Reuse:
-    """A reusable warm child's side of the done pipe (see :mod:`daemon.warm`)."""
+    """A reusable warm child's side of the done pipe (see :mod:`daemon.supervisor.warm_pool`)."""
 
     done_fd: int
     max_requests: int
@@ -239,13 +220,9 @@ def wait_for_go() -> bool:
     """Block until the supervisor says ``go`` on stdin (True) or closes it (False).
 
     For a validator handed its request while the export is still running
-    (see :func:`daemon.validate.preload`).
+    (see :func:`daemon.children.validator.preload`).
     """
     return sys.stdin.readline().strip() == "go"
-
-
-#: Written on the done pipe after each request of a reusable child.
-DONE = b"done\n"
 
 
 def _read_request(prog: str) -> dict[str, Any] | None:

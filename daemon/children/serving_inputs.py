@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from daemon import child
+from daemon.children import runtime
 
 INPUT_KEY = "input_tensor"
 
@@ -45,12 +45,12 @@ def serving_signature(
     import tensorflow as tf
 
     if input_type == "default":
-        feeds = {s.name: child.synth_input(s.name, s.dtype.name, dims(s)) for s in specs}
+        feeds = {s.name: runtime.synth_input(s.name, s.dtype.name, dims(s)) for s in specs}
         return list(specs), call, feeds
     if input_type == "tf_example":
         return _tf_example(specs, call)
     if len(specs) != 1 or specs[0].shape.rank != 4:
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "no_signature",
             f"input_type = {input_type!r} needs a model with one image input "
             f"[batch, height, width, channels]; this one takes "
@@ -127,7 +127,7 @@ def _tf_example(
 
     example = tf.train.Example()
     for s in specs:
-        value = child.synth_input(s.name, s.dtype.name, [d or 1 for d in dims(s)[1:]])
+        value = runtime.synth_input(s.name, s.dtype.name, [d or 1 for d in dims(s)[1:]])
         flat = np.asarray(value).reshape(-1)
         feature = example.features.feature[s.name]
         kind = wire(s.dtype)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from daemon.crc32c import masked as _masked_crc32c
+from daemon.formats.crc32c import masked as _masked_crc32c
 
 __all__ = ["EventFileReader", "read_scalars"]
 

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from daemon.publish import state_dir, write_json_atomic
+from daemon.basepath.layout import state_dir
+from daemon.durable import write_json_atomic
 
 LIMIT = 1000
 

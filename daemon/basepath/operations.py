@@ -2,7 +2,7 @@
 
 No TensorFlow and no daemon needed: these run from the ``ckpt-exporter``
 command while the daemon may be running on the same base path, so every write
-that could race a publication happens under :class:`~daemon.publish.BasePathLock`.
+that could race a publication happens under :class:`~daemon.basepath.publish.BasePathLock`.
 
 Files (all in the base path's state folder ``.ckpt-exporter/``, whose name TF
 Serving never takes for a version):
@@ -43,9 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from daemon.planner import History
-from daemon.publish import BasePathLock, fsync_path, rename_noreplace, state_dir, write_json_atomic
-from daemon.versions import Published, published_versions, scan_base_path
+from daemon.basepath.catalog import Published, published_versions, scan_base_path
+from daemon.basepath.layout import state_dir
+from daemon.basepath.publish import BasePathLock
+from daemon.durable import fsync_path, rename_noreplace, write_json_atomic
+from daemon.rules.planner import History
 
 PINS_FILENAME = "pins.json"
 ROLLED_BACK_FILENAME = "rolled_back.json"

@@ -42,9 +42,9 @@ model is built, restored or run; the validator's serving-path checks and
 its per-tensor byte comparison prove the result (it has no in-memory
 outputs to compare with; the graph is byte-identical to a validated one).
 
-:func:`export_key` runs in the supervisor (importing this module imports no
-TensorFlow); :func:`read_weights_map` and :func:`object_graph_digest` in the
-validator too; the rest runs in the worker.
+Which published version an export may take as its template is decided in
+the supervisor (:mod:`daemon.supervisor.reuse`); :func:`read_weights_map` and
+:func:`object_graph_digest` run in the validator too; the rest in the worker.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon import bundle
+from daemon.formats import bundle
 
 #: The checkpoint entry holding the object graph (copied as it is).
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -77,38 +77,6 @@ LINK_MIN_USED_SHARE = 0.5
 
 class Fallback(Exception):
     """The incremental path does not apply; the message says why (logged, then a full export)."""
-
-
-def export_key(identity: Mapping[str, Any], builder_file: Path | None) -> str:
-    """A digest of everything that shapes the traced graph apart from the weights.
-
-    ``identity`` holds the model's export settings (source, builder, inputs,
-    tool version...); ``builder_file``'s bytes are added, so editing the
-    builder's module makes the next export a full one. Two exports with the
-    same key trace the same graph (code the builder imports from other
-    modules is not hashed; the validator's output comparison and the full
-    retry cover it).
-    """
-    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    if builder_file is not None:
-        try:
-            h.update(builder_file.read_bytes())
-        except OSError:
-            h.update(b"unreadable")
-    return "sha256:" + h.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that trace the graph (read without importing them)."""
-    from importlib import metadata
-
-    out = {}
-    for dist in ("tensorflow", "tensorflow-cpu", "keras"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 def variable_keys(template: str) -> tuple[dict[str, tuple[str, Any, list[int]]], bytes]:

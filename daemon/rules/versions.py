@@ -1,4 +1,4 @@
-"""The TensorFlow Serving base path: version names, listing, next version, retention.
+"""TF Serving's version rules: version names, the next version, retention.
 
 TF Serving's filesystem source lists the children of ``--model_base_path`` and
 treats a child as a version when ``absl::SimpleAtoi`` parses its *whole* name
@@ -7,36 +7,20 @@ version this daemon picks is the one the server will see, whatever else lies in
 the folder (``001``, ``+7``, `` 12``, ``-5`` count; ``1e3``, ``0x10``, ``.tmp``
 do not).
 
-Everything here is pure or read-only except :func:`read_metadata` (reads a
-file); the writes live in :mod:`daemon.publish`.
+Everything here is pure: the base path itself is read and written by
+:mod:`daemon.basepath`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 
 #: absl::ascii_isspace: the six ASCII whitespace characters.
 _ASCII_SPACE = " \t\n\v\f\r"
-
-#: Where a published version records what it was made from.
-METADATA_RELPATH = Path("assets.extra") / "ckpt_exporter.json"
-#: The validation report of an export, published with it or kept with a failed one.
-REPORT_RELPATH = Path("assets.extra") / "ckpt_exporter_validation.json"
-
-#: The daemon's private folder inside a base path. Its name does not parse as
-#: an integer, so TF Serving never takes it for a version.
-STATE_DIRNAME = ".ckpt-exporter"
-
-#: Prefix of the temporary export folders created inside a base path.
-TEMP_PREFIX = ".ckpt-exporter-tmp-"
 
 
 def parse_version(name: str) -> int | None:
@@ -62,11 +46,6 @@ def parse_version(name: str) -> int | None:
     return value
 
 
-def is_temp_name(name: str) -> bool:
-    """True for the temporary folders this daemon creates in a base path."""
-    return name.startswith(TEMP_PREFIX)
-
-
 @dataclass(frozen=True, slots=True)
 class VersionEntry:
     """One child of a base path that TF Serving would take as a version."""
@@ -90,16 +69,6 @@ def list_versions(names: Iterable[tuple[str, bool]]) -> list[VersionEntry]:
             out.append(VersionEntry(name=name, version=v, is_dir=is_dir))
     out.sort(key=lambda e: (e.version, e.name))
     return out
-
-
-def scan_base_path(base_path: Path) -> list[VersionEntry]:
-    """List the versions present in ``base_path`` (empty if it does not exist)."""
-    try:
-        with os.scandir(base_path) as it:
-            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-    except FileNotFoundError:
-        return []
-    return list_versions(children)
 
 
 class VersionError(Exception):
@@ -176,66 +145,3 @@ def plan_retention(owned: Iterable[int], keep: int, protected: Iterable[int] = (
     doomed = ordered[:-keep] if len(ordered) > keep else []
     prot = set(protected)
     return [v for v in doomed if v not in prot]
-
-
-def read_metadata(version_dir: Path) -> dict[str, Any] | None:
-    """The metadata this daemon wrote into a version, or None if absent or unreadable."""
-    try:
-        data = json.loads((version_dir / METADATA_RELPATH).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-@dataclass(frozen=True, slots=True)
-class Published:
-    """A version published by this daemon for one model, read back from disk."""
-
-    version: int
-    path: Path
-    metadata: Mapping[str, Any]
-
-    @property
-    def _checkpoint(self) -> Mapping[str, Any]:
-        # Tolerate a hand-edited file: anything but a table reads as empty.
-        ckpt = self.metadata.get("checkpoint")
-        return ckpt if isinstance(ckpt, dict) else {}
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self._checkpoint.get("fingerprint", ""))
-
-    @property
-    def written_ns(self) -> int:
-        return _as_int(self._checkpoint.get("written_ns")) or 0
-
-    @property
-    def step(self) -> int | None:
-        return _as_int(self._checkpoint.get("step"))
-
-
-def _as_int(value: Any) -> int | None:
-    """An integer from metadata JSON, or None for anything else (a hand edit)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def published_versions(base_path: Path, model: str) -> list[Published]:
-    """The versions in ``base_path`` that this daemon published for ``model``.
-
-    Ownership is proven by the metadata file; a version without it (made by
-    hand or by another tool) is never returned, so it is never deleted.
-    """
-    out = []
-    for entry in scan_base_path(base_path):
-        if not entry.is_dir:
-            continue
-        path = base_path / entry.name
-        meta = read_metadata(path)
-        if meta and meta.get("tool") == "ckpt-exporter" and meta.get("model") == model:
-            out.append(Published(version=entry.version, path=path, metadata=meta))
-    return out

@@ -5,7 +5,7 @@ export.
 
 Contract:
 
-- Fresh children are forked from a *zygote* (:mod:`daemon.zygote`), a
+- Fresh children are forked from a *zygote* (:mod:`daemon.children.zygote`), a
   process that imported TensorFlow and Keras under the children's limits
   and does nothing else: no user code, no model. The pool keeps one zygote
   per set of limits (one with the default config; two when the export
@@ -21,7 +21,7 @@ Contract:
   *keeps* it under its exporter key (a digest of the model's export
   settings, see the supervisor). Only a request with the same key is handed
   to it, so it restores the next checkpoint into the model it already built
-  (:mod:`daemon.worker`). It is retired after ``max_exports`` exports (it
+  (:mod:`daemon.children.worker`). It is retired after ``max_exports`` exports (it
   exits by itself), after ``idle_seconds`` without work, when a source file
   of the code it imported changed on disk (:func:`code_changed`), when its
   limits no longer match the config, and beyond ``limit`` kept exporters
@@ -52,14 +52,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeAlias
 
-from daemon.child import DONE
-from daemon.zygote import ForkedProc, Zygote
+from daemon.protocol import DONE, VALIDATOR, WORKER
+from daemon.supervisor.zygote_handle import ForkedProc, Zygote
 
 #: A child process, started by the daemon or forked by a zygote.
 Proc: TypeAlias = "subprocess.Popen[bytes] | ForkedProc"
 
 #: The modules whose children can be started warm.
-WARM_MODULES = ("daemon.worker", "daemon.validate")
+WARM_MODULES = (WORKER, VALIDATOR)
 #: A zygote that exits sooner than this after it started (TensorFlow cannot
 #: be imported, say) is started again only after a wait: the first, doubled
 #: for each such exit in a row, up to the longest. Each start costs seconds of
@@ -172,8 +172,8 @@ class WarmPool:
 
     @staticmethod
     def settings(module: str, limits: dict[str, Any], allow_gpu: bool, max_exports: int = 1) -> str:
-        # The validator never sees a GPU (see daemon.validate) and is single-use.
-        worker = module == "daemon.worker"
+        # The validator never sees a GPU (see daemon.children.validator) and is single-use.
+        worker = module == WORKER
         return json.dumps(
             {
                 "parent_pid": os.getpid(),

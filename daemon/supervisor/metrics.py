@@ -233,7 +233,7 @@ class Metrics:
         """Serve ``/metrics`` and ``/healthz`` from a daemon thread.
 
         ``health`` is called on the HTTP thread for each probe and must only
-        read state (see :mod:`daemon.health`).
+        read state (see :mod:`daemon.rules.health`).
         """
         server = HTTPServer((host, port), self.registry, health)
         server.thread.start()

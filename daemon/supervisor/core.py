@@ -39,13 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, child, exitcodes, incremental, logs, systemd
-from daemon.builders import builder_file, check_builders
-from daemon.config import Config, ConfigError, ModelConfig, load_config
-from daemon.gate import MetricReader, command_argv, decide, threshold
-from daemon.health import HealthSnapshot, evaluate
-from daemon.metrics import HTTPServer, Metrics
-from daemon.operations import (
+from daemon import __version__, exitcodes, logs, protocol
+from daemon.basepath.catalog import Published, published_versions
+from daemon.basepath.layout import REPORT_RELPATH, state_dir
+from daemon.basepath.operations import (
     apply_rolled_back,
     highest_rolled_back_version,
     read_pins,
@@ -54,9 +51,7 @@ from daemon.operations import (
     rolled_back_problem,
     tree_bytes,
 )
-from daemon.pin import CheckpointVanished, pin_checkpoint
-from daemon.planner import History, Plan, plan
-from daemon.publish import (
+from daemon.basepath.publish import (
     BasePathLock,
     move_aside,
     new_temp_dir,
@@ -64,24 +59,28 @@ from daemon.publish import (
     remove_stale_staging,
     remove_stale_temps,
     remove_version,
-    state_dir,
-    write_json_atomic,
 )
-from daemon.rejected import read_rejected, write_rejected
-from daemon.sources import SOURCES, Checkpoint, ScanResult, Source
-from daemon.versions import (
-    REPORT_RELPATH,
-    Published,
+from daemon.basepath.records import read_rejected, write_rejected
+from daemon.config.builders import builder_file, check_builders
+from daemon.config.loading import Config, ConfigError, ModelConfig, load_config
+from daemon.durable import write_json_atomic
+from daemon.rules.gate import MetricReader, command_argv, decide, threshold
+from daemon.rules.health import HealthSnapshot, evaluate
+from daemon.rules.planner import History, Plan, plan
+from daemon.rules.versions import (
     VersionError,
     checkpoint_step,
     next_version,
     plan_retention,
-    published_versions,
     step_version,
 )
-from daemon.warm import WARM_MODULES, Proc, WarmChild, WarmPool
-from daemon.warm import stop as warm_stop
-from daemon.watch import Watcher
+from daemon.sources import SOURCES, Checkpoint, ScanResult, Source
+from daemon.supervisor import reuse, systemd
+from daemon.supervisor.metrics import HTTPServer, Metrics
+from daemon.supervisor.staging import CheckpointVanished, pin_checkpoint
+from daemon.supervisor.warm_pool import WARM_MODULES, Proc, WarmChild, WarmPool
+from daemon.supervisor.warm_pool import stop as warm_stop
+from daemon.supervisor.watch import Watcher
 
 #: Longest wait between retries of a transient failure.
 MAX_BACKOFF_SECONDS = 3600.0
@@ -911,7 +910,7 @@ class Supervisor:
         if job.exporter_key is not None:
             request["exporter_key"] = job.exporter_key
         job.export_request = request
-        self._spawn(job, "export", "daemon.worker", request)
+        self._spawn(job, "export", protocol.WORKER, request)
         if template is not None:
             self._start_validator_early(job, template)
 
@@ -919,12 +918,12 @@ class Supervisor:
         """Fork a warm validator and hand it its request now, for an incremental export.
 
         It imports the template version's graph while the worker writes the
-        weights (:func:`daemon.validate.preload`), then waits for ``go``,
+        weights (:func:`daemon.children.validator.preload`), then waits for ``go``,
         sent when the export succeeded (:meth:`_release_validator`); any other
         end of the job stops it (:meth:`_cleanup`). Without a zygote to fork
         it from, validation starts after the export as usual.
         """
-        warm = self.warm.take("daemon.validate", self._warm_settings("daemon.validate"))
+        warm = self.warm.take(protocol.VALIDATOR, self._warm_settings(protocol.VALIDATOR))
         if warm is None:
             return
         request = dict(self._validate_request(job, template), wait_for_export=True)
@@ -970,7 +969,7 @@ class Supervisor:
             "sample_inputs": _str_or_none(cfg.sample_inputs),
             "golden_outputs": _str_or_none(cfg.golden_outputs),
             "warmup_records": cfg.warmup_records,
-            # An incremental export's graph is that version's (see daemon.validate).
+            # An incremental export's graph is that version's (see daemon.children.validator).
             "graph_of": graph_of,
             # Weight parity against the pinned copy, where the source allows.
             "checkpoint": str(job.pinned) if SOURCES[cfg.source].weights_in_checkpoint else None,
@@ -979,19 +978,19 @@ class Supervisor:
     def _incremental_template(self, st: ModelState, job: Job) -> str | None:
         """The newest published version this export may reuse the graph of, or None.
 
-        Only versions made with the same :func:`~daemon.incremental.export_key`
+        Only versions made with the same :func:`~daemon.children.incremental.export_key`
         (builder, its module's bytes, inputs, source, libraries) qualify; the
-        worker still checks that every variable fits (see :mod:`daemon.incremental`).
+        worker still checks that every variable fits (see :mod:`daemon.children.incremental`).
         """
         cfg = st.cfg
         if not cfg.incremental_export or not SOURCES[cfg.source].weights_in_checkpoint:
             return None
         if cfg.source != "tf_checkpoint" or job.ckpt.fingerprint in st.full_export_only:
             return None
-        job.export_key = incremental.export_key(
+        job.export_key = reuse.export_key(
             {
                 "tool_version": __version__,
-                "libraries": incremental.library_versions(),
+                "libraries": reuse.library_versions(),
                 "source": cfg.source,
                 "builder": cfg.builder,
                 "python_path": [str(p) for p in cfg.python_path],
@@ -1021,7 +1020,7 @@ class Supervisor:
             return None
         per_job = ("checkpoint", "export_dir", "reference", "template")
         stable = {k: v for k, v in request.items() if k not in per_job}
-        return incremental.export_key(stable, None)
+        return reuse.export_key(stable, None)
 
     def _child_limits(self) -> dict[str, Any]:
         """CPU, I/O and thread limits for the worker and validator children."""
@@ -1119,7 +1118,7 @@ class Supervisor:
             # A session of its own: Ctrl-C in a terminal reaches only the
             # supervisor, which then stops the child deliberately.
             return subprocess.Popen(
-                child.child_command(module, req_path),
+                protocol.child_command(module, req_path),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -1168,7 +1167,7 @@ class Supervisor:
         if job.phase == "gate":
             self._command_gate_done(job)
             return
-        result = child.read_result(job.staging / f"{job.phase}.result.json")
+        result = protocol.read_result(job.staging / f"{job.phase}.result.json")
         if result is None and job.proc.returncode == exitcodes.NO_SPACE:
             self._fail(
                 job,
@@ -1225,7 +1224,7 @@ class Supervisor:
                 warm=bool(result.get("warm")),
                 # Exports this worker did before this one (0: a fresh process).
                 reused=result.get("reused", 0),
-                # Which version's graph was reused, or why not (daemon.incremental).
+                # Which version's graph was reused, or why not (daemon.children.incremental).
                 incremental_from=(result.get("incremental") or {}).get("template"),
                 incremental_fallback=(result.get("incremental") or {}).get("fallback"),
                 # Linked or copied from the checkpoint without TensorFlow, or
@@ -1237,7 +1236,10 @@ class Supervisor:
             if not self._release_validator(job):
                 graph_of = (result.get("incremental") or {}).get("template")
                 self._spawn(
-                    job, "validate", "daemon.validate", self._validate_request(job, graph_of)
+                    job,
+                    "validate",
+                    protocol.VALIDATOR,
+                    self._validate_request(job, graph_of),
                 )
         elif job.phase == "validate":
             job.validation = result
@@ -1298,7 +1300,7 @@ class Supervisor:
         job.temp_dir.mkdir()
         job.export_result = {}
         job.phase_started = time.monotonic()
-        self._spawn(job, "export", "daemon.worker", dict(job.export_request, template=None))
+        self._spawn(job, "export", protocol.WORKER, dict(job.export_request, template=None))
 
     def _to_publish(self, job: Job) -> None:
         job.phase = "publish"
@@ -1494,7 +1496,7 @@ class Supervisor:
                 "saved_counters": job.export_result.get("saved_counters", {}),
             },
             "export": {k: v for k, v in job.export_result.items() if k not in ("ok", "code_files")},
-            # Which later exports may reuse this version's graph (daemon.incremental).
+            # Which later exports may reuse this version's graph (daemon.children.incremental).
             "export_key": job.export_key,
             "validation": {
                 "report": str(REPORT_RELPATH),

@@ -14,7 +14,7 @@ published.
 
 Contract: a file that cannot be read, or an array that does not fit its
 input (dtype kind, rank, known dimensions), raises
-:class:`~daemon.child.ChildFailure` with reason ``sample_inputs`` naming the
+:class:`~daemon.children.runtime.ChildFailure` with reason ``sample_inputs`` naming the
 file and the key: the model's config is at fault, not the checkpoint, so the
 supervisor pauses the model instead of rejecting checkpoints.
 """
@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from daemon import child
+from daemon.children import runtime
 
 DEFAULT_SIGNATURE = "serving_default"
 
@@ -48,7 +48,7 @@ def load_npz(path: str | None, what: str) -> dict[str, dict[str, Any]]:
         if raw:
             raise ValueError(f"{raw} are not .npy arrays")
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "sample_inputs", f"{what} {path}: cannot read it as an .npz file ({e})"
         ) from e
     out: dict[str, dict[str, Any]] = {}
@@ -72,7 +72,7 @@ def fit_input(value: Any, key: str, dtype: str, shape: Sequence[int | None], whe
     arr = np.asarray(value)
     if dtype == "string":
         if arr.dtype.kind not in "SUO":
-            raise child.ChildFailure(
+            raise runtime.ChildFailure(
                 "sample_inputs", f"{where}: {key!r} must hold strings, it holds {arr.dtype}"
             )
         arr = np.vectorize(
@@ -84,7 +84,7 @@ def fit_input(value: Any, key: str, dtype: str, shape: Sequence[int | None], whe
             np.can_cast(arr.dtype, target, casting="same_kind") and arr.dtype.kind != "b"
         )
         if not ok:
-            raise child.ChildFailure(
+            raise runtime.ChildFailure(
                 "sample_inputs",
                 f"{where}: {key!r} holds {arr.dtype}, the signature takes {dtype}",
             )
@@ -96,7 +96,7 @@ def fit_input(value: Any, key: str, dtype: str, shape: Sequence[int | None], whe
         else:
             wraps = target.kind == "f" and bool(np.any(np.isfinite(arr) & ~np.isfinite(out)))
         if wraps:
-            raise child.ChildFailure(
+            raise runtime.ChildFailure(
                 "sample_inputs",
                 f"{where}: {key!r} holds values out of the range of {dtype}, the signature's "
                 f"dtype ({arr.dtype} values would wrap or overflow)",
@@ -107,7 +107,7 @@ def fit_input(value: Any, key: str, dtype: str, shape: Sequence[int | None], whe
         d is not None and d >= 0 and d != n for d, n in zip(dims, arr.shape, strict=True)
     ):
         shown = [-1 if d is None else d for d in dims]
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "sample_inputs",
             f"{where}: {key!r} has shape {list(arr.shape)}, the signature takes {shown} "
             "(-1: any size)",
@@ -132,7 +132,7 @@ def inputs_for(
     if not given:
         if required and samples:
             prefix = "" if signature == DEFAULT_SIGNATURE else signature + "/"
-            raise child.ChildFailure(
+            raise runtime.ChildFailure(
                 "sample_inputs",
                 f"{where}: no arrays for signature {signature!r}; it takes "
                 f"{sorted(specs)} (name them {prefix}INPUT)",
@@ -141,7 +141,7 @@ def inputs_for(
     unknown = sorted(set(given) - set(specs))
     missing = sorted(set(specs) - set(given))
     if unknown or missing:
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "sample_inputs",
             f"{where}: signature {signature!r} takes {sorted(specs)}; the file "
             + "; ".join(

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.gate import GATE_SCHEMA, Gate, parse_gate
-from daemon.schema import (
+from daemon.config.schema import (
     REQUIRED,
     Schema,
     apply_schema,
@@ -31,9 +30,10 @@ from daemon.schema import (
     one_of,
     positive,
 )
+from daemon.rules.gate import GATE_SCHEMA, Gate, parse_gate
 from daemon.sources import SOURCES
 
-#: TF Serving's limit on warmup records (see daemon.warmup, which imports TensorFlow).
+#: TF Serving's limit on warmup records (see daemon.children.warmup_records, a child module).
 MAX_RECORDS = 1000
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")

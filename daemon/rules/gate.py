@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.schema import Schema, command_line, non_negative, one_of, template_problem
-from daemon.tensorboard import EventFileReader
+from daemon.config.schema import Schema, command_line, non_negative, one_of, template_problem
+from daemon.formats.tensorboard import EventFileReader
 
 MODES = ("min", "max")
 LAST_PUBLISHED = "last_published"

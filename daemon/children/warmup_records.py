@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon import child
+from daemon.children import runtime
 
 WARMUP_RELPATH = Path("assets.extra") / "tf_serving_warmup_requests"
 #: TF Serving refuses to load a version whose warmup file holds more records.
@@ -33,7 +33,7 @@ def _apis() -> Any:
     try:
         from tensorflow_serving.apis import prediction_log_pb2
     except ImportError as e:
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "warmup_unavailable",
             "warmup records need the tensorflow-serving-api protos: pip install --no-deps "
             f"tensorflow-serving-api (its own dependencies come with TensorFlow) ({e})",
@@ -160,17 +160,17 @@ def replay(
         # session, where tf.data datasets cannot be iterated.
         raw = list(tf.compat.v1.io.tf_record_iterator(path))
     except Exception as e:
-        raise child.ChildFailure("warmup_failed", f"{path} is not a TFRecord file: {e}") from e
+        raise runtime.ChildFailure("warmup_failed", f"{path} is not a TFRecord file: {e}") from e
     if len(raw) > MAX_RECORDS:
-        raise child.ChildFailure(
+        raise runtime.ChildFailure(
             "warmup_failed",
             f"{path} holds {len(raw)} records; TF Serving refuses to load more than {MAX_RECORDS}",
         )
     replayed: dict[str, int] = {}
     for i, data in enumerate(raw):
 
-        def fail(why: str, i: int = i) -> child.ChildFailure:
-            return child.ChildFailure("warmup_failed", f"{path} record {i}: {why}")
+        def fail(why: str, i: int = i) -> runtime.ChildFailure:
+            return runtime.ChildFailure("warmup_failed", f"{path} record {i}: {why}")
 
         try:
             log = pb.PredictionLog.FromString(data)

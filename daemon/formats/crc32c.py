@@ -1,7 +1,7 @@
 """CRC-32C (Castagnoli), as TensorFlow's file formats store it.
 
-TFRecord files (TensorBoard event files: :mod:`daemon.tensorboard`) and
-table files (checkpoint indexes: :mod:`daemon.bundle`) checksum their pieces
+TFRecord files (TensorBoard event files: :mod:`daemon.formats.tensorboard`) and
+table files (checkpoint indexes: :mod:`daemon.formats.bundle`) checksum their pieces
 with CRC-32C, *masked*: rotated and offset, so that a CRC stored inside
 checksummed data does not checksum to a fixed value. Only small pieces go
 through here (record headers, index blocks of a few KiB): a table-driven

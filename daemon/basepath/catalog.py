@@ -1,0 +1,91 @@
+"""The versions of a base path, read back: what TF Serving sees and what this daemon published.
+
+Ownership of a version is proven by its metadata file; a version without it
+(made by hand or by another tool) is never returned by
+:func:`published_versions`, so retention never deletes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.basepath.layout import METADATA_RELPATH
+from daemon.rules.versions import VersionEntry, list_versions
+
+
+def scan_base_path(base_path: Path) -> list[VersionEntry]:
+    """List the versions present in ``base_path`` (empty if it does not exist)."""
+    try:
+        with os.scandir(base_path) as it:
+            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    except FileNotFoundError:
+        return []
+    return list_versions(children)
+
+
+def read_metadata(version_dir: Path) -> dict[str, Any] | None:
+    """The metadata this daemon wrote into a version, or None if absent or unreadable."""
+    try:
+        data = json.loads((version_dir / METADATA_RELPATH).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """A version published by this daemon for one model, read back from disk."""
+
+    version: int
+    path: Path
+    metadata: Mapping[str, Any]
+
+    @property
+    def _checkpoint(self) -> Mapping[str, Any]:
+        # Tolerate a hand-edited file: anything but a table reads as empty.
+        ckpt = self.metadata.get("checkpoint")
+        return ckpt if isinstance(ckpt, dict) else {}
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self._checkpoint.get("fingerprint", ""))
+
+    @property
+    def written_ns(self) -> int:
+        return _as_int(self._checkpoint.get("written_ns")) or 0
+
+    @property
+    def step(self) -> int | None:
+        return _as_int(self._checkpoint.get("step"))
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer from metadata JSON, or None for anything else (a hand edit)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def published_versions(base_path: Path, model: str) -> list[Published]:
+    """The versions in ``base_path`` that this daemon published for ``model``.
+
+    Ownership is proven by the metadata file; a version without it (made by
+    hand or by another tool) is never returned, so it is never deleted.
+    """
+    out = []
+    for entry in scan_base_path(base_path):
+        if not entry.is_dir:
+            continue
+        path = base_path / entry.name
+        meta = read_metadata(path)
+        if meta and meta.get("tool") == "ckpt-exporter" and meta.get("model") == model:
+            out.append(Published(version=entry.version, path=path, metadata=meta))
+    return out
