@@ -50,9 +50,9 @@ def test_retention_keeps_newest_owned_versions_and_never_touches_others(tmp_path
     _version(base, "6", "other-model")  # someone else's metadata
     sup = _supervisor(tmp_path, keep_versions=2)
     st = sup.models["m"]
-    sup._load_state(st)
+    sup.table.load(st)
     assert sorted(p.version for p in st.published) == [1, 2, 3, 4]
-    sup._retention(st)
+    sup.publisher.retention(st)
     names = sorted(p.name for p in base.iterdir() if not p.name.startswith("."))
     assert names == ["0005", "3", "4", "6"]
     assert list((base / ".ckpt-exporter" / "trash").iterdir()) == []
@@ -75,7 +75,7 @@ def test_start_removes_temp_dirs_of_dead_processes_only(tmp_path: Path) -> None:
     foreign = base / "temp-123"
     foreign.mkdir()
     sup = _supervisor(tmp_path, keep_versions=2)
-    sup._load_state(sup.models["m"])
+    sup.table.load(sup.models["m"])
     assert not crashed.exists()
     assert alive.exists() and foreign.exists()
 

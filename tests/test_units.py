@@ -14,7 +14,7 @@ import pytest
 
 from daemon.cli import build_parser, cmd_run
 from daemon.config.loading import DaemonConfig
-from daemon.supervisor.core import CHILD_KILL_GRACE_SECONDS
+from daemon.supervisor.loop import CHILD_KILL_GRACE_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"

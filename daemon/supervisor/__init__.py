@@ -5,6 +5,6 @@ A test imports this package in a fresh interpreter and checks ``sys.modules``.
 
 from __future__ import annotations
 
-from daemon.supervisor.core import Supervisor
+from daemon.supervisor.loop import Supervisor
 
 __all__ = ["Supervisor"]

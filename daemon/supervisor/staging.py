@@ -1,4 +1,8 @@
-"""Pinning: a private, stable copy of a checkpoint for the length of one export.
+"""Staging: a private, stable copy of a checkpoint for the length of one export.
+
+(The job's first phase is still called ``pin`` in metrics and logs, as it
+always was; "pinned" *versions* are another thing: ``ckpt-exporter pin``,
+:mod:`daemon.basepath.operations`.)
 
 The trainer's ``max_to_keep`` may delete a checkpoint while it is being
 exported. A hard link keeps the file's data alive after the trainer unlinks its
@@ -22,7 +26,7 @@ class CheckpointVanished(Exception):
     """A checkpoint file disappeared before it could be pinned."""
 
 
-def pin_checkpoint(ckpt: Checkpoint, staging: Path) -> tuple[Path, str]:
+def stage_checkpoint(ckpt: Checkpoint, staging: Path) -> tuple[Path, str]:
     """Link (or copy) every file of ``ckpt`` into ``staging``.
 
     Files keep their path relative to the folder holding ``ckpt.prefix``, so

@@ -1,0 +1,445 @@
+"""One checkpoint's journey: the phase machine of a :class:`~daemon.supervisor.state.Job`.
+
+``pin`` (stage the checkpoint: :mod:`daemon.supervisor.staging`) ->
+``export`` (worker child) -> ``validate`` (validator child) -> ``gate``
+(the model's gate command, if any) -> ``publish``
+(:mod:`daemon.supervisor.publishing`) -> retention.
+
+:meth:`Pipeline.start` stages a checkpoint and starts its export;
+:meth:`Pipeline.advance`, called by the loop on every turn, moves a job on
+once its phase's child finished (or kills it at its deadline). A phase's
+result decides the next step; every end of a job goes through
+:class:`~daemon.supervisor.outcomes.Outcomes`. An incremental export that
+fails validation is exported once more in full before the checkpoint is
+blamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__, exitcodes, protocol
+from daemon.basepath.layout import REPORT_RELPATH, state_dir
+from daemon.basepath.operations import tree_bytes
+from daemon.basepath.publish import new_temp_dir
+from daemon.config.builders import builder_file
+from daemon.durable import write_json_atomic
+from daemon.rules.gate import command_argv
+from daemon.sources import SOURCES, Checkpoint
+from daemon.supervisor import reuse
+from daemon.supervisor.context import Context
+from daemon.supervisor.launcher import Launcher, kill_group
+from daemon.supervisor.outcomes import Outcomes
+from daemon.supervisor.publishing import LockBusy, Published, Publisher, PublishFailed, Skipped
+from daemon.supervisor.reporting import signature_summary, tail
+from daemon.supervisor.scheduling import Scheduler
+from daemon.supervisor.staging import CheckpointVanished, stage_checkpoint
+from daemon.supervisor.state import Job, ModelState
+
+
+class Pipeline:
+    """Starts jobs and moves them through their phases; see the module docstring."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        launcher: Launcher,
+        outcomes: Outcomes,
+        publisher: Publisher,
+        scheduler: Scheduler,
+    ) -> None:
+        self.ctx = ctx
+        self.launcher = launcher
+        self.outcomes = outcomes
+        self.publisher = publisher
+        self.scheduler = scheduler
+
+    # --- start ----------------------------------------------------------------
+
+    def start(self, st: ModelState, ckpt: Checkpoint, gate: dict[str, Any]) -> None:
+        """Stage ``ckpt`` and start its export (or fail the job at once)."""
+        job = Job(model=st, ckpt=ckpt, gate=gate)
+        if not self._stage(job):
+            return
+        st.job = job
+        base = st.cfg.base_path
+        try:
+            job.temp_dir = new_temp_dir(base)
+        except OSError as e:
+            message = f"cannot create a folder in {base}: {e}"
+            self.outcomes.fail(job, "temp_dir_failed", message, permanent=False)
+            return
+        template = self._template(st, job)
+        job.export_request = self._export_request(job, template)
+        job.worker_key = self._worker_key(st, job.export_request)
+        if job.worker_key is not None:
+            job.export_request["exporter_key"] = job.worker_key
+        self.launcher.spawn(job, "export", protocol.WORKER, job.export_request)
+        if template is not None:
+            self.launcher.start_validator_early(job, self._validate_request(job, template))
+
+    def _stage(self, job: Job) -> bool:
+        """Stage the job's checkpoint (phase ``pin``); False if the job ended instead."""
+        log = self.ctx.log.bind(**job.log_fields)
+        job.staging = state_dir(job.model.cfg.base_path) / "staging" / f"{os.getpid()}-{job.id}"
+        try:
+            job.staged, method = stage_checkpoint(job.ckpt, job.staging)
+        except CheckpointVanished as e:
+            log.info("checkpoint_vanished", detail=str(e))
+            self.outcomes.cleanup(job)
+            job.model.dirty = True
+            return False
+        except OSError as e:
+            self.outcomes.cleanup(job)
+            message = f"cannot stage into {job.staging}: {e}"
+            self.outcomes.fail(job, "pin_failed", message, permanent=False)
+            return False
+        self._phase_done(job, "pin")
+        log.info("export_started", pinned_by=method)
+        return True
+
+    def _export_request(self, job: Job, template: str | None) -> dict[str, Any]:
+        cfg, d = job.model.cfg, self.ctx.config.daemon
+        assert job.staging is not None and job.temp_dir is not None
+        return {
+            "source": cfg.source,
+            "options": dict(cfg.options),
+            "builder": cfg.builder,
+            "python_path": [str(p) for p in cfg.python_path],
+            "checkpoint_key": cfg.checkpoint_key,
+            "checkpoint": str(job.staged),
+            "export_dir": str(job.temp_dir),
+            "reference": str(job.staging / "reference.npz"),
+            "allow_gpu": d.allow_gpu,
+            "signature": [
+                {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in cfg.signature
+            ],
+            "input_type": cfg.input_type,
+            "model": cfg.name,
+            "sample_inputs": _str_or_none(cfg.sample_inputs),
+            "warmup_records": cfg.warmup_records,
+            "template": template,
+        }
+
+    def _validate_request(self, job: Job, graph_of: str | None) -> dict[str, Any]:
+        cfg = job.model.cfg
+        assert job.temp_dir is not None and job.staging is not None
+        return {
+            "saved_model": str(job.temp_dir),
+            "reference": str(job.staging / "reference.npz"),
+            "rtol": cfg.rtol,
+            "atol": cfg.atol,
+            "sample_inputs": _str_or_none(cfg.sample_inputs),
+            "golden_outputs": _str_or_none(cfg.golden_outputs),
+            "warmup_records": cfg.warmup_records,
+            # An incremental export's graph is that version's (see daemon.children.validator).
+            "graph_of": graph_of,
+            # Weight parity against the staged copy, where the source allows.
+            "checkpoint": str(job.staged) if SOURCES[cfg.source].weights_in_checkpoint else None,
+        }
+
+    def _template(self, st: ModelState, job: Job) -> str | None:
+        """The newest published version this export may reuse the graph of, or None.
+
+        Only versions made with the same graph key (builder, its module's
+        bytes, inputs, source, libraries: :mod:`daemon.supervisor.reuse`)
+        qualify; the worker still checks that every variable fits (see
+        :mod:`daemon.children.incremental`).
+        """
+        cfg = st.cfg
+        if not cfg.incremental_export or not SOURCES[cfg.source].weights_in_checkpoint:
+            return None
+        if cfg.source != "tf_checkpoint" or job.ckpt.fingerprint in st.full_export_only:
+            return None
+        identity = {
+            "tool_version": __version__,
+            "libraries": reuse.library_versions(),
+            "source": cfg.source,
+            "builder": cfg.builder,
+            "python_path": [str(p) for p in cfg.python_path],
+            "checkpoint_key": cfg.checkpoint_key,
+            "signature": [dataclasses.asdict(s) for s in cfg.signature],
+            "input_type": cfg.input_type,
+        }
+        job.graph_key = reuse.export_key(identity, builder_file(cfg.builder, cfg.python_path))
+        for p in sorted(st.published, key=lambda p: p.version, reverse=True):
+            if p.metadata.get("export_key") == job.graph_key:
+                return str(p.path)
+        return None
+
+    def _worker_key(self, st: ModelState, request: dict[str, Any]) -> str | None:
+        """The key under which an export worker may be kept for this model's next export.
+
+        None where workers are single-use: cold children, ``exporter_max_exports
+        = 1``, or a source whose exporter does not keep its model. The key digests
+        every field of the request that is not about this one checkpoint, so a
+        reload that changes any of them gets a new worker.
+        """
+        d = self.ctx.config.daemon
+        if not (d.warm_workers and d.exporter_max_exports > 1):
+            return None
+        if not SOURCES[st.cfg.source].reusable_exporter:
+            return None
+        per_job = ("checkpoint", "export_dir", "reference", "template")
+        stable = {k: v for k, v in request.items() if k not in per_job}
+        return reuse.export_key(stable, None)
+
+    # --- advance --------------------------------------------------------------
+
+    def advance(self, job: Job) -> None:
+        """Move ``job`` forward if its current phase has finished."""
+        if job.phase == "publish":
+            self._publish(job)
+            return
+        assert job.proc is not None and job.staging is not None
+        if not job.child_done.is_set():
+            if time.monotonic() > job.deadline:
+                kill_group(job.proc)
+                timeout = self.ctx.config.daemon.export_timeout_seconds
+                message = (
+                    f"{job.phase} did not finish within {timeout:g} s (export_timeout_seconds)"
+                )
+                self.outcomes.fail(job, "timeout", message, permanent=False)
+            return
+        if job.phase == "gate":
+            self._command_gate_done(job)
+            return
+        result = protocol.read_result(job.staging / f"{job.phase}.result.json")
+        if result is None:
+            self._no_result(job)
+            return
+        if job.phase == "validate":
+            self._write_report(job, result)
+            if not result.get("ok") and job.export_result.get("incremental", {}).get("template"):
+                self._retry_in_full(job, result)
+                return
+        if not result.get("ok"):
+            reason, permanent = str(result.get("reason", "unknown")), bool(result.get("permanent"))
+            output = tail(job.staging / f"{job.phase}.log")
+            self.outcomes.fail(
+                job, reason, str(result.get("error")), permanent=permanent, output=output
+            )
+            return
+        self._phase_done(job, job.phase)
+        if job.phase == "export":
+            self._exported(job, result)
+        elif job.phase == "validate":
+            self._validated(job, result)
+
+    def _no_result(self, job: Job) -> None:
+        """The phase's child ended without writing a result: a full disk, or a crash."""
+        assert job.proc is not None and job.staging is not None
+        output = tail(job.staging / f"{job.phase}.log")
+        if job.proc.returncode == exitcodes.NO_SPACE:
+            message = (
+                f"the {job.phase} process could not write its result into {job.staging}: "
+                f"no space left on the device of {job.model.cfg.base_path}; free some space, "
+                "the export is retried"
+            )
+            self.outcomes.fail(job, "no_space", message, permanent=False, output=output)
+            return
+        code = job.proc.poll()
+        how = (
+            "said it was done without a result"
+            if code is None
+            else f"was killed by {signal.Signals(-code).name}"
+            if code < 0
+            else f"exited with status {code} without a result"
+        )
+        if code is None:
+            kill_group(job.proc)
+        message = f"the {job.phase} process {how}; its output is in the log above"
+        self.outcomes.fail(job, "child_crashed", message, permanent=False, output=output)
+
+    def _exported(self, job: Job, result: dict[str, Any]) -> None:
+        job.export_result = result
+        self.launcher.keep_exporter(job, result.get("code_files") or {})
+        incremental = result.get("incremental") or {}
+        self.ctx.log.info(
+            "exported",
+            **job.log_fields,
+            seconds=round(job.durations["export"], 3),
+            variables=result.get("variables"),
+            warm=bool(result.get("warm")),
+            # Exports this worker did before this one (0: a fresh process).
+            reused=result.get("reused", 0),
+            # Which version's graph was reused, or why not (daemon.children.incremental).
+            incremental_from=incremental.get("template"),
+            incremental_fallback=incremental.get("fallback"),
+            # Linked or copied from the checkpoint without TensorFlow, or
+            # why not (then restored by TensorFlow).
+            weights=incremental.get("weights"),
+            link_fallback=incremental.get("link_fallback"),
+        )
+        if not self.launcher.release_validator(job):
+            request = self._validate_request(job, incremental.get("template"))
+            self.launcher.spawn(job, "validate", protocol.VALIDATOR, request)
+
+    def _validated(self, job: Job, result: dict[str, Any]) -> None:
+        job.validation = result
+        self.ctx.metrics.validations.labels(job.model.cfg.name, "passed").inc()
+        self.ctx.log.info(
+            "validated",
+            **job.log_fields,
+            seconds=round(job.durations["validate"], 3),
+            signatures=signature_summary(result),
+            # How many exported variables were proven to come from the checkpoint.
+            weights_matched=(result.get("weights") or {}).get("variables"),
+            warmup_records=(result.get("warmup") or {}).get("records"),
+            warm=bool(result.get("warm")),
+        )
+        if job.model.cfg.gate.command:
+            self._start_command_gate(job)
+        else:
+            self._to_publish(job)
+
+    def _retry_in_full(self, job: Job, result: dict[str, Any]) -> None:
+        """An incremental export failed validation: export the checkpoint again in full.
+
+        The template's graph may be what is wrong (code the builder imports
+        changed, for example), so the checkpoint is not blamed until a full
+        export of it fails too.
+        """
+        st = job.model
+        self.ctx.metrics.validations.labels(st.cfg.name, "failed").inc()
+        self.ctx.log.warning(
+            "incremental_export_failed",
+            **job.log_fields,
+            reason=result.get("reason"),
+            error=str(result.get("error"))[:500],
+            hint="exporting this checkpoint again in full",
+        )
+        st.full_export_only.add(job.ckpt.fingerprint)
+        if job.worker_key is not None:
+            # The full export is the ground truth: a fresh process, with the
+            # code as it is on disk now, not the worker that made this one.
+            self.launcher.retire(job.worker_key, "incremental_export_failed")
+        assert job.temp_dir is not None
+        shutil.rmtree(job.temp_dir, ignore_errors=True)
+        job.temp_dir.mkdir()
+        job.export_result = {}
+        job.phase_started = time.monotonic()
+        request = dict(job.export_request, template=None)
+        self.launcher.spawn(job, "export", protocol.WORKER, request)
+
+    def _write_report(self, job: Job, result: dict[str, Any]) -> None:
+        """Put the validation report into the export folder (published or kept with it).
+
+        Best effort: a report that cannot be written (full disk) must not
+        decide the export's fate; the publish step's own writes will.
+        """
+        if job.temp_dir is None:
+            return
+        report = {
+            "model": job.model.cfg.name,
+            "checkpoint": str(job.ckpt.prefix),
+            "fingerprint": job.ckpt.fingerprint,
+            "step": job.step,
+            "verdict": "passed" if result.get("ok") else "failed",
+            "validated_at": time.time(),
+            **{k: v for k, v in result.items() if k not in ("warm", "saved_model")},
+        }
+        try:
+            write_json_atomic(job.temp_dir / REPORT_RELPATH, report)
+        except OSError as e:
+            self.ctx.log.warning("report_not_written", **job.log_fields, error=str(e))
+
+    # --- gate command and publication -----------------------------------------
+
+    def _start_command_gate(self, job: Job) -> None:
+        """Run the model's gate command on the validated export (phase ``gate``)."""
+        assert job.temp_dir is not None
+        cfg = job.model.cfg
+        argv = command_argv(cfg.gate, job.temp_dir, job.ckpt.prefix, cfg.name, job.step)
+        try:
+            self.launcher.start_command(job, argv, job.temp_dir)
+        except OSError as e:
+            message = f"cannot run the gate command {argv[0]!r}: {e.strerror or e}"
+            self.outcomes.fail(job, "gate_unusable", message, permanent=True)
+
+    def _command_gate_done(self, job: Job) -> None:
+        """Publish when the gate command exited 0; gate the checkpoint out otherwise."""
+        assert job.proc is not None and job.staging is not None
+        code = job.proc.wait()  # it has exited: that is why we are here
+        output = tail(job.staging / "gate.log")
+        if code < 0:
+            message = f"the gate command was killed by {signal.Signals(-code).name}"
+            self.outcomes.fail(job, "child_crashed", message, permanent=False, output=output)
+            return
+        self._phase_done(job, "gate")
+        if code != 0:
+            message = f"the gate command exited with status {code}"
+            self.scheduler.gated_out(job.model, job.ckpt, "command", message, output_tail=output)
+            self.outcomes.finish(job)
+            return
+        self.ctx.metrics.gate_decisions.labels(job.model.cfg.name, "passed", "command").inc()
+        job.gate["command"] = {"argv": list(job.model.cfg.gate.command), "exit_status": 0}
+        self.ctx.log.info("gate_passed", **job.log_fields, gate="command")
+        self._to_publish(job)
+
+    def _to_publish(self, job: Job) -> None:
+        job.phase = "publish"
+        job.phase_started = time.monotonic()
+        job.proc = None
+        self._publish(job)
+
+    def _publish(self, job: Job) -> None:
+        """Try to publish; on a busy lock the job stays in ``publish`` for the next turn."""
+        outcome = self.publisher.publish(job)
+        if isinstance(outcome, LockBusy):
+            if not job.lock_wait_logged:
+                self.ctx.log.warning(
+                    "waiting_for_lock",
+                    **job.log_fields,
+                    lock=str(outcome.lock),
+                    held_by_pid=outcome.holder,
+                )
+                job.lock_wait_logged = True
+        elif isinstance(outcome, Skipped):
+            self.ctx.log.info(outcome.event, **job.log_fields, **outcome.fields)
+            self.outcomes.finish(job)
+        elif isinstance(outcome, PublishFailed):
+            self.outcomes.fail(job, outcome.reason, outcome.message, permanent=outcome.permanent)
+        else:
+            self._published(job, outcome)
+
+    def _published(self, job: Job, outcome: Published) -> None:
+        st, name = job.model, job.model.cfg.name
+        self._phase_done(job, "publish")
+        st.last_publish_time = time.time()
+        st.failing_since = None
+        st.attempts.pop(job.ckpt.fingerprint, None)
+        st.retry_at.pop(job.ckpt.fingerprint, None)
+        st.full_export_only.discard(job.ckpt.fingerprint)
+        latency = max(0.0, time.time() - job.ckpt.written_ns / 1e9)
+        metrics = self.ctx.metrics
+        metrics.latest_version_bytes.labels(name).set(tree_bytes(outcome.path))
+        metrics.exports.labels(name, "published").inc()
+        metrics.latency.labels(name).observe(latency)
+        metrics.last_publish.labels(name).set(st.last_publish_time)
+        self.ctx.log.info(
+            "published",
+            **job.log_fields,
+            version=outcome.version,
+            path=str(outcome.path),
+            durations={k: round(v, 3) for k, v in job.durations.items()},
+            checkpoint_to_published_seconds=round(latency, 3),
+        )
+        job.published_version = outcome.version
+        self.outcomes.finish(job)
+
+    def _phase_done(self, job: Job, phase: str) -> None:
+        seconds = time.monotonic() - job.phase_started
+        job.durations[phase] = seconds
+        self.ctx.metrics.phase_seconds.labels(job.model.cfg.name, phase).observe(seconds)
+        job.phase_started = time.monotonic()
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)

@@ -1,0 +1,210 @@
+"""The publish step of a job, and retention: one validated export becomes the next version.
+
+:meth:`Publisher.publish` returns what happened (:class:`Published`,
+:class:`Skipped`, :class:`LockBusy` or :class:`PublishFailed`) and ends
+nothing itself; the pipeline acts on it. Under the base-path lock it re-reads
+the base path (another publisher may have published the same checkpoint, or
+``ckpt-exporter rollback`` ruled it out meanwhile), chooses the version by
+the model's ``version_policy`` (never a number that was rolled back), renames
+the export into place (:func:`daemon.basepath.publish.publish`) and applies
+retention from a fresh listing, so that a pin or a rollback cannot race a
+deletion.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__
+from daemon.basepath.catalog import published_versions
+from daemon.basepath.layout import REPORT_RELPATH
+from daemon.basepath.operations import (
+    highest_rolled_back_version,
+    read_pins,
+    read_rolled_back,
+    rolled_back_problem,
+)
+from daemon.basepath.publish import BasePathLock, publish, remove_version
+from daemon.rules.versions import VersionError, next_version, plan_retention, step_version
+from daemon.supervisor.context import Context
+from daemon.supervisor.reporting import report_once
+from daemon.supervisor.state import Job, ModelState
+
+
+@dataclass(frozen=True)
+class Published:
+    version: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Nothing to publish: ``event`` (logged with ``fields``) says why; the job just ends."""
+
+    event: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LockBusy:
+    """Another process holds the base-path lock: try again on the next turn of the loop."""
+
+    lock: Path
+    holder: str
+
+
+@dataclass(frozen=True)
+class PublishFailed:
+    reason: str
+    message: str
+    permanent: bool
+
+
+PublishOutcome = Published | Skipped | LockBusy | PublishFailed
+
+
+class Publisher:
+    """Publishes jobs' exports and applies retention; reads the base path into model state."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def publish(self, job: Job) -> PublishOutcome:
+        """Publish ``job``'s validated export under the lock; see the module docstring."""
+        st, cfg = job.model, job.model.cfg
+        lock = BasePathLock(cfg.base_path)
+        if not lock.try_acquire():
+            return LockBusy(lock.path, lock.holder())
+        assert job.temp_dir is not None
+        with lock:
+            skip = self._nothing_to_publish(job)
+            if skip is not None:
+                return skip
+            try:
+                version, path = publish(
+                    job.temp_dir, cfg.base_path, self._chooser(job), self.metadata(job)
+                )
+            except VersionError as e:
+                return PublishFailed("version_refused", str(e), permanent=True)
+            except OSError as e:
+                return PublishFailed("publish_failed", f"{type(e).__name__}: {e}", False)
+            job.temp_dir = None  # it is the version now
+            self.refresh(st)
+            self.retention(st)
+        return Published(version, path)
+
+    def _nothing_to_publish(self, job: Job) -> Skipped | PublishFailed | None:
+        """Why ``job`` must not be published after all (read under the lock), or None."""
+        st, base = job.model, job.model.cfg.base_path
+        # Another publisher (a second daemon, `ckpt-exporter export`) may have
+        # published this checkpoint while we exported it: re-read the base
+        # path under the lock so it is never published twice.
+        self.refresh(st)
+        twin = [p for p in st.published if p.fingerprint == job.ckpt.fingerprint]
+        if twin:
+            hint = "another publisher on this base path got there first"
+            return Skipped("already_published", {"version": twin[0].version, "hint": hint})
+        problem = rolled_back_problem(base)
+        if problem is not None:
+            # Never publish blind: the record may list this very checkpoint.
+            return PublishFailed("publish_failed", problem.message, permanent=False)
+        rolled_back, floor_ns = read_rolled_back(base)
+        if job.ckpt.fingerprint in rolled_back or job.ckpt.written_ns <= floor_ns:
+            hint = "`ckpt-exporter rollback` ruled this checkpoint out during its export"
+            return Skipped("rolled_back_meanwhile", {"hint": hint})
+        return None
+
+    def _chooser(self, job: Job) -> Callable[[list[int]], int]:
+        """The version rule of the model, given the versions present (as TF Serving parses them)."""
+        # Never reuse a number that was rolled back: a server that served
+        # it, or saw it fail, must not take another model for it.
+        floor = highest_rolled_back_version(job.model.cfg.base_path)
+        if job.model.cfg.version_policy == "step":
+            step = job.step
+            return lambda existing: step_version(step, [*existing, floor])
+        return lambda existing: next_version([*existing, floor])
+
+    def metadata(self, job: Job) -> dict[str, Any]:
+        """What the version records about itself (``assets.extra/ckpt_exporter.json``)."""
+        files = [{"name": p.name, "bytes": p.stat().st_size} for p in job.ckpt.files if p.exists()]
+        validation = job.validation
+        return {
+            "tool": "ckpt-exporter",
+            "tool_version": __version__,
+            "model": job.model.cfg.name,
+            "checkpoint": {
+                "prefix": str(job.ckpt.prefix),
+                "step": job.step,
+                "fingerprint": job.ckpt.fingerprint,
+                "written_ns": job.ckpt.written_ns,
+                "files": files,
+                "saved_counters": job.export_result.get("saved_counters", {}),
+            },
+            "export": {k: v for k, v in job.export_result.items() if k not in ("ok", "code_files")},
+            # Which later exports may reuse this version's graph (daemon.children.incremental).
+            "export_key": job.graph_key,
+            "validation": {
+                "report": str(REPORT_RELPATH),
+                "checks": [c.get("check") for c in validation.get("checks", [])],
+                "signatures": validation.get("signatures", {}),
+                "weights": validation.get("weights"),
+                "warmup": validation.get("warmup"),
+                "durations": validation.get("durations", {}),
+            },
+            # The metric decision is what "better_than = last_published" compares with next.
+            "gate": job.gate.get("metric"),
+            "gate_command": job.gate.get("command"),
+            "durations_seconds": {k: round(v, 3) for k, v in job.durations.items()},
+            "exported_at": time.time(),
+        }
+
+    def retention(self, st: ModelState) -> None:
+        """Remove versions beyond ``keep_versions``, oldest first, never a pinned one."""
+        doomed = plan_retention(
+            [p.version for p in st.published],
+            st.cfg.keep_versions,
+            protected=read_pins(st.cfg.base_path),
+        )
+        if not doomed:
+            return
+        by_version = {p.version: p for p in st.published}
+        for v in doomed:
+            try:
+                remove_version(by_version[v].path)
+            except OSError as e:
+                self.ctx.log.warning(
+                    "version_remove_failed", model=st.cfg.name, version=v, error=str(e)
+                )
+                continue
+            self.ctx.log.info(
+                "version_removed", model=st.cfg.name, version=v, keep_versions=st.cfg.keep_versions
+            )
+        self.refresh(st)
+
+    def refresh(self, st: ModelState) -> None:
+        """Re-read this model's versions from the base path (kept as they were if unreadable)."""
+        try:
+            st.published = published_versions(st.cfg.base_path, st.cfg.name)
+        except OSError as e:
+            report_once(
+                self.ctx.log,
+                st,
+                "base_path_read",
+                "base_path_unreadable",
+                path=str(st.cfg.base_path),
+                error=str(e),
+                hint="make the base path readable and writable by the daemon's user",
+            )
+            return
+        st.reported.discard("base_path_read")
+        name, metrics = st.cfg.name, self.ctx.metrics
+        metrics.versions_on_disk.labels(name).set(len(st.published))
+        newest = st.newest
+        if newest is not None:
+            metrics.latest_version.labels(name).set(newest.version)
+            if newest.step is not None:
+                metrics.latest_step.labels(name).set(newest.step)
