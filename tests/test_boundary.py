@@ -40,7 +40,8 @@ import importlib, json, pkgutil, sys
 names = json.loads(sys.argv[1])
 for name in names:
     module = importlib.import_module(name)
-    for info in pkgutil.walk_packages(getattr(module, "__path__", []), name + "."):
+    walk = getattr(module, "__path__", []) if name.startswith("daemon") else []
+    for info in pkgutil.walk_packages(walk, name + "."):
         importlib.import_module(info.name)
 print(json.dumps(sorted(sys.modules)))
 """
