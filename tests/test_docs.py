@@ -54,3 +54,20 @@ def test_every_toml_snippet_in_the_readme_is_a_valid_config() -> None:
         cfg = parse_config(tomllib.loads(block), "README.md", ROOT)
         sources |= {m.source for m in cfg.models}
     assert sources >= set(SOURCES) - {"tf_checkpoint"}  # one snippet per other format
+
+
+def test_the_readme_module_table_names_every_module() -> None:
+    """Each module of daemon/ has a row (or is listed in one) in the README's module table."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("Where each piece lives") : text.index("### Which checkpoints count")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    cells = " ".join(row.split("|")[1] for row in rows)
+    missing = []
+    for path in sorted((ROOT / "daemon").rglob("*.py")):
+        rel = path.relative_to(ROOT / "daemon")
+        if rel.name in ("__init__.py", "__main__.py") or rel.parts[0] == "demo":
+            continue
+        # A row names the module by its path, or a folder's row lists it by file name.
+        if f"`{rel.as_posix()}`" not in cells and f"`{rel.name}`" not in cells:
+            missing.append(rel.as_posix())
+    assert missing == []
