@@ -20,13 +20,12 @@ from daemon.rules.gate import (
     GATE_SCHEMA,
     LAST_PUBLISHED,
     Gate,
-    MetricReader,
     command_argv,
     decide,
     parse_gate,
-    read_json_metric,
     threshold,
 )
+from daemon.supervisor.metric_reader import MetricReader, read_json_metric
 
 WHERE = "models[0] (m).gate"
 CKPT_DIR = Path("/train/m/ckpts")

@@ -16,10 +16,10 @@ from typing import Any
 from daemon.basepath.catalog import Published
 from daemon.basepath.operations import apply_rolled_back
 from daemon.config.loading import ModelConfig
-from daemon.rules.gate import MetricReader
 from daemon.rules.planner import History, Plan
 from daemon.rules.versions import checkpoint_step
 from daemon.sources import Checkpoint, ScanResult, Source
+from daemon.supervisor.metric_reader import MetricReader
 from daemon.supervisor.warm_pool import Proc, WarmChild
 
 #: The phases of a job, in order (the first is metrics' and logs' ``pin``:
