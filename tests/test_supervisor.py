@@ -83,7 +83,7 @@ def test_start_removes_temp_dirs_of_dead_processes_only(tmp_path: Path) -> None:
 def test_unreadable_rollback_record_pauses_the_model(tmp_path: Path) -> None:
     from structlog.testing import capture_logs
 
-    from daemon.sources.tf_checkpoint import TABLE_MAGIC
+    from daemon.formats.bundle import TABLE_MAGIC
 
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()

@@ -37,7 +37,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from daemon.formats import crc32c
+from daemon.formats import crc32c, varint
 
 #: ``kTableMagicNumber``, little-endian: the last 8 bytes of every table file.
 TABLE_MAGIC = (0xDB4775248B80FB57).to_bytes(8, "little")
@@ -104,16 +104,10 @@ class Bundle:
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise BundleFormatError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
+    try:
+        return varint.decode(buf, pos)
+    except ValueError as e:
+        raise BundleFormatError(str(e)) from None
 
 
 def _block(data: bytes, handle: tuple[int, int]) -> bytes:
@@ -192,24 +186,12 @@ def read_index(prefix: str) -> Bundle:
 # --- writing -------------------------------------------------------------------
 
 
-def _put_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _build_block(items: list[tuple[bytes, bytes]]) -> bytes:
     """A block with every entry a restart point (no shared key prefixes): valid, simple."""
     body, restarts = bytearray(), []
     for key, value in items:
         restarts.append(len(body))
-        body += _put_varint(0) + _put_varint(len(key)) + _put_varint(len(value)) + key + value
+        body += varint.encode(0) + varint.encode(len(key)) + varint.encode(len(value)) + key + value
     restarts = restarts or [0]  # an empty block still has one restart point, as LevelDB's
     body += b"".join(struct.pack("<I", r) for r in restarts) + struct.pack("<I", len(restarts))
     return bytes(body)
@@ -217,7 +199,7 @@ def _build_block(items: list[tuple[bytes, bytes]]) -> bytes:
 
 def _append_block(out: bytearray, block: bytes) -> bytes:
     """Append ``block`` and its trailer to ``out``; the encoded handle that finds it."""
-    handle = _put_varint(len(out)) + _put_varint(len(block))
+    handle = varint.encode(len(out)) + varint.encode(len(block))
     trailer = bytes([_NO_COMPRESSION])
     out += block + trailer + struct.pack("<I", crc32c.masked(block + trailer))
     return handle

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from daemon.formats import varint
 from daemon.formats.crc32c import masked as _masked_crc32c
 
 __all__ = ["EventFileReader", "read_scalars"]
@@ -52,19 +53,6 @@ _DTYPES: dict[int, tuple[str, int, int]] = {
 }
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    """The varint at ``pos`` and the position after it; ValueError if it is cut or too long."""
-    result = shift = 0
-    while pos < len(buf) and shift < 70:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result & 0xFFFFFFFFFFFFFFFF, pos
-        shift += 7
-    raise ValueError("truncated or overlong varint")
-
-
 def _signed(value: int) -> int:
     """An int64 (or sign-extended int32) from its unsigned varint encoding."""
     return value - (1 << 64) if value >> 63 else value
@@ -74,16 +62,16 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
     """(field number, wire type, value) of each field: an int for a varint, else its bytes."""
     pos = 0
     while pos < len(buf):
-        key, pos = _varint(buf, pos)
+        key, pos = varint.decode(buf, pos)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise ValueError("field number 0")
         if wire == 0:
-            value, pos = _varint(buf, pos)
+            value, pos = varint.decode(buf, pos)
             yield number, wire, value
             continue
         if wire == 2:
-            size, pos = _varint(buf, pos)
+            size, pos = varint.decode(buf, pos)
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
         else:  # groups (3, 4) are long deprecated and never written by TF; 6 and 7 are invalid
@@ -102,7 +90,7 @@ def _repeated(wire: int, value: int | memoryview, fmt: str, element_wire: int) -
             return [float(x) for (x,) in struct.iter_unpack(fmt, value)]
         ints, pos = [], 0
         while pos < len(value):
-            n, pos = _varint(value, pos)
+            n, pos = varint.decode(value, pos)
             ints.append(n)
     elif wire == element_wire:
         if isinstance(value, memoryview):

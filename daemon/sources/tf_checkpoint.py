@@ -24,14 +24,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from daemon.formats.bundle import TABLE_MAGIC
 from daemon.protocol import EXPORTERS_PACKAGE
 from daemon.sources.base import Checkpoint, ScanResult, SourceKind, list_directory
 
 STATE_FILE = "checkpoint"
 _STEP_RE = re.compile(r"-(\d+)$")
-#: The last 8 bytes of a complete TensorFlow table file (``kTableMagicNumber``,
-#: little-endian), the format of a checkpoint's ``.index``.
-TABLE_MAGIC = (0xDB4775248B80FB57).to_bytes(8, "little")
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)\.data-(?P<i>\d{5})-of-(?P<n>\d{5})$")
 _STATE_LINE_RE = re.compile(
     r'^\s*(model_checkpoint_path|all_model_checkpoint_paths)\s*:\s*"((?:[^"\\]|\\.)*)"\s*$'
