@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import child_env, write_config
 
-from daemon.basepath import operations
+from daemon.basepath import storage as operations
 from daemon.basepath.catalog import scan_base_path
 from daemon.basepath.layout import METADATA_RELPATH
 from daemon.basepath.operations import (

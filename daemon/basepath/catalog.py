@@ -7,34 +7,26 @@ Ownership of a version is proven by its metadata file; a version without it
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.basepath.layout import METADATA_RELPATH
+from daemon.basepath.storage import storage_for
 from daemon.rules.versions import VersionEntry, list_versions
 
 
 def scan_base_path(base_path: Path) -> list[VersionEntry]:
-    """List the versions present in ``base_path`` (empty if it does not exist)."""
-    try:
-        with os.scandir(base_path) as it:
-            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-    except FileNotFoundError:
-        return []
-    return list_versions(children)
+    """List the versions present in ``base_path`` (empty if it does not exist).
+
+    Raises ``OSError`` when it exists but cannot be listed.
+    """
+    return list_versions(storage_for(base_path).list_children())
 
 
 def read_metadata(version_dir: Path) -> dict[str, Any] | None:
     """The metadata this daemon wrote into a version, or None if absent or unreadable."""
-    try:
-        data = json.loads((version_dir / METADATA_RELPATH).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return storage_for(version_dir.parent).read_version_metadata(version_dir.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +72,12 @@ def published_versions(base_path: Path, model: str) -> list[Published]:
     Ownership is proven by the metadata file; a version without it (made by
     hand or by another tool) is never returned, so it is never deleted.
     """
+    storage = storage_for(base_path)
     out = []
-    for entry in scan_base_path(base_path):
+    for entry in list_versions(storage.list_children()):
         if not entry.is_dir:
             continue
-        path = base_path / entry.name
-        meta = read_metadata(path)
+        meta = storage.read_version_metadata(entry.name)
         if meta and meta.get("tool") == "ckpt-exporter" and meta.get("model") == model:
-            out.append(Published(version=entry.version, path=path, metadata=meta))
+            out.append(Published(version=entry.version, path=base_path / entry.name, metadata=meta))
     return out

@@ -35,23 +35,20 @@ rejection, which would drop anything another process had added to it.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from daemon.basepath.catalog import Published, published_versions, scan_base_path
-from daemon.basepath.layout import state_dir
+from daemon.basepath.layout import PINS_NAME, ROLLED_BACK_DIRNAME, ROLLED_BACK_NAME, state_dir
 from daemon.basepath.publish import BasePathLock
-from daemon.durable import fsync_path, rename_noreplace, write_json_atomic
+from daemon.basepath.storage import BasePathStorage, storage_for
 from daemon.rules.planner import History
 
-PINS_FILENAME = "pins.json"
-ROLLED_BACK_FILENAME = "rolled_back.json"
-ROLLED_BACK_DIRNAME = "rolled-back"
+PINS_FILENAME = PINS_NAME
+ROLLED_BACK_FILENAME = ROLLED_BACK_NAME
 
 #: How long an operation waits for a publication in progress to release the lock.
 LOCK_TIMEOUT_SECONDS = 30.0
@@ -74,14 +71,17 @@ class LockBusy(OperationError):
 
 
 def pins_path(base_path: Path) -> Path:
+    """Where ``pins.json`` of ``base_path`` lives (for messages)."""
     return state_dir(base_path) / PINS_FILENAME
 
 
 def rolled_back_path(base_path: Path) -> Path:
+    """Where ``rolled_back.json`` of ``base_path`` lives (for messages)."""
     return state_dir(base_path) / ROLLED_BACK_FILENAME
 
 
 def rolled_back_dir(base_path: Path) -> Path:
+    """Where the rolled-back versions of ``base_path`` are kept."""
     return state_dir(base_path) / ROLLED_BACK_DIRNAME
 
 
@@ -110,20 +110,6 @@ def acquire_lock(base_path: Path, timeout: float = LOCK_TIMEOUT_SECONDS) -> Base
     return lock
 
 
-def _write_json_durably(path: Path, data: object) -> None:
-    """Atomically replace ``path`` with ``data`` as JSON, and make the new name durable.
-
-    ``write_json_atomic`` fsyncs the file's contents before renaming it into
-    place, but the rename itself is only on disk once the directory is
-    fsynced. Rollback relies on its record being durable *before* the first
-    version moves, so the directory is fsynced here too.
-    """
-    # json.dump writes any JSON value; write_json_atomic's annotation says
-    # Mapping only because its other callers pass objects.
-    write_json_atomic(path, cast(Mapping[str, Any], data))
-    fsync_path(path.parent)
-
-
 def _owned(base_path: Path, model: str) -> list[Published]:
     """This daemon's versions of ``model``, oldest first (ties by folder name)."""
     return sorted(published_versions(base_path, model), key=lambda p: (p.version, p.path.name))
@@ -146,15 +132,8 @@ def _listing(versions: Iterable[int]) -> str:
 
 
 def tree_bytes(root: Path) -> int:
-    """Bytes of the regular files under ``root`` (what a version costs on disk)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                continue
-    return total
+    """Bytes of the regular files of the version at ``root`` (what it costs on disk; 0 if gone)."""
+    return storage_for(root.parent).version_bytes(root.name)
 
 
 # --- pins -------------------------------------------------------------------
@@ -167,7 +146,7 @@ def read_pins(base_path: Path) -> frozenset[int]:
     retention reads this on every publication and must not stop over it.
     """
     try:
-        data = json.loads(pins_path(base_path).read_text(encoding="utf-8"))
+        data = storage_for(base_path).read_record(PINS_NAME)
     except (OSError, ValueError):
         return frozenset()
     if not isinstance(data, list):
@@ -176,7 +155,7 @@ def read_pins(base_path: Path) -> frozenset[int]:
 
 
 def _write_pins(base_path: Path, pins: Iterable[int]) -> None:
-    _write_json_durably(pins_path(base_path), sorted(set(pins)))
+    storage_for(base_path).write_record(PINS_NAME, sorted(set(pins)))
 
 
 def pin_version(
@@ -192,7 +171,7 @@ def pin_version(
     pins and applies retention under the same lock, a pin cannot land between
     the two.
     """
-    if not base_path.is_dir():
+    if not storage_for(base_path).exists():
         raise _no_versions(base_path, model)
     with acquire_lock(base_path, lock_timeout):
         owned = {p.version for p in _owned(base_path, model)}
@@ -242,7 +221,41 @@ class RecordProblem:
     message: str
 
 
-def _load_rolled_back(base_path: Path) -> tuple[dict[str, Any], RecordProblem | None]:
+@dataclass(frozen=True, slots=True)
+class RolledBack:
+    """``rolled_back.json`` of one base path, read once (see the module docstring).
+
+    ``fingerprints`` and ``floor_ns`` say which checkpoints must never be
+    exported again, ``highest_version`` the highest version number ever
+    rolled back (never to be reused). ``problem`` says why the record could
+    not be read; the other fields are then empty, and a caller must not
+    publish (reading the record as empty could re-publish a checkpoint
+    someone rolled back). A missing record is no problem and rules nothing out.
+    """
+
+    fingerprints: frozenset[str] = frozenset()
+    floor_ns: int = 0
+    highest_version: int = 0
+    problem: RecordProblem | None = None
+
+    def rules_out(self, fingerprint: str, written_ns: int) -> bool:
+        """True for a checkpoint that was rolled back, or written at or before the floor."""
+        return fingerprint in self.fingerprints or written_ns <= self.floor_ns
+
+    def apply(self, history: History) -> History:
+        """``history`` with this record folded in (see :func:`apply_rolled_back`)."""
+        if not self.fingerprints and not self.floor_ns:
+            return history
+        return dataclasses.replace(
+            history,
+            rejected=history.rejected | self.fingerprints,
+            watermark_ns=max(history.watermark_ns, self.floor_ns),
+        )
+
+
+def _load_rolled_back(
+    storage: BasePathStorage, base_path: Path
+) -> tuple[dict[str, Any], RecordProblem | None]:
     """The record as stored, and what is wrong with it.
 
     Missing: ``({}, None)``. Unreadable (an ``OSError``) or not a JSON object:
@@ -250,7 +263,7 @@ def _load_rolled_back(base_path: Path) -> tuple[dict[str, Any], RecordProblem | 
     """
     path = rolled_back_path(base_path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = storage.read_record(ROLLED_BACK_NAME)
     except FileNotFoundError:
         return {}, None
     except OSError as e:
@@ -272,6 +285,21 @@ def _fingerprints(data: Mapping[str, Any]) -> dict[str, Any]:
     return {str(k): v for k, v in fps.items()} if isinstance(fps, dict) else {}
 
 
+def load_rolled_back(base_path: Path) -> RolledBack:
+    """Read ``rolled_back.json`` of ``base_path`` once: everything the daemon needs from it.
+
+    Use one result for one decision (a scan, a publication) instead of the
+    functions below, each of which reads the file again.
+    """
+    data, problem = _load_rolled_back(storage_for(base_path), base_path)
+    return RolledBack(
+        fingerprints=frozenset(_fingerprints(data)),
+        floor_ns=_int_field(data, "floor_ns"),
+        highest_version=_int_field(data, "highest_version"),
+        problem=problem,
+    )
+
+
 def read_rolled_back(base_path: Path) -> tuple[frozenset[str], int]:
     """``(fingerprints, floor_ns)`` of the rolled-back checkpoints of ``base_path``.
 
@@ -279,8 +307,8 @@ def read_rolled_back(base_path: Path) -> tuple[frozenset[str], int]:
     The daemon must never export a checkpoint whose fingerprint is listed, nor
     one written at or before ``floor_ns`` (see the module docstring).
     """
-    data, _unreadable = _load_rolled_back(base_path)
-    return frozenset(_fingerprints(data)), _int_field(data, "floor_ns")
+    record = load_rolled_back(base_path)
+    return record.fingerprints, record.floor_ns
 
 
 def rolled_back_problem(base_path: Path) -> RecordProblem | None:
@@ -292,12 +320,12 @@ def rolled_back_problem(base_path: Path) -> RecordProblem | None:
     so the daemon pauses the model; an ``"io"`` one is usually the base path
     itself being unreadable, which every step that touches it reports.
     """
-    return _load_rolled_back(base_path)[1]
+    return load_rolled_back(base_path).problem
 
 
 def highest_rolled_back_version(base_path: Path) -> int:
     """The highest version number ever rolled back in ``base_path`` (0 if none)."""
-    return _int_field(_load_rolled_back(base_path)[0], "highest_version")
+    return load_rolled_back(base_path).highest_version
 
 
 def apply_rolled_back(history: History, base_path: Path) -> History:
@@ -307,14 +335,7 @@ def apply_rolled_back(history: History, base_path: Path) -> History:
     watermark, so the planner treats them exactly as it treats a rejected
     checkpoint and an already-published one.
     """
-    fingerprints, floor_ns = read_rolled_back(base_path)
-    if not fingerprints and not floor_ns:
-        return history
-    return dataclasses.replace(
-        history,
-        rejected=history.rejected | fingerprints,
-        watermark_ns=max(history.watermark_ns, floor_ns),
-    )
+    return load_rolled_back(base_path).apply(history)
 
 
 # --- rollback ---------------------------------------------------------------
@@ -372,9 +393,15 @@ def _choose_target(owned: list[Published], model: str, base_path: Path, to: int 
     return to
 
 
-def _record(base_path: Path, doomed: list[Published], now: float, warnings: list[str]) -> None:
+def _record(
+    storage: BasePathStorage,
+    base_path: Path,
+    doomed: list[Published],
+    now: float,
+    warnings: list[str],
+) -> None:
     """Merge the doomed versions' checkpoints into ``rolled_back.json``, durably."""
-    data, problem = _load_rolled_back(base_path)
+    data, problem = _load_rolled_back(storage, base_path)
     if problem is not None and problem.kind == "io":
         # Replacing a record we merely could not read would drop its entries.
         raise OperationError(
@@ -399,22 +426,11 @@ def _record(base_path: Path, doomed: list[Published], now: float, warnings: list
             )
         floor_ns = max(floor_ns, p.written_ns)
         highest = max(highest, p.version)
-    _write_json_durably(
-        rolled_back_path(base_path),
+    # Durable before anything moves (BasePathStorage.write_record's contract).
+    storage.write_record(
+        ROLLED_BACK_NAME,
         {"fingerprints": fingerprints, "floor_ns": floor_ns, "highest_version": highest},
     )
-
-
-def _move_aside(p: Published, dest_dir: Path, stamp: str) -> Path:
-    """Rename one version into ``dest_dir``, never over an existing folder."""
-    for n in range(100):
-        dest = dest_dir / (f"{p.version}-{stamp}" + (f"-{n}" if n else ""))
-        try:
-            rename_noreplace(p.path, dest)
-        except FileExistsError:
-            continue  # the same version rolled back twice in one second
-        return dest
-    raise FileExistsError(f"no free name for version {p.version} in {dest_dir}")
 
 
 def rollback(
@@ -437,8 +453,8 @@ def rollback(
     - first records the newer versions' checkpoints in ``rolled_back.json``
       (fingerprints merged, ``floor_ns`` raised), durably, so that the daemon
       never exports them again even if this is interrupted right after;
-    - then renames each newer version into ``.ckpt-exporter/rolled-back/``,
-      ascending, fsyncing the base path and the destination after each one;
+    - then moves each newer version whole into ``.ckpt-exporter/rolled-back/``
+      (on POSIX one rename each), ascending, each move durable before the next;
     - removes the pins of the moved versions;
     - never touches a version without this model's metadata; if one higher
       than the target remains, a warning says TF Serving will serve it.
@@ -446,7 +462,8 @@ def rollback(
     Interrupted at any point, running it again with the same arguments
     finishes the job: what was moved stays moved and the record is merged.
     """
-    if not base_path.is_dir():
+    storage = storage_for(base_path)
+    if not storage.exists():
         raise _no_versions(base_path, model)
     warnings: list[str] = []
     with acquire_lock(base_path, lock_timeout):
@@ -460,25 +477,20 @@ def rollback(
         #    leaves versions visible that the daemon will not export again
         #    (harmless, and the rerun finishes), never the reverse, where the
         #    daemon would re-export a version that has just been rolled back.
-        _record(base_path, doomed, now, warnings)
+        _record(storage, base_path, doomed, now, warnings)
 
         # 2. The moves. TF Serving serves the highest version, so removing them
         #    in ascending order keeps the highest one visible until last: the
         #    server sees one transition, from the old highest straight to the
         #    target, and never loads an intermediate rolled-back version.
-        #    Each rename is made durable (fsync of both folders) before the
-        #    next, so that after a power loss the order still holds: a lower
-        #    version can never come back while a higher one is gone.
-        dest_dir = rolled_back_dir(base_path)
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        fsync_path(dest_dir.parent)
+        #    Each move is durable before the next starts (move_to_rolled_back
+        #    returns only then), so that after a power loss the order still
+        #    holds: a lower version can never come back while a higher one is gone.
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         moved: list[MovedVersion] = []
         for p in doomed:
             try:
-                dest = _move_aside(p, dest_dir, stamp)
-                fsync_path(base_path)
-                fsync_path(dest_dir)
+                dest = storage.move_to_rolled_back(p.path.name, f"{p.version}-{stamp}")
             except OSError as e:
                 done = _listing(m.version for m in moved)
                 raise OperationError(

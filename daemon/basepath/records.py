@@ -7,33 +7,33 @@ oldest entries are forgotten past :data:`LIMIT`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from daemon.basepath.layout import state_dir
-from daemon.durable import write_json_atomic
+from daemon.basepath.layout import REJECTED_NAME, state_dir
+from daemon.basepath.storage import storage_for
 
 LIMIT = 1000
 
 
 def rejected_path(base_path: Path) -> Path:
-    return state_dir(base_path) / "rejected.json"
+    """Where ``rejected.json`` of ``base_path`` lives (for messages)."""
+    return state_dir(base_path) / REJECTED_NAME
 
 
 def read_rejected(base_path: Path) -> dict[str, dict[str, Any]]:
     """The rejected checkpoints of the model published in ``base_path`` ({} if none)."""
     try:
-        data = json.loads(rejected_path(base_path).read_text(encoding="utf-8"))
+        data = storage_for(base_path).read_record(REJECTED_NAME)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def write_rejected(base_path: Path, rejected: dict[str, dict[str, Any]]) -> None:
-    """Persist ``rejected`` atomically, trimming it to the newest :data:`LIMIT` entries."""
+    """Persist ``rejected`` atomically and durably, trimmed to the newest :data:`LIMIT` entries."""
     if len(rejected) > LIMIT:
         newest = sorted(rejected.items(), key=lambda kv: kv[1].get("at", 0))[-LIMIT:]
         rejected.clear()
         rejected.update(newest)
-    write_json_atomic(rejected_path(base_path), rejected)
+    storage_for(base_path).write_record(REJECTED_NAME, rejected)
