@@ -23,15 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__, exitcodes, logs, protocol
-from daemon.basepath.catalog import published_versions
+from daemon.basepath.catalog import planning_history, published_versions
 from daemon.basepath.operations import (
     LOCK_TIMEOUT_SECONDS,
     LockBusy,
     OperationError,
-    apply_rolled_back,
+    load_rolled_back,
     pin_version,
     read_pins,
-    read_rolled_back,
     rollback,
     tree_bytes,
     unpin_version,
@@ -39,7 +38,7 @@ from daemon.basepath.operations import (
 from daemon.basepath.records import read_rejected
 from daemon.config.builders import check_builders
 from daemon.config.loading import Config, ConfigError, ModelConfig, load_config
-from daemon.rules.planner import History, plan
+from daemon.rules.planner import plan
 from daemon.sources import SOURCES
 
 #: Exit status of an operator command (rollback, pin, unpin) that refused or failed.
@@ -142,12 +141,18 @@ def run_validator(
     with tempfile.TemporaryDirectory(prefix="ckpt-exporter-validate-") as tmp:
         req = Path(tmp) / "request.json"
         result = Path(tmp) / "result.json"
-        request = {"saved_model": str(path.resolve()), "result": str(result)}
+        # No parent_pid, limits or log: a one-off check at the user's own priority,
+        # its output captured here.
+        request: protocol.ValidateRequest = {
+            "saved_model": str(path.resolve()),
+            "result": str(result),
+        }
         if checkpoint is not None:
             request["checkpoint"] = str(checkpoint.resolve())
-        for key, file in (("sample_inputs", sample_inputs), ("golden_outputs", golden_outputs)):
-            if file is not None:
-                request[key] = str(file.resolve())
+        if sample_inputs is not None:
+            request["sample_inputs"] = str(sample_inputs.resolve())
+        if golden_outputs is not None:
+            request["golden_outputs"] = str(golden_outputs.resolve())
         req.write_text(json.dumps(request))
         proc = subprocess.run(
             protocol.child_command(protocol.VALIDATOR, req),
@@ -226,18 +231,10 @@ def model_status(cfg: Config) -> list[dict[str, Any]]:
             scan_error, checkpoints = str(e), []
         published = sorted(published_versions(m.base_path, m.name), key=lambda p: p.version)
         rejected = read_rejected(m.base_path)
-        rolled_back, _floor = read_rolled_back(m.base_path)
-        history = apply_rolled_back(
-            History(
-                published_fingerprints=frozenset(p.fingerprint for p in published),
-                watermark_ns=max((p.written_ns for p in published), default=0),
-                rejected=frozenset(rejected),
-            ),
-            m.base_path,
-        )
+        rolled_back = load_rolled_back(m.base_path)
         decision = plan(
             checkpoints,
-            history,
+            rolled_back.apply(planning_history(published, rejected)),
             export_policy=m.export_policy,
             min_interval_seconds=0,
             now=time.time(),
@@ -258,7 +255,7 @@ def model_status(cfg: Config) -> list[dict[str, Any]]:
                 "last_publish": _iso_utc(newest.metadata.get("published_at")) if newest else None,
                 "pinned": sorted(read_pins(m.base_path)),
                 "rejected": len(rejected),
-                "rolled_back": len(rolled_back),
+                "rolled_back": len(rolled_back.fingerprints),
                 "newest_version_bytes": tree_bytes(newest.path) if newest else None,
                 "scan_error": scan_error,
             }

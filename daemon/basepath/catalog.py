@@ -7,12 +7,13 @@ Ownership of a version is proven by its metadata file; a version without it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from daemon.basepath.storage import storage_for
+from daemon.rules.planner import History
 from daemon.rules.versions import VersionEntry, list_versions
 
 
@@ -81,3 +82,26 @@ def published_versions(base_path: Path, model: str) -> list[Published]:
         if meta and meta.get("tool") == "ckpt-exporter" and meta.get("model") == model:
             out.append(Published(version=entry.version, path=base_path / entry.name, metadata=meta))
     return out
+
+
+def planning_history(
+    published: Iterable[Published],
+    rejected: Iterable[str],
+    *,
+    retry_at: Mapping[str, float] | None = None,
+    last_publish_time: float | None = None,
+) -> History:
+    """What the planner must know of a model's past, from its published versions and records.
+
+    The daemon adds its retry timers and last publication; ``ckpt-exporter
+    status``, which reads the disk only, passes neither. Fold in the rollback
+    record with :meth:`daemon.basepath.operations.RolledBack.apply`.
+    """
+    published = list(published)
+    return History(
+        published_fingerprints=frozenset(p.fingerprint for p in published),
+        watermark_ns=max((p.written_ns for p in published), default=0),
+        rejected=frozenset(rejected),
+        retry_at=dict(retry_at or {}),
+        last_publish_time=last_publish_time,
+    )

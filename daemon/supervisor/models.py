@@ -10,12 +10,10 @@ job ends, when the loop calls :meth:`Models.settle`.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass, field
 
 from daemon import logs
-from daemon.basepath.layout import state_dir
-from daemon.basepath.publish import remove_stale_staging, remove_stale_temps
+from daemon.basepath.publish import prepare_base_path
 from daemon.basepath.records import read_rejected
 from daemon.config.loading import Config, ModelConfig
 from daemon.sources import SOURCES
@@ -49,15 +47,11 @@ class Models:
         """Clean up after a crash in the model's base path, then read its state from there."""
         base = st.cfg.base_path
         try:
-            base.mkdir(parents=True, exist_ok=True)
-            for p in remove_stale_temps(base):
+            # Temp folders and staging of processes that are gone (another daemon
+            # or `ckpt-exporter export` on this base path may be exporting now),
+            # and versions retention hid but had not deleted yet.
+            for p in prepare_base_path(base):
                 self.ctx.log.info("removed_stale_temp_dir", model=st.cfg.name, path=str(p))
-            # Only staging of processes that are gone: another daemon or
-            # `ckpt-exporter export` on this base path may be exporting now.
-            remove_stale_staging(base)
-            # Versions renamed out of sight by retention but not yet fully deleted
-            # when the daemon was killed: invisible to the server, only wasting space.
-            shutil.rmtree(state_dir(base) / "trash", ignore_errors=True)
         except OSError as e:
             report_once(
                 self.ctx.log,

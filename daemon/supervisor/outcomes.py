@@ -11,11 +11,10 @@ a reload that waited for the job is applied by the loop, not here.
 
 from __future__ import annotations
 
-import shutil
 import time
 from typing import Any
 
-from daemon.basepath.publish import move_aside
+from daemon.basepath.publish import discard_export, discard_staging, move_aside
 from daemon.basepath.records import write_rejected
 from daemon.rules.failures import MODEL_FAILURES, backoff_seconds
 from daemon.supervisor.context import Context
@@ -90,7 +89,7 @@ class Outcomes:
         try:
             kept = move_aside(job.temp_dir, job.model.cfg.base_path, label, keep)
         except OSError:
-            shutil.rmtree(job.temp_dir, ignore_errors=True)
+            discard_export(job.temp_dir, job.model.cfg.base_path)
             kept = None
         job.temp_dir = None
         return None if kept is None else str(kept)
@@ -114,8 +113,9 @@ class Outcomes:
     def cleanup(self, job: Job) -> None:
         """Stop an early validator and remove the job's unpublished export and staging."""
         self.launcher.stop_early(job)
+        base = job.model.cfg.base_path
         if job.temp_dir is not None:
-            shutil.rmtree(job.temp_dir, ignore_errors=True)
+            discard_export(job.temp_dir, base)
             job.temp_dir = None
         if job.staging is not None:
-            shutil.rmtree(job.staging, ignore_errors=True)
+            discard_staging(job.staging, base)

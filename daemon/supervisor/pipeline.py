@@ -17,17 +17,15 @@ blamed.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from daemon import __version__, exitcodes, protocol
-from daemon.basepath.layout import REPORT_RELPATH, state_dir
+from daemon.basepath.layout import REPORT_RELPATH
 from daemon.basepath.operations import tree_bytes
-from daemon.basepath.publish import new_temp_dir
+from daemon.basepath.publish import new_temp_dir, reset_export_dir, staging_dir
 from daemon.config.builders import builder_file
 from daemon.durable import write_json_atomic
 from daemon.rules.gate import command_argv
@@ -87,7 +85,7 @@ class Pipeline:
     def _stage(self, job: Job) -> bool:
         """Stage the job's checkpoint (phase ``pin``); False if the job ended instead."""
         log = self.ctx.log.bind(**job.log_fields)
-        job.staging = state_dir(job.model.cfg.base_path) / "staging" / f"{os.getpid()}-{job.id}"
+        job.staging = staging_dir(job.model.cfg.base_path, job.id)
         try:
             job.staged, method = stage_checkpoint(job.ckpt, job.staging)
         except CheckpointVanished as e:
@@ -321,8 +319,7 @@ class Pipeline:
             # code as it is on disk now, not the worker that made this one.
             self.launcher.retire(job.worker_key, "incremental_export_failed")
         assert job.temp_dir is not None
-        shutil.rmtree(job.temp_dir, ignore_errors=True)
-        job.temp_dir.mkdir()
+        reset_export_dir(job.temp_dir, st.cfg.base_path)
         job.export_result = {}
         job.phase_started = time.monotonic()
         request = dict(job.export_request, template=None)

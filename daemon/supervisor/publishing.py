@@ -22,12 +22,7 @@ from typing import Any
 from daemon import __version__
 from daemon.basepath.catalog import published_versions
 from daemon.basepath.layout import REPORT_RELPATH
-from daemon.basepath.operations import (
-    highest_rolled_back_version,
-    read_pins,
-    read_rolled_back,
-    rolled_back_problem,
-)
+from daemon.basepath.operations import RolledBack, load_rolled_back, read_pins
 from daemon.basepath.publish import BasePathLock, publish, remove_version
 from daemon.rules.versions import VersionError, next_version, plan_retention, step_version
 from daemon.supervisor.context import Context
@@ -81,13 +76,13 @@ class Publisher:
             return LockBusy(lock.path, lock.holder())
         assert job.temp_dir is not None
         with lock:
-            skip = self._nothing_to_publish(job)
+            rolled_back = load_rolled_back(cfg.base_path)
+            skip = self._nothing_to_publish(job, rolled_back)
             if skip is not None:
                 return skip
+            choose = self._chooser(job, rolled_back.highest_version)
             try:
-                version, path = publish(
-                    job.temp_dir, cfg.base_path, self._chooser(job), self.metadata(job)
-                )
+                version, path = publish(job.temp_dir, cfg.base_path, choose, self.metadata(job))
             except VersionError as e:
                 return PublishFailed("version_refused", str(e), permanent=True)
             except OSError as e:
@@ -97,9 +92,11 @@ class Publisher:
             self.retention(st)
         return Published(version, path)
 
-    def _nothing_to_publish(self, job: Job) -> Skipped | PublishFailed | None:
+    def _nothing_to_publish(
+        self, job: Job, rolled_back: RolledBack
+    ) -> Skipped | PublishFailed | None:
         """Why ``job`` must not be published after all (read under the lock), or None."""
-        st, base = job.model, job.model.cfg.base_path
+        st = job.model
         # Another publisher (a second daemon, `ckpt-exporter export`) may have
         # published this checkpoint while we exported it: re-read the base
         # path under the lock so it is never published twice.
@@ -108,21 +105,23 @@ class Publisher:
         if twin:
             hint = "another publisher on this base path got there first"
             return Skipped("already_published", {"version": twin[0].version, "hint": hint})
-        problem = rolled_back_problem(base)
-        if problem is not None:
+        # The record was read under the lock, not taken from the scan: a
+        # rollback may have run during the export.
+        if rolled_back.problem is not None:
             # Never publish blind: the record may list this very checkpoint.
-            return PublishFailed("publish_failed", problem.message, permanent=False)
-        rolled_back, floor_ns = read_rolled_back(base)
-        if job.ckpt.fingerprint in rolled_back or job.ckpt.written_ns <= floor_ns:
+            return PublishFailed("publish_failed", rolled_back.problem.message, permanent=False)
+        if rolled_back.rules_out(job.ckpt.fingerprint, job.ckpt.written_ns):
             hint = "`ckpt-exporter rollback` ruled this checkpoint out during its export"
             return Skipped("rolled_back_meanwhile", {"hint": hint})
         return None
 
-    def _chooser(self, job: Job) -> Callable[[list[int]], int]:
-        """The version rule of the model, given the versions present (as TF Serving parses them)."""
-        # Never reuse a number that was rolled back: a server that served
-        # it, or saw it fail, must not take another model for it.
-        floor = highest_rolled_back_version(job.model.cfg.base_path)
+    def _chooser(self, job: Job, floor: int) -> Callable[[list[int]], int]:
+        """The version rule of the model, given the versions present (as TF Serving parses them).
+
+        ``floor`` is the highest version ever rolled back: never reuse a number
+        that was rolled back, since a server that served it, or saw it fail,
+        must not take another model for it.
+        """
         if job.model.cfg.version_policy == "step":
             step = job.step
             return lambda existing: step_version(step, [*existing, floor])

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.basepath.operations import rolled_back_path, rolled_back_problem
+from daemon.basepath.operations import RolledBack, load_rolled_back, rolled_back_path
 from daemon.basepath.records import write_rejected
 from daemon.rules.gate import decide, threshold
 from daemon.rules.planner import plan
@@ -48,12 +48,15 @@ class Scheduler:
         st.dirty = False
         st.wait_until = None
         result = self._scan(st)
-        if result is None or not self._rollback_record_readable(st):
+        if result is None:
+            return None
+        rolled_back = load_rolled_back(st.cfg.base_path)  # read once a scan
+        if not self._rollback_record_readable(st, rolled_back):
             return None
         st.last_scan = result
         decision = plan(
             result.checkpoints,
-            st.history_on_disk(),
+            rolled_back.apply(st.history()),
             export_policy=st.cfg.export_policy,
             min_interval_seconds=st.cfg.min_interval_seconds,
             now=time.time(),
@@ -120,9 +123,9 @@ class Scheduler:
         self._report_incomplete(st, result)
         return result
 
-    def _rollback_record_readable(self, st: ModelState) -> bool:
+    def _rollback_record_readable(self, st: ModelState, rolled_back: RolledBack) -> bool:
         """False (said once) while ``rolled_back.json`` is corrupt: nothing may be exported."""
-        record = rolled_back_problem(st.cfg.base_path)
+        record = rolled_back.problem
         if record is not None and record.kind == "corrupt":
             report_once(
                 self.ctx.log,

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.basepath.catalog import Published
-from daemon.basepath.operations import apply_rolled_back
+from daemon.basepath.catalog import Published, planning_history
 from daemon.config.loading import ModelConfig
 from daemon.rules.planner import History, Plan
 from daemon.rules.versions import checkpoint_step
@@ -112,14 +111,10 @@ class ModelState:
         return max(self.published, key=lambda p: p.version, default=None)
 
     def history(self) -> History:
-        return History(
-            published_fingerprints=frozenset(p.fingerprint for p in self.published),
-            watermark_ns=max((p.written_ns for p in self.published), default=0),
-            rejected=frozenset(self.rejected),
-            retry_at=dict(self.retry_at),
+        """What the planner must know of this model's past (without the rollback record)."""
+        return planning_history(
+            self.published,
+            self.rejected,
+            retry_at=self.retry_at,
             last_publish_time=self.last_publish_time,
         )
-
-    def history_on_disk(self) -> History:
-        """:meth:`history` with ``ckpt-exporter rollback``'s record folded in."""
-        return apply_rolled_back(self.history(), self.cfg.base_path)
