@@ -25,7 +25,7 @@ from daemon.basepath.publish import (
 from daemon.durable import rename_noreplace, write_json_atomic
 from daemon.rules.versions import VersionError, next_version, parse_version, step_version
 from daemon.sources.base import Checkpoint
-from daemon.supervisor.staging import CheckpointVanished, pin_checkpoint
+from daemon.supervisor.staging import CheckpointVanished, stage_checkpoint
 
 
 def _export(base: Path, payload: str = "model") -> Path:
@@ -203,7 +203,7 @@ def _checkpoint(directory: Path, name: str = "ckpt-5") -> Checkpoint:
 def test_pinned_files_survive_the_trainer_deleting_them(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path / "ckpts")
     contents = {f.name: f.read_bytes() for f in ckpt.files}
-    pinned, method = pin_checkpoint(ckpt, tmp_path / "staging")
+    pinned, method = stage_checkpoint(ckpt, tmp_path / "staging")
     assert method == "link"
     assert pinned == tmp_path / "staging" / "ckpt-5"
     for f in ckpt.files:
@@ -216,4 +216,4 @@ def test_pinning_a_checkpoint_already_deleted(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path / "ckpts")
     ckpt.files[1].unlink()
     with pytest.raises(CheckpointVanished, match=r"ckpt-5\.data"):
-        pin_checkpoint(ckpt, tmp_path / "staging")
+        stage_checkpoint(ckpt, tmp_path / "staging")
