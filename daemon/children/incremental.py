@@ -57,9 +57,10 @@ import shutil
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from daemon.formats import bundle
+from daemon.protocol import Incremental
 
 #: The checkpoint entry holding the object graph (copied as it is).
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -253,7 +254,7 @@ def read_weights_map(saved_model: str) -> dict[str, Any] | None:
 
 def link(
     template: str, checkpoint: str, checkpoint_key: str, export_dir: str, *, need_warmup: bool
-) -> dict[str, Any]:
+) -> Incremental:
     """Write ``export_dir`` as ``template``'s graph over ``checkpoint``'s stored tensors.
 
     No TensorFlow op runs. The template's weights map and (``need_warmup``:
@@ -299,7 +300,7 @@ def link(
         prefix = os.path.join(export_dir, "variables", "variables")
         used = sum(e.size for e in entries.values())
         total = sum(shard_sizes)
-        how = "copied"
+        how: Literal["linked", "copied"] = "copied"
         if used >= LINK_MIN_USED_SHARE * total and _link_shards(source, prefix):
             how, n = "linked", source.num_shards + 1
         else:

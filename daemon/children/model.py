@@ -12,9 +12,10 @@ import importlib
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
 from daemon.children import incremental, runtime, samples, serving_inputs
+from daemon.protocol import ExportOptional, ExportRequest, Incremental, SignatureInput
 
 
 def import_builder(spec: str, python_path: list[str]) -> Any:
@@ -48,7 +49,7 @@ def _as_dict(outputs: Any) -> dict[str, Any]:
     return {"output_0": outputs}
 
 
-def _input_specs(obj: Any, signature: list[dict[str, Any]]) -> list[Any]:
+def _input_specs(obj: Any, signature: list[SignatureInput]) -> list[Any]:
     import tensorflow as tf
 
     if signature:
@@ -76,7 +77,7 @@ def _input_specs(obj: Any, signature: list[dict[str, Any]]) -> list[Any]:
     )
 
 
-def build(req: dict[str, Any]) -> Any:
+def build(req: ExportRequest) -> Any:
     """Import the request's ``builder``, call it, and check what it returned."""
     builder = import_builder(req["builder"], req["python_path"])
     import keras
@@ -107,7 +108,7 @@ _kept: dict[str, Any] = {}
 _MAX_CODE_FILES = 5000
 
 
-def model_for(req: dict[str, Any]) -> tuple[Any, bool]:
+def model_for(req: ExportRequest) -> tuple[Any, bool]:
     """The request's model: the one kept from the previous request with its key, or a new one.
 
     Returns ``(model, reused)``. Without an ``exporter_key`` nothing is kept.
@@ -145,7 +146,17 @@ def _code_files(modules: list[Any]) -> dict[str, list[int]]:
     return out
 
 
-def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
+class ModelExport(ExportOptional):
+    """What :func:`export_model` returns: the export result's fields it knows.
+
+    Always with ``inputs``, ``outputs``, ``incremental`` and ``save_seconds``;
+    the exporter adds the rest of an :class:`~daemon.protocol.ExporterResult`.
+    """
+
+    kind: Literal["keras", "tf.Module"]
+
+
+def export_model(obj: Any, req: ExportRequest) -> ModelExport:
     """Write ``obj`` (restored already) as a SavedModel to ``req["export_dir"]``.
 
     Steps 3 and 4 of the module contract; returns the result fields that
@@ -172,16 +183,17 @@ def export_model(obj: Any, req: dict[str, Any]) -> dict[str, Any]:
         req, {s.name: (s.dtype.name, serving_inputs.dims(s)) for s in specs}, feeds
     )
     export_dir = req["export_dir"]
-    incremental_result: dict[str, Any] = {}
+    incremental_result: Incremental = {}
     # Incremental: the reference comes from the in-memory model, through the
     # serving function a full export of this model traced in this process if
     # there is one (the same computation, without Python's per-layer cost).
     kept = _kept.get("model") is obj
     endpoint: Any = (_kept.get("endpoint") if kept else None) or serve
-    if req.get("template"):
+    template = req.get("template")
+    if template:
         try:
-            n = incremental.write(obj, req["template"], export_dir)
-            incremental_result = {"template": req["template"], "variables": n}
+            n = incremental.write(obj, template, export_dir)
+            incremental_result = {"template": template, "variables": n}
         except incremental.Fallback as e:
             incremental_result = {"fallback": str(e)}
     if "template" not in incremental_result:

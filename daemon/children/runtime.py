@@ -1,6 +1,6 @@
 """What every child process does first and last: limits, its request, its result.
 
-The protocol itself (module names, argv, result files) is
+The protocol itself (module names, argv, the request and result types) is
 :mod:`daemon.protocol`; this module is its child side. It imports neither
 TensorFlow nor NumPy at import time (:func:`synth_input` imports NumPy when
 called), because it runs before TensorFlow is imported: a child's priority
@@ -20,11 +20,20 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, cast, overload
 
 from daemon import exitcodes
 from daemon.durable import write_json_atomic
-from daemon.protocol import DONE
+from daemon.protocol import (
+    DONE,
+    ChildRequest,
+    ExportOutcome,
+    ExportRequest,
+    FailureResult,
+    ValidateRequest,
+    ValidationOutcome,
+    WarmSettings,
+)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -129,9 +138,9 @@ def prepare_tensorflow_env(
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
-def prepare_from_request(req: Mapping[str, Any], *, allow_gpu: bool) -> None:
-    """:func:`prepare_tensorflow_env` with the request's ``limits`` (absent: none)."""
-    limits = req.get("limits") or {}
+def prepare_from_request(req: ChildRequest | WarmSettings, *, allow_gpu: bool) -> None:
+    """:func:`prepare_tensorflow_env` with the request's or settings' ``limits`` (absent: none)."""
+    limits: Mapping[str, Any] = req.get("limits") or {}
     prepare_tensorflow_env(
         allow_gpu,
         nice=int(limits.get("nice", 0)),
@@ -141,6 +150,7 @@ def prepare_from_request(req: Mapping[str, Any], *, allow_gpu: bool) -> None:
 
 
 def load_request(argv: Sequence[str]) -> dict[str, Any]:
+    """The JSON object of the request file ``argv[1]``, as read (typed by :func:`begin`)."""
     if len(argv) != 2:
         print(f"usage: python -m {argv[0]} REQUEST.json", file=sys.stderr)
         raise SystemExit(exitcodes.SOFTWARE)
@@ -149,7 +159,11 @@ def load_request(argv: Sequence[str]) -> dict[str, Any]:
     return data
 
 
-def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
+@overload
+def begin(argv: Sequence[str], *, validator: Literal[False]) -> ExportRequest: ...
+@overload
+def begin(argv: Sequence[str], *, validator: Literal[True]) -> ValidateRequest: ...
+def begin(argv: Sequence[str], *, validator: bool) -> ExportRequest | ValidateRequest:
     """Set up this child and return its request; the first call of every child.
 
     Cold: ``python -m MODULE REQUEST.json``. Warm (see :mod:`daemon.supervisor.warm_pool`):
@@ -160,10 +174,15 @@ def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
     imported: by the zygote for a forked child. With ``--done-fd`` and
     ``max_exports > 1`` in the settings, the child may serve more requests:
     see :func:`next_request`.
+
+    The request is the file's JSON object as the supervisor wrote it: its
+    type (:class:`~daemon.protocol.ExportRequest` for the worker,
+    :class:`~daemon.protocol.ValidateRequest` for the validator) is taken on
+    trust, here only.
     """
     global _reuse
     if len(argv) in (3, 5) and argv[1] == "--warm":
-        settings = json.loads(argv[2])
+        settings: WarmSettings = json.loads(argv[2])
         die_with_parent(int(settings["parent_pid"]))
         # The zygote applied the limits before it imported TensorFlow, and
         # this child inherited them (niceness is relative: applying it again
@@ -173,12 +192,13 @@ def begin(argv: Sequence[str], *, validator: bool) -> dict[str, Any]:
         req = _read_request(argv[0])
         if req is None:
             raise SystemExit(exitcodes.OK)
-        return req
+        return cast("ExportRequest | ValidateRequest", req)
     req = load_request(argv)
     if req.get("parent_pid"):
         die_with_parent(req["parent_pid"])
-    prepare_from_request(req, allow_gpu=not validator and bool(req.get("allow_gpu")))
-    return req
+    typed = cast("ExportRequest | ValidateRequest", req)
+    prepare_from_request(typed, allow_gpu=not validator and bool(req.get("allow_gpu")))
+    return typed
 
 
 @dataclass
@@ -193,7 +213,7 @@ class _Reuse:
 _reuse: _Reuse | None = None
 
 
-def next_request(code: int) -> dict[str, Any] | None:
+def next_request(code: int) -> ExportRequest | None:
     """After a request ended with exit code ``code``: the next request, or None to exit.
 
     Only a reusable warm child goes on, and only after a success: it writes
@@ -210,10 +230,11 @@ def next_request(code: int) -> dict[str, Any] | None:
     except OSError:
         return None  # the supervisor is gone or gave up on this child
     req = _read_request(sys.argv[0])
-    if req is not None:
-        r.served += 1
-        req["reused"] = r.served - 1
-    return req
+    if req is None:
+        return None
+    r.served += 1
+    req["reused"] = r.served - 1
+    return cast(ExportRequest, req)  # only a reusable exporter gets here
 
 
 def wait_for_go() -> bool:
@@ -247,7 +268,7 @@ def _redirect_output(path: str) -> None:
     os.close(fd)
 
 
-def finish(result_path: Path, result: Mapping[str, Any]) -> int:
+def finish(result_path: Path, result: ExportOutcome | ValidationOutcome) -> int:
     """Write the result file and return the exit code that goes with it.
 
     On a full disk the result cannot be written either; the exit code
@@ -282,14 +303,15 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def failure(reason: str, message: str, *, permanent: bool) -> dict[str, Any]:
+def failure(reason: str, message: str, *, permanent: bool) -> FailureResult:
+    """The result of a child that failed: ``reason`` is the metrics' label."""
     return {"ok": False, "reason": reason, "error": message, "permanent": permanent}
 
 
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-def environment_failure(e: BaseException) -> dict[str, Any] | None:
+def environment_failure(e: BaseException) -> FailureResult | None:
     """A transient failure when ``e`` is a full disk or exhausted resources, else None.
 
     TensorFlow reports a full disk as ``ResourceExhaustedError`` (not OSError),

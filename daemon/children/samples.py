@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from daemon.children import runtime
+from daemon.protocol import ExportRequest
 
 DEFAULT_SIGNATURE = "serving_default"
 
@@ -157,7 +158,7 @@ def inputs_for(
 
 
 def reference_inputs(
-    req: Mapping[str, Any],
+    req: ExportRequest,
     specs: Mapping[str, tuple[str, Sequence[int | None]]],
     synthesised: Mapping[str, Any],
 ) -> dict[str, Any]:

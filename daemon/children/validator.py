@@ -44,11 +44,20 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, Unpack
 
 from daemon import exitcodes
 from daemon.children import incremental, runtime, samples, warmup_records
 from daemon.formats import bundle
+from daemon.protocol import (
+    CheckDetails,
+    CheckEntry,
+    SignatureReport,
+    ValidateRequest,
+    ValidationOutcome,
+    ValidationResult,
+    WeightParity,
+)
 
 #: Entries of a TF2 checkpoint that are bookkeeping, not variables.
 _NOT_VARIABLES = ("_CHECKPOINTABLE_OBJECT_GRAPH",)
@@ -75,7 +84,7 @@ def _signatures(reader: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {k: (dtypes[k].name, tuple(shapes[k])) for k in shapes if k not in _NOT_VARIABLES}
 
 
-def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
+def weight_parity(saved_model: str, checkpoint: str) -> WeightParity:
     """Check that every variable of ``saved_model`` came from ``checkpoint``.
 
     Matching is by exact value (dtype, shape and bytes), not by name: the
@@ -121,7 +130,7 @@ def weight_parity(saved_model: str, checkpoint: str) -> dict[str, Any]:
             f"nowhere in checkpoint {checkpoint}: {shown}. The restore missed them (left at "
             "their initializer) or they were changed after it",
         )
-    by = "key" if fast and record is not None else "value"
+    by: Literal["key", "value"] = "key" if fast and record is not None else "value"
     return {"ok": True, "variables": len(names), "checkpoint": checkpoint, "matched_by": by}
 
 
@@ -217,18 +226,18 @@ def _unmatched_by_reader(
 class _Checks:
     """The report's ``checks`` list: one entry per check, timed, with its verdict."""
 
-    def __init__(self, report: dict[str, Any]) -> None:
-        self.items: list[dict[str, Any]] = report.setdefault("checks", [])
+    def __init__(self, report: ValidationResult) -> None:
+        self.items: list[CheckEntry] = report.setdefault("checks", [])
 
     @contextlib.contextmanager
-    def run(self, name: str, **details: Any) -> Iterator[dict[str, Any]]:
-        entry: dict[str, Any] = {"check": name, **details}
+    def run(self, name: str, **details: Unpack[CheckDetails]) -> Iterator[CheckEntry]:
+        entry: CheckEntry = {"check": name, **details}
         self.items.append(entry)
         t0 = time.monotonic()
         try:
             yield entry
         except runtime.ChildFailure as e:
-            entry.update(ok=False, reason=e.reason)
+            entry.update({"ok": False, "reason": e.reason})
             raise
         finally:
             entry["seconds"] = round(time.monotonic() - t0, 3)
@@ -244,7 +253,7 @@ class _Session:
     saver: Any = None  # set by preload(): the graph of ``graph_of`` is in already
 
 
-def _open(placement: str) -> _Session:
+def _open(placement: Literal["full", "pruned"]) -> _Session:
     import tensorflow as tf
 
     graph = tf.Graph()
@@ -293,7 +302,7 @@ def _load(s: _Session, path: str) -> Any:
         return loader.get_meta_graph_def_from_tags(["serve"])
 
 
-def validate(req: dict[str, Any], preloaded: _Session | None = None) -> dict[str, Any]:
+def validate(req: ValidateRequest, preloaded: _Session | None = None) -> ValidationResult:
     """Run every check of the module contract; the result is the validation report.
 
     The report lists the checks run (with their timings), each signature's
@@ -301,11 +310,18 @@ def validate(req: dict[str, Any], preloaded: _Session | None = None) -> dict[str
     ``error`` and ``permanent`` say what failed, and the checks up to it stay.
     ``preloaded`` is :func:`preload`'s session for ``req["graph_of"]``.
     """
-    report: dict[str, Any] = {"ok": False, "saved_model": req["saved_model"], "signatures": {}}
+    # ``checks`` and ``durations`` are filled in below.
+    report: ValidationResult = {
+        "ok": False,
+        "saved_model": req["saved_model"],
+        "signatures": {},
+        "checks": [],
+        "durations": {},
+    }
     try:
         _validate(req, report, _Checks(report), preloaded)
     except runtime.ChildFailure as e:
-        report.update(ok=False, reason=e.reason, error=str(e), permanent=e.permanent)
+        report.update({"ok": False, "reason": e.reason, "error": str(e), "permanent": e.permanent})
     report["durations"] = {
         f"{c['check']}_seconds": c["seconds"] for c in report.get("checks", []) if "seconds" in c
     }
@@ -313,7 +329,7 @@ def validate(req: dict[str, Any], preloaded: _Session | None = None) -> dict[str
 
 
 def _validate(
-    req: dict[str, Any], report: dict[str, Any], checks: _Checks, preloaded: _Session | None
+    req: ValidateRequest, report: ValidationResult, checks: _Checks, preloaded: _Session | None
 ) -> None:
     import numpy as np
 
@@ -409,10 +425,13 @@ def _validate(
                     path, sigs, lambda sig, feed: _run(sess, sig, feed)
                 )
                 report["warmup"] = replayed
-                entry.update(replayed or {})
-    if req.get("checkpoint"):
-        with checks.run("weight_parity", checkpoint=req["checkpoint"]):
-            report["weights"] = weight_parity(path, req["checkpoint"])
+                if replayed:
+                    entry["records"] = replayed["records"]
+                    entry["replayed"] = replayed["replayed"]
+    checkpoint = req.get("checkpoint")
+    if checkpoint:
+        with checks.run("weight_parity", checkpoint=checkpoint):
+            report["weights"] = weight_parity(path, checkpoint)
         if no_outputs and report["weights"]["matched_by"] != "key":
             raise runtime.ChildFailure(
                 "no_reference",
@@ -421,7 +440,7 @@ def _validate(
     report["ok"] = True
 
 
-def _placement(path: str, graph_of: str | None) -> str:
+def _placement(path: str, graph_of: str | None) -> Literal["full", "pruned"]:
     """``"pruned"`` when ``path``'s graph is byte for byte that of ``graph_of``, else ``"full"``.
 
     ``graph_of`` is the published version an incremental export took its
@@ -478,7 +497,9 @@ class _Inputs:
                 self.by_tensor[info.name] = reference[f"in/{key}"]
         self._example: bytes | None = None
 
-    def values(self, name: str, sig: Any, reference: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    def values(
+        self, name: str, sig: Any, reference: dict[str, Any]
+    ) -> tuple[dict[str, Any], Literal["reference", "sample_inputs", "synthesised"]]:
         """The inputs of signature ``name`` by key, and where they came from."""
         import numpy as np
         import tensorflow as tf
@@ -575,14 +596,14 @@ def _run_signature(
     reference: dict[str, Any],
     rtol: float,
     atol: float,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[SignatureReport, dict[str, Any]]:
     """Run one signature; its report entry and its outputs (empty when it failed)."""
     import numpy as np
 
-    entry: dict[str, Any] = {"method": sig.method_name}
+    entry: SignatureReport = {"method": sig.method_name}
     problem = warmup_records.signature_rules(sig.method_name, sig)
     if problem:
-        return dict(entry, ok=False, reason="signature_rules", error=problem), {}
+        return _verdict(entry, ok=False, reason="signature_rules", error=problem), {}
     values, origin = inputs.values(name, sig, reference)
     entry["inputs"] = {k: [str(np.asarray(v).dtype), list(np.shape(v))] for k, v in values.items()}
     entry["inputs_from"] = origin
@@ -590,7 +611,7 @@ def _run_signature(
         out = _run(sess, sig, {sig.inputs[k].name: v for k, v in values.items()})
     except Exception as e:
         hint = " (synthesised inputs: give sample_inputs)" if origin == "synthesised" else ""
-        return dict(
+        return _verdict(
             entry,
             ok=False,
             reason="run_failed",
@@ -600,20 +621,32 @@ def _run_signature(
     batch = len(next(iter(values.values()))) if values else 0
     problem = warmup_records.output_rules(sig.method_name, out, batch)
     if problem:
-        return dict(entry, ok=False, reason="signature_rules", error=problem), out
+        return _verdict(entry, ok=False, reason="signature_rules", error=problem), out
     for k, v in out.items():
         arr = np.asarray(v)
         if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
-            return dict(
+            return _verdict(
                 entry, ok=False, reason="not_finite", error=f"output {k!r} is not finite"
             ), out
     if reference:
         expected = {k[4:]: reference[k] for k in reference if k.startswith("out/")}
         mismatch, worst = _compare(out, expected, rtol, atol, "the exporter's")
         if mismatch:
-            return dict(entry, ok=False, reason="output_mismatch", error=mismatch), out
+            return _verdict(entry, ok=False, reason="output_mismatch", error=mismatch), out
         entry["max_abs_diff"] = worst
-    return dict(entry, ok=True), out
+    return _verdict(entry, ok=True), out
+
+
+def _verdict(
+    entry: SignatureReport, *, ok: bool, reason: str | None = None, error: str | None = None
+) -> SignatureReport:
+    """A copy of ``entry`` with its verdict: ``ok``, and on failure ``reason`` and ``error``."""
+    out: SignatureReport = {**entry, "ok": ok}
+    if reason is not None:
+        out["reason"] = reason
+    if error is not None:
+        out["error"] = error
+    return out
 
 
 def _compare(
@@ -648,7 +681,7 @@ def _compare_golden(
     outputs: dict[str, dict[str, Any]],
     rtol: float,
     atol: float,
-    req: dict[str, Any],
+    req: ValidateRequest,
 ) -> dict[str, float]:
     """Check each signature's outputs against ``golden_outputs``; max diff per signature."""
     where = req.get("golden_outputs")
@@ -680,9 +713,11 @@ def main(argv: list[str]) -> int:
     if req.get("wait_for_export"):
         # Started with the export (see preload): wait for the supervisor's go,
         # which comes once the export succeeded; EOF means it did not.
-        preloaded = preload(req["graph_of"]) if req.get("graph_of") else None
+        graph_of = req.get("graph_of")
+        preloaded = preload(graph_of) if graph_of else None
         if not runtime.wait_for_go():
             return exitcodes.OK
+    result: ValidationOutcome
     try:
         result = validate(req, preloaded)
     except runtime.ChildFailure as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.children import runtime
+from daemon.protocol import WarmupReplay
 
 WARMUP_RELPATH = Path("assets.extra") / "tf_serving_warmup_requests"
 #: TF Serving refuses to load a version whose warmup file holds more records.
@@ -140,7 +141,7 @@ def replay(
     export_dir: str,
     signatures: Mapping[str, Any],
     run: Callable[[Any, dict[str, Any]], dict[str, Any]],
-) -> dict[str, Any] | None:
+) -> WarmupReplay | None:
     """Run every record of the export's warmup file; None when it has none.
 
     ``run(signature_def, {tensor_name: value})`` runs a signature in the

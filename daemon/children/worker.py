@@ -38,26 +38,33 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from daemon.children import runtime, warmup_records
 from daemon.children.model import kept_code_files
+from daemon.protocol import (
+    ExporterResult,
+    ExportOutcome,
+    ExportRequest,
+    ExportResult,
+    WarmupWritten,
+)
 
 
-def export(req: dict[str, Any]) -> dict[str, Any]:
+def export(req: ExportRequest) -> ExportResult:
     """Run the export of the request's source (see :class:`daemon.sources.SourceKind`)."""
     from daemon.sources import SOURCES
 
     kind = SOURCES.get(req.get("source", "tf_checkpoint"))
     if kind is None:
         raise runtime.ChildFailure("bad_request", f"unknown source {req.get('source')!r}")
-    result: dict[str, Any] = importlib.import_module(kind.exporter).export(req)
+    result: ExporterResult = importlib.import_module(kind.exporter).export(req)
     if req.get("warmup_records"):
         result["warmup"] = write_warmup(req)
     return {"ok": True, **result}
 
 
-def write_warmup(req: dict[str, Any]) -> dict[str, Any]:
+def write_warmup(req: ExportRequest) -> WarmupWritten:
     """Write the export's warmup file from the reference inputs (``warmup_records``).
 
     A SavedModel that brings its own warmup file (the ``saved_model`` and
@@ -77,7 +84,7 @@ def write_warmup(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    req: dict[str, Any] | None = runtime.begin(argv, validator=False)
+    req: ExportRequest | None = runtime.begin(argv, validator=False)
     code = 0
     while req is not None:
         code = serve_one(req)
@@ -85,8 +92,9 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def serve_one(req: dict[str, Any]) -> int:
+def serve_one(req: ExportRequest) -> int:
     """Run one export request; write its result; return the exit code that goes with it."""
+    result: ExportOutcome
     try:
         result = export(req)
     except runtime.ChildFailure as e:

@@ -48,11 +48,11 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from daemon import exitcodes
 from daemon.children import runtime
-from daemon.protocol import CHILD_NAMES
+from daemon.protocol import CHILD_NAMES, ForkRequest, WarmSettings
 
 ZYGOTE_NAME = "ckpt-zygote"
 _PR_SET_NAME = 15
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return exitcodes.SOFTWARE
-    settings = json.loads(argv[2])
+    settings: WarmSettings = json.loads(argv[2])
     sock = socket.socket(fileno=int(os.environ.pop("CKPT_EXPORTER_ZYGOTE_FD")))
     runtime.die_with_parent(int(settings["parent_pid"]))
     set_process_name(ZYGOTE_NAME)
@@ -141,11 +141,9 @@ def _send(sock: socket.socket, msg: str) -> None:
         sock.send(msg.encode())
 
 
-def _fork(
-    request: dict[str, Any], fds: list[int], sock: socket.socket, wake: tuple[int, int]
-) -> int:
+def _fork(request: ForkRequest, fds: list[int], sock: socket.socket, wake: tuple[int, int]) -> int:
     module = str(request.get("module"))
-    settings = json.loads(str(request.get("settings")))
+    settings: WarmSettings = json.loads(str(request.get("settings")))
     if module not in CHILD_NAMES or len(fds) != (2 if request.get("done") else 1):
         raise ValueError(f"bad fork request {request!r} with {len(fds)} descriptors")
     # The zygote is the child's parent: the child must die with the zygote
@@ -168,7 +166,7 @@ def _fork(
 
 def _run_child(
     module: str,
-    settings: dict[str, Any],
+    settings: WarmSettings,
     fds: list[int],
     sock: socket.socket,
     close: tuple[int, ...],

@@ -14,6 +14,7 @@ from typing import Any
 
 from daemon.children import runtime
 from daemon.children.exporters.saved_model import tf2_reference
+from daemon.protocol import ExporterResult, ExportRequest
 
 
 def _private_checkpoint_dir(prefix: Path, folder: Path) -> Path:
@@ -29,7 +30,7 @@ def _private_checkpoint_dir(prefix: Path, folder: Path) -> Path:
     return folder
 
 
-def export(req: dict[str, Any]) -> dict[str, Any]:
+def export(req: ExportRequest) -> ExporterResult:
     """Run the command on the pinned checkpoint and take its SavedModel."""
     options: Mapping[str, Any] = req.get("options") or {}
     prefix = Path(req["checkpoint"])
@@ -66,8 +67,10 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
         os.rename(entry, export_dir / entry.name)
     result = tf2_reference(str(export_dir), req)
     result["kind"] = "command"
-    result["durations"] = {
-        "command_seconds": round(t_run - t0, 3),
-        "reference_seconds": round(time.monotonic() - t_run, 3),
+    return {
+        **result,
+        "durations": {
+            "command_seconds": round(t_run - t0, 3),
+            "reference_seconds": round(time.monotonic() - t_run, 3),
+        },
     }
-    return result

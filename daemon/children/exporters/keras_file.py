@@ -15,6 +15,7 @@ from typing import Any
 
 from daemon.children import runtime
 from daemon.children.model import build, export_model
+from daemon.protocol import ExporterResult, ExportRequest
 from daemon.sources.keras_file import WEIGHTS_SUFFIX
 
 
@@ -34,7 +35,7 @@ def _custom_objects(specs: list[str], python_path: list[str]) -> dict[str, Any]:
     return out
 
 
-def export(req: dict[str, Any]) -> dict[str, Any]:
+def export(req: ExportRequest) -> ExporterResult:
     """Load the pinned file (into the builder's model for weights) and export it."""
     import keras
 

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from daemon.basepath.layout import METADATA_RELPATH, REPORT_RELPATH
 from daemon.children import runtime, samples
+from daemon.protocol import ExporterResult, ExportKind, ExportOptional, ExportRequest
 
 
-def export(req: dict[str, Any]) -> dict[str, Any]:
+class TF2Reference(ExportOptional):
+    """What :func:`tf2_reference` returns: all of an export result but its ``durations``."""
+
+    kind: ExportKind
+    variables: int | None
+    saved_counters: dict[str, int]
+
+
+def export(req: ExportRequest) -> ExporterResult:
     """Copy the pinned SavedModel and record its TF2 outputs as the reference."""
     source, export_dir = req["checkpoint"], req["export_dir"]
     t0 = time.monotonic()
@@ -27,14 +34,16 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
         (Path(export_dir) / relpath).unlink(missing_ok=True)
     t_copy = time.monotonic()
     result = tf2_reference(source, req)
-    result["durations"] = {
-        "copy_seconds": round(t_copy - t0, 3),
-        "reference_seconds": round(time.monotonic() - t_copy, 3),
+    return {
+        **result,
+        "durations": {
+            "copy_seconds": round(t_copy - t0, 3),
+            "reference_seconds": round(time.monotonic() - t_copy, 3),
+        },
     }
-    return result
 
 
-def tf2_reference(saved_model: str, req: Mapping[str, Any]) -> dict[str, Any]:
+def tf2_reference(saved_model: str, req: ExportRequest) -> TF2Reference:
     """Run ``serving_default`` of ``saved_model`` with TF2 on the validator's inputs.
 
     The inputs are the request's ``sample_inputs`` or synthesised. Writes

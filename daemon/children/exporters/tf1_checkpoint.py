@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from daemon.children import runtime, samples
+from daemon.protocol import ExporterResult, ExportRequest
 
 
-def export(req: dict[str, Any]) -> dict[str, Any]:
+def export(req: ExportRequest) -> ExporterResult:
     """Import the pinned ``.meta``, restore, and write a ``serve`` SavedModel."""
     import numpy as np
     import tensorflow as tf

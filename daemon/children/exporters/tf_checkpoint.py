@@ -15,9 +15,10 @@ from typing import Any
 
 from daemon.children import incremental, runtime
 from daemon.children.model import export_model, kept_code_files, model_for
+from daemon.protocol import ExporterResult, ExportRequest, Incremental
 
 
-def export(req: dict[str, Any]) -> dict[str, Any]:
+def export(req: ExportRequest) -> ExporterResult:
     """Restore the pinned checkpoint into the builder's model and export it.
 
     Fails permanently unless every variable of the model was restored from
@@ -25,10 +26,11 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
     """
     t0 = time.monotonic()
     link_fallback = None
-    if req.get("template"):
+    template = req.get("template")
+    if template:
         try:
             linked = incremental.link(
-                req["template"],
+                template,
                 req["checkpoint"],
                 req["checkpoint_key"],
                 req["export_dir"],
@@ -37,7 +39,7 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
         except incremental.Fallback as e:
             link_fallback = str(e)  # then the TensorFlow path, incremental or full
         else:
-            return _linked_result(req, linked, time.monotonic() - t0)
+            return _linked_result(req, template, linked, time.monotonic() - t0)
     obj, reused = model_for(req)
     t_build = time.monotonic()
     n_vars, status = _restore(obj, req["checkpoint_key"], req["checkpoint"])
@@ -66,8 +68,12 @@ def export(req: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _linked_result(req: dict[str, Any], linked: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _linked_result(
+    req: ExportRequest, template: str, linked: Incremental, seconds: float
+) -> ExporterResult:
     """A linked export's result (:func:`daemon.children.incremental.link`): no model, no reference.
+
+    ``template`` is the request's, which ``linked`` was made from.
 
     The reference file is written empty: the validator then has no outputs
     to compare with and checks the weights map tensor by tensor instead.
@@ -77,7 +83,7 @@ def _linked_result(req: dict[str, Any], linked: dict[str, Any], seconds: float) 
     np.savez(req["reference"])
     return {
         "kind": "linked",
-        "incremental": {"template": req["template"], **linked},
+        "incremental": {"template": template, **linked},
         "variables": linked["variables"],
         "model_reused": False,
         "saved_counters": _saved_counters(req["checkpoint"]),
