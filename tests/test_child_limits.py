@@ -73,8 +73,8 @@ def test_without_limits_the_child_keeps_its_priority_and_sees_gpus() -> None:
         [
             sys.executable,
             "-c",
-            "import os; from daemon import child; "
-            "child.prepare_from_request({}, allow_gpu=True); "
+            "import os; from daemon.children import runtime; "
+            "runtime.prepare_from_request({}, allow_gpu=True); "
             "print(os.nice(0), os.environ.get('CUDA_VISIBLE_DEVICES'), "
             "os.environ.get('TF_NUM_INTRAOP_THREADS'))",
         ],
