@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Literal
 
-from daemon.children import incremental, runtime, samples, serving_inputs
+from daemon.children import incremental, reference, runtime, samples, serving_inputs
 from daemon.protocol import ExportOptional, ExportRequest, Incremental, SignatureInput
 
 
@@ -163,7 +163,6 @@ def export_model(obj: Any, req: ExportRequest) -> ModelExport:
     describe the export (inputs, outputs, kind, ``save_seconds``).
     """
     import keras
-    import numpy as np
     import tensorflow as tf
 
     t0 = time.monotonic()
@@ -212,9 +211,7 @@ def export_model(obj: Any, req: ExportRequest) -> ModelExport:
     t_export = time.monotonic()
 
     outputs = endpoint(*[tf.constant(feeds[s.name], dtype=s.dtype) for s in specs])
-    arrays = {f"in/{k}": v for k, v in feeds.items()}
-    arrays.update({f"out/{k}": np.asarray(v) for k, v in outputs.items()})
-    np.savez(req["reference"], **arrays)
+    reference.save(req["reference"], feeds, outputs)
     return {
         "inputs": {s.name: [s.dtype.name, [d for d in s.shape]] for s in specs},
         "outputs": sorted(outputs),

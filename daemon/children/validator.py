@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn, Unpack
 
 from daemon import exitcodes
-from daemon.children import incremental, runtime, samples, warmup_records
+from daemon.children import incremental, reference, runtime, samples, warmup_records
 from daemon.formats import bundle
 from daemon.protocol import (
     CheckDetails,
@@ -331,17 +331,13 @@ def validate(req: ValidateRequest, preloaded: _Session | None = None) -> Validat
 def _validate(
     req: ValidateRequest, report: ValidationResult, checks: _Checks, preloaded: _Session | None
 ) -> None:
-    import numpy as np
 
     path = req["saved_model"]
     where = req.get("sample_inputs") or ""
     samples_by_sig = samples.load_npz(req.get("sample_inputs"), "sample_inputs")
     golden = samples.load_npz(req.get("golden_outputs"), "golden_outputs")
-    reference: dict[str, Any] = {}
-    if req.get("reference"):
-        with np.load(req["reference"], allow_pickle=True) as z:
-            reference = {k: z[k] for k in z.files}
-    no_outputs = bool(req.get("reference")) and not any(k.startswith("out/") for k in reference)
+    ref = reference.load(req["reference"]) if req.get("reference") else reference.Reference()
+    no_outputs = bool(req.get("reference")) and not ref.outputs
     if no_outputs:
         # A linked export (daemon.children.incremental.link) built no model, so there
         # are no outputs to compare with: its weights map must then be
@@ -382,7 +378,7 @@ def _validate(
                     f"{path} has no 'serving_default' signature (it has "
                     f"{sorted(sigs) or 'none'}); requests without a signature name would fail",
                 )
-        inputs = _Inputs(sess, sigs, reference, samples_by_sig, where)
+        inputs = _Inputs(sess, sigs, ref, samples_by_sig, where)
         with checks.run("signatures", count=len(sigs)) as entry:
             outputs: dict[str, dict[str, Any]] = {}
             for name, sig in sorted(sigs.items()):
@@ -391,7 +387,7 @@ def _validate(
                     name,
                     sig,
                     inputs,
-                    reference if name == "serving_default" else {},
+                    ref if name == "serving_default" else reference.Reference(),
                     rtol,
                     atol,
                 )
@@ -483,7 +479,7 @@ class _Inputs:
         self,
         sess: Any,
         sigs: dict[str, Any],
-        reference: dict[str, Any],
+        ref: reference.Reference,
         samples_by_sig: dict[str, dict[str, Any]],
         where: str,
     ) -> None:
@@ -493,20 +489,20 @@ class _Inputs:
         self.by_tensor: dict[str, Any] = {}
         default = sigs["serving_default"]
         for key, info in default.inputs.items():
-            if f"in/{key}" in reference:
-                self.by_tensor[info.name] = reference[f"in/{key}"]
+            if key in ref.inputs:
+                self.by_tensor[info.name] = ref.inputs[key]
         self._example: bytes | None = None
 
     def values(
-        self, name: str, sig: Any, reference: dict[str, Any]
+        self, name: str, sig: Any, ref: reference.Reference
     ) -> tuple[dict[str, Any], Literal["reference", "sample_inputs", "synthesised"]]:
         """The inputs of signature ``name`` by key, and where they came from."""
         import numpy as np
         import tensorflow as tf
 
         specs = {k: (tf.dtypes.as_dtype(i.dtype).name, _dims(i)) for k, i in sig.inputs.items()}
-        if reference and all(f"in/{k}" in reference for k in specs):
-            return {k: reference[f"in/{k}"] for k in specs}, "reference"
+        if ref and all(k in ref.inputs for k in specs):
+            return {k: ref.inputs[k] for k in specs}, "reference"
         given = samples.inputs_for(
             self.samples, name, specs, self.where, required=name == "serving_default"
         )
@@ -593,7 +589,7 @@ def _run_signature(
     name: str,
     sig: Any,
     inputs: _Inputs,
-    reference: dict[str, Any],
+    ref: reference.Reference,
     rtol: float,
     atol: float,
 ) -> tuple[SignatureReport, dict[str, Any]]:
@@ -604,7 +600,7 @@ def _run_signature(
     problem = warmup_records.signature_rules(sig.method_name, sig)
     if problem:
         return _verdict(entry, ok=False, reason="signature_rules", error=problem), {}
-    values, origin = inputs.values(name, sig, reference)
+    values, origin = inputs.values(name, sig, ref)
     entry["inputs"] = {k: [str(np.asarray(v).dtype), list(np.shape(v))] for k, v in values.items()}
     entry["inputs_from"] = origin
     try:
@@ -628,9 +624,8 @@ def _run_signature(
             return _verdict(
                 entry, ok=False, reason="not_finite", error=f"output {k!r} is not finite"
             ), out
-    if reference:
-        expected = {k[4:]: reference[k] for k in reference if k.startswith("out/")}
-        mismatch, worst = _compare(out, expected, rtol, atol, "the exporter's")
+    if ref:
+        mismatch, worst = _compare(out, ref.outputs, rtol, atol, "the exporter's")
         if mismatch:
             return _verdict(entry, ok=False, reason="output_mismatch", error=mismatch), out
         entry["max_abs_diff"] = worst

@@ -40,7 +40,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from daemon.children import runtime, warmup_records
+from daemon.children import reference, runtime, warmup_records
 from daemon.children.model import kept_code_files
 from daemon.protocol import (
     ExporterResult,
@@ -70,13 +70,10 @@ def write_warmup(req: ExportRequest) -> WarmupWritten:
     A SavedModel that brings its own warmup file (the ``saved_model`` and
     ``command`` sources) keeps it: the validator replays whatever is there.
     """
-    import numpy as np
-
     path = os.path.join(req["export_dir"], str(warmup_records.WARMUP_RELPATH))
     if os.path.exists(path):
         return {"records": None, "kept": str(warmup_records.WARMUP_RELPATH)}
-    with np.load(req["reference"], allow_pickle=True) as z:
-        inputs = {k[3:]: z[k] for k in z.files if k.startswith("in/")}
+    inputs = reference.load(req["reference"]).inputs
     n = warmup_records.write_warmup(
         req["export_dir"], inputs, int(req["warmup_records"]), req["model"]
     )

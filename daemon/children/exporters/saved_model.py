@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from daemon.basepath.layout import METADATA_RELPATH, REPORT_RELPATH
-from daemon.children import runtime, samples
+from daemon.children import reference, runtime, samples
 from daemon.protocol import ExporterResult, ExportKind, ExportOptional, ExportRequest
 
 
@@ -52,7 +52,6 @@ def tf2_reference(saved_model: str, req: ExportRequest) -> TF2Reference:
     SavedModels the daemon did not trace itself, TF2's own loader is the
     independent second opinion; the validator's graph-mode load is the first.
     """
-    import numpy as np
     import tensorflow as tf
 
     try:
@@ -77,9 +76,7 @@ def tf2_reference(saved_model: str, req: ExportRequest) -> TF2Reference:
         req, shapes, {k: runtime.synth_input(k, *shapes[k]) for k in shapes}
     )
     outputs = fn(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in feeds.items()})
-    arrays = {f"in/{k}": v for k, v in feeds.items()}
-    arrays.update({f"out/{k}": np.asarray(v) for k, v in outputs.items()})
-    np.savez(req["reference"], **arrays)
+    reference.save(req["reference"], feeds, outputs)
     return {
         "kind": "saved_model",
         "inputs": {k: [s.dtype.name, list(s.shape)] for k, s in specs.items()},

@@ -11,13 +11,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from daemon.children import runtime, samples
+from daemon.children import reference, runtime, samples
 from daemon.protocol import ExporterResult, ExportRequest
 
 
 def export(req: ExportRequest) -> ExporterResult:
     """Import the pinned ``.meta``, restore, and write a ``serve`` SavedModel."""
-    import numpy as np
     import tensorflow as tf
 
     v1 = tf.compat.v1
@@ -86,9 +85,7 @@ def export(req: ExportRequest) -> ExporterResult:
     for entry in os.listdir(inner):
         os.rename(os.path.join(inner, entry), os.path.join(req["export_dir"], entry))
     os.rmdir(inner)
-    arrays = {f"in/{k}": v for k, v in feeds.items()}
-    arrays.update({f"out/{k}": np.asarray(v) for k, v in values.items()})
-    np.savez(req["reference"], **arrays)
+    reference.save(req["reference"], feeds, values)
     return {
         "kind": "tf1_checkpoint",
         "inputs": {k: [t.dtype.name, t.shape.as_list()] for k, t in inputs.items()},
