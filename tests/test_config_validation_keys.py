@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from test_config import model
 
-from daemon.config.loading import MAX_RECORDS, Config, ConfigError, ModelConfig, parse_config
+from daemon.basepath.layout import MAX_WARMUP_RECORDS as MAX_RECORDS
+from daemon.config.loading import Config, ConfigError, ModelConfig, parse_config
 
 WHERE = "models[0] (m)"
 

@@ -36,6 +36,11 @@ STATE_DIRNAME = ".ckpt-exporter"
 TEMP_PREFIX = ".ckpt-exporter-tmp-"
 
 
+#: TF Serving's warmup file inside a version: replayed at load, a failing record fails the load.
+WARMUP_RELPATH = Path("assets.extra") / "tf_serving_warmup_requests"
+#: TF Serving refuses to load a version whose warmup file holds more records.
+MAX_WARMUP_RECORDS = 1000
+
 #: Files and folders inside the state folder (see the module docstring).
 LOCK_NAME = "lock"
 REJECTED_NAME = "rejected.json"

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn, Unpack
 
 from daemon import exitcodes
+from daemon.basepath.layout import WARMUP_RELPATH
 from daemon.children import incremental, reference, runtime, samples, warmup_records
 from daemon.formats import bundle
 from daemon.protocol import (
@@ -407,13 +408,13 @@ def _validate(
         if golden:
             with checks.run("golden_outputs", file=req.get("golden_outputs")) as entry:
                 entry["compared"] = _compare_golden(golden, outputs, rtol, atol, req)
-        warmup_file = os.path.exists(os.path.join(path, str(warmup_records.WARMUP_RELPATH)))
+        warmup_file = os.path.exists(os.path.join(path, str(WARMUP_RELPATH)))
         if warmup_file or req.get("warmup_records"):
-            with checks.run("warmup", file=str(warmup_records.WARMUP_RELPATH)) as entry:
+            with checks.run("warmup", file=str(WARMUP_RELPATH)) as entry:
                 if not warmup_file:
                     raise runtime.ChildFailure(
                         "warmup_failed",
-                        f"{path} has no {warmup_records.WARMUP_RELPATH} although warmup_records = "
+                        f"{path} has no {WARMUP_RELPATH} although warmup_records = "
                         f"{req.get('warmup_records')}",
                         permanent=False,
                     )

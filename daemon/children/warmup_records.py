@@ -2,7 +2,7 @@
 
 The model server reads ``assets.extra/tf_serving_warmup_requests`` when it
 loads a version: a TFRecord file of ``tensorflow.serving.PredictionLog``
-records, at most :data:`MAX_RECORDS` of them, each run against the freshly
+records, at most :data:`MAX_WARMUP_RECORDS` of them, each run against the freshly
 loaded session before the version is marked available. One record that
 fails makes the whole load fail, so the daemon replays the file during
 validation, and a bad record rejects the export instead of the server's load.
@@ -19,12 +19,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from daemon.basepath.layout import MAX_WARMUP_RECORDS, WARMUP_RELPATH
 from daemon.children import runtime
 from daemon.protocol import WarmupReplay
 
-WARMUP_RELPATH = Path("assets.extra") / "tf_serving_warmup_requests"
-#: TF Serving refuses to load a version whose warmup file holds more records.
-MAX_RECORDS = 1000
 PREDICT = "tensorflow/serving/predict"
 CLASSIFY = "tensorflow/serving/classify"
 REGRESS = "tensorflow/serving/regress"
@@ -60,7 +58,7 @@ def write_warmup(export_dir: str, inputs: Mapping[str, Any], records: int, model
     data = log.SerializeToString()
     path = Path(export_dir) / WARMUP_RELPATH
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = min(records, MAX_RECORDS)
+    n = min(records, MAX_WARMUP_RECORDS)
     with tf.io.TFRecordWriter(str(path)) as writer:
         for _ in range(n):
             writer.write(data)
@@ -162,10 +160,11 @@ def replay(
         raw = list(tf.compat.v1.io.tf_record_iterator(path))
     except Exception as e:
         raise runtime.ChildFailure("warmup_failed", f"{path} is not a TFRecord file: {e}") from e
-    if len(raw) > MAX_RECORDS:
+    if len(raw) > MAX_WARMUP_RECORDS:
         raise runtime.ChildFailure(
             "warmup_failed",
-            f"{path} holds {len(raw)} records; TF Serving refuses to load more than {MAX_RECORDS}",
+            f"{path} holds {len(raw)} records; TF Serving refuses to load more than "
+            f"{MAX_WARMUP_RECORDS}",
         )
     replayed: dict[str, int] = {}
     for i, data in enumerate(raw):

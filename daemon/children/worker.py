@@ -40,6 +40,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from daemon.basepath.layout import WARMUP_RELPATH
 from daemon.children import reference, runtime, warmup_records
 from daemon.children.model import kept_code_files
 from daemon.protocol import (
@@ -70,9 +71,9 @@ def write_warmup(req: ExportRequest) -> WarmupWritten:
     A SavedModel that brings its own warmup file (the ``saved_model`` and
     ``command`` sources) keeps it: the validator replays whatever is there.
     """
-    path = os.path.join(req["export_dir"], str(warmup_records.WARMUP_RELPATH))
+    path = os.path.join(req["export_dir"], str(WARMUP_RELPATH))
     if os.path.exists(path):
-        return {"records": None, "kept": str(warmup_records.WARMUP_RELPATH)}
+        return {"records": None, "kept": str(WARMUP_RELPATH)}
     inputs = reference.load(req["reference"]).inputs
     n = warmup_records.write_warmup(
         req["export_dir"], inputs, int(req["warmup_records"]), req["model"]

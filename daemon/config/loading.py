@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.basepath.layout import MAX_WARMUP_RECORDS
 from daemon.config.schema import (
     REQUIRED,
     Schema,
@@ -32,9 +33,6 @@ from daemon.config.schema import (
 )
 from daemon.rules.gate import GATE_SCHEMA, Gate, parse_gate
 from daemon.sources import SOURCES
-
-#: TF Serving's limit on warmup records (see daemon.children.warmup_records, a child module).
-MAX_RECORDS = 1000
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 BUILDER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -185,9 +183,10 @@ def _builder(v: Any) -> str | None:
 
 
 def _warmup_records(v: Any) -> str | None:
-    if 0 <= v <= MAX_RECORDS:
+    if 0 <= v <= MAX_WARMUP_RECORDS:
         return None
-    return f"must be from 0 (none) to {MAX_RECORDS} (TF Serving reads at most {MAX_RECORDS})"
+    n = MAX_WARMUP_RECORDS
+    return f"must be from 0 (none) to {n} (TF Serving reads at most {n})"
 
 
 DAEMON_SCHEMA: Schema = {
