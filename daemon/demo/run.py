@@ -14,10 +14,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from daemon import exitcodes, logs
 from daemon.config.loading import load_config
+from daemon.protocol import ValidationResult
 
 #: The demo gives up (and says so) if it has not finished by then.
 DEMO_TIMEOUT_SECONDS = 900
@@ -57,11 +57,11 @@ def run_demo(workspace: Path | None, versions: int) -> int:
 
     from daemon.supervisor import Supervisor
 
-    published: list[tuple[int, Path, dict[str, Any]]] = []
+    published: list[tuple[int, Path, ValidationResult]] = []
 
-    def on_published(_model: str, version: int, path: Path, validation: dict[str, Any]) -> None:
+    def on_published(_model: str, version: int, path: Path, validation: ValidationResult) -> None:
         parts = []
-        for name, s in sorted(validation.get("signatures", {}).items()):
+        for name, s in sorted(validation["signatures"].items()):
             # A linked export has no exporter outputs, so no difference to show.
             diff = s.get("max_abs_diff")
             shown = f" (max diff {diff:.1g})" if diff is not None else ""

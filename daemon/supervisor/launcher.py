@@ -18,14 +18,17 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from daemon import protocol
 from daemon.durable import write_json_atomic
+from daemon.protocol import ExportRequest, Limits, ValidateRequest
 from daemon.supervisor.context import Context
 from daemon.supervisor.state import Job
 from daemon.supervisor.warm_pool import WARM_MODULES, Proc, WarmChild, WarmPool
 from daemon.supervisor.warm_pool import stop as warm_stop
+
+#: A request file's contents, before the fields every child gets are added.
+Request = ExportRequest | ValidateRequest
 
 
 class Launcher:
@@ -37,7 +40,7 @@ class Launcher:
 
     # --- settings -------------------------------------------------------------
 
-    def child_limits(self) -> dict[str, Any]:
+    def child_limits(self) -> Limits:
         """CPU, I/O and thread limits for the worker and validator children."""
         d = self.ctx.config.daemon
         return {
@@ -50,31 +53,33 @@ class Launcher:
         d = self.ctx.config.daemon
         return WarmPool.settings(module, self.child_limits(), d.allow_gpu, d.exporter_max_exports)
 
-    def write_request(self, job: Job, phase: str, request: dict[str, Any]) -> Path:
+    def write_request(self, job: Job, phase: str, request: Request) -> Path:
         """Write the request file of ``phase``, with the fields every child gets; its path."""
         assert job.staging is not None
-        request = dict(
-            request,
-            parent_pid=os.getpid(),
-            result=str(job.staging / f"{phase}.result.json"),
-            limits=self.child_limits(),
-            # Where a warm child sends its output.
-            log=str(job.staging / f"{phase}.log"),
-        )
+        request = request.copy()
+        request["parent_pid"] = os.getpid()
+        request["result"] = str(job.staging / f"{phase}.result.json")
+        request["limits"] = self.child_limits()
+        request["log"] = str(job.staging / f"{phase}.log")  # where a warm child's output goes
         req_path = job.staging / f"{phase}.request.json"
         write_json_atomic(req_path, request)
         return req_path
 
     # --- starting -------------------------------------------------------------
 
-    def spawn(self, job: Job, phase: str, module: str, request: dict[str, Any]) -> None:
-        """Start ``module`` on ``request`` for ``job``'s ``phase``: kept worker, fork, or cold."""
+    def spawn(
+        self, job: Job, phase: str, module: str, request: Request, worker_key: str | None = None
+    ) -> None:
+        """Start ``module`` on ``request`` for ``job``'s ``phase``: kept worker, fork, or cold.
+
+        ``worker_key``: an export worker kept under this key may take the request.
+        """
         assert job.staging is not None
         req_path = self.write_request(job, phase, request)
         settings = self.warm_settings(module)
         warm = None
-        if request.get("exporter_key"):
-            warm, retired = self.warm.take_kept(request["exporter_key"], settings)
+        if worker_key is not None:
+            warm, retired = self.warm.take_kept(worker_key, settings)
             if retired is not None:
                 self.exporter_retired(*retired)
         reused = warm is not None
@@ -154,7 +159,7 @@ class Launcher:
 
     # --- a validator started with the export ----------------------------------
 
-    def start_validator_early(self, job: Job, request: dict[str, Any]) -> None:
+    def start_validator_early(self, job: Job, request: ValidateRequest) -> None:
         """Fork a warm validator and hand it its request now, for an incremental export.
 
         It imports the template version's graph while the worker writes the
@@ -166,7 +171,9 @@ class Launcher:
         warm = self.warm.take(protocol.VALIDATOR, self.warm_settings(protocol.VALIDATOR))
         if warm is None:
             return
-        req_path = self.write_request(job, "validate", dict(request, wait_for_export=True))
+        request = request.copy()
+        request["wait_for_export"] = True
+        req_path = self.write_request(job, "validate", request)
         try:
             warm.hand(str(req_path), then_go=True)
         except OSError:

@@ -40,6 +40,7 @@ from daemon import __version__, exitcodes
 from daemon.basepath.records import read_rejected
 from daemon.config.builders import check_builders
 from daemon.config.loading import Config, ConfigError, load_config
+from daemon.protocol import ValidationResult
 from daemon.rules.health import HealthSnapshot, evaluate
 from daemon.sources import Checkpoint
 from daemon.supervisor import systemd
@@ -59,7 +60,7 @@ from daemon.supervisor.watch import Watcher
 CHILD_KILL_GRACE_SECONDS = 5.0
 
 #: Called with (model, version, path, validation result) after each publication.
-OnPublished = Callable[[str, int, Path, dict[str, Any]], None]
+OnPublished = Callable[[str, int, Path, ValidationResult], None]
 
 
 class Supervisor:
@@ -302,6 +303,7 @@ class Supervisor:
             return
         st = job.model
         if job.published_version is not None and self.on_published is not None:
+            assert job.validation is not None
             self.on_published(
                 st.cfg.name, job.published_version, _version_path(job), job.validation
             )

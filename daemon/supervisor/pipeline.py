@@ -20,7 +20,7 @@ import dataclasses
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from daemon import __version__, exitcodes, protocol
 from daemon.basepath.layout import REPORT_RELPATH
@@ -28,6 +28,15 @@ from daemon.basepath.operations import tree_bytes
 from daemon.basepath.publish import new_temp_dir, reset_export_dir, staging_dir
 from daemon.config.builders import builder_file
 from daemon.durable import write_json_atomic
+from daemon.protocol import (
+    ExportOutcome,
+    ExportRequest,
+    ExportResult,
+    FailureResult,
+    ValidateRequest,
+    ValidationOutcome,
+    ValidationResult,
+)
 from daemon.rules.gate import command_argv
 from daemon.sources import SOURCES, Checkpoint
 from daemon.supervisor import reuse
@@ -74,11 +83,11 @@ class Pipeline:
             self.outcomes.fail(job, "temp_dir_failed", message, permanent=False)
             return
         template = self._template(st, job)
-        job.export_request = self._export_request(job, template)
-        job.worker_key = self._worker_key(st, job.export_request)
+        request = job.export_request = self._export_request(job, template)
+        job.worker_key = self._worker_key(st, request)
         if job.worker_key is not None:
-            job.export_request["exporter_key"] = job.worker_key
-        self.launcher.spawn(job, "export", protocol.WORKER, job.export_request)
+            request["exporter_key"] = job.worker_key
+        self.launcher.spawn(job, "export", protocol.WORKER, request, job.worker_key)
         if template is not None:
             self.launcher.start_validator_early(job, self._validate_request(job, template))
 
@@ -102,10 +111,11 @@ class Pipeline:
         log.info("export_started", pinned_by=method)
         return True
 
-    def _export_request(self, job: Job, template: str | None) -> dict[str, Any]:
+    def _export_request(self, job: Job, template: str | None) -> ExportRequest:
         cfg, d = job.model.cfg, self.ctx.config.daemon
         assert job.staging is not None and job.temp_dir is not None
         return {
+            "result": str(job.staging / "export.result.json"),
             "source": cfg.source,
             "options": dict(cfg.options),
             "builder": cfg.builder,
@@ -125,10 +135,11 @@ class Pipeline:
             "template": template,
         }
 
-    def _validate_request(self, job: Job, graph_of: str | None) -> dict[str, Any]:
+    def _validate_request(self, job: Job, graph_of: str | None) -> ValidateRequest:
         cfg = job.model.cfg
         assert job.temp_dir is not None and job.staging is not None
         return {
+            "result": str(job.staging / "validate.result.json"),
             "saved_model": str(job.temp_dir),
             "reference": str(job.staging / "reference.npz"),
             "rtol": cfg.rtol,
@@ -171,7 +182,7 @@ class Pipeline:
                 return str(p.path)
         return None
 
-    def _worker_key(self, st: ModelState, request: dict[str, Any]) -> str | None:
+    def _worker_key(self, st: ModelState, request: ExportRequest) -> str | None:
         """The key under which an export worker may be kept for this model's next export.
 
         None where workers are single-use: cold children, ``exporter_max_exports
@@ -184,7 +195,7 @@ class Pipeline:
             return None
         if not SOURCES[st.cfg.source].reusable_exporter:
             return None
-        per_job = ("checkpoint", "export_dir", "reference", "template")
+        per_job = ("result", "checkpoint", "export_dir", "reference", "template")
         stable = {k: v for k, v in request.items() if k not in per_job}
         return reuse.export_key(stable, None)
 
@@ -208,27 +219,41 @@ class Pipeline:
         if job.phase == "gate":
             self._command_gate_done(job)
             return
-        result = protocol.read_result(job.staging / f"{job.phase}.result.json")
-        if result is None:
+        raw = protocol.read_result(job.staging / f"{job.phase}.result.json")
+        if raw is None:
             self._no_result(job)
+        elif job.phase == "export":
+            self._export_done(job, cast(ExportOutcome, raw))
+        else:
+            self._validate_done(job, cast(ValidationOutcome, raw))
+
+    def _export_done(self, job: Job, result: ExportOutcome) -> None:
+        if not result["ok"]:
+            self._failed(job, result)
             return
-        if job.phase == "validate":
-            self._write_report(job, result)
-            if not result.get("ok") and job.export_result.get("incremental", {}).get("template"):
+        self._phase_done(job, "export")
+        self._exported(job, result)
+
+    def _validate_done(self, job: Job, result: ValidationOutcome) -> None:
+        self._write_report(job, result)
+        if not result["ok"]:
+            incremental = job.export_result.get("incremental", {}) if job.export_result else {}
+            if incremental.get("template"):
                 self._retry_in_full(job, result)
-                return
-        if not result.get("ok"):
-            reason, permanent = str(result.get("reason", "unknown")), bool(result.get("permanent"))
-            output = tail(job.staging / f"{job.phase}.log")
-            self.outcomes.fail(
-                job, reason, str(result.get("error")), permanent=permanent, output=output
-            )
+            else:
+                self._failed(job, result)
             return
-        self._phase_done(job, job.phase)
-        if job.phase == "export":
-            self._exported(job, result)
-        elif job.phase == "validate":
-            self._validated(job, result)
+        assert "signatures" in result  # a passed validation is a report
+        self._phase_done(job, "validate")
+        self._validated(job, result)
+
+    def _failed(self, job: Job, result: FailureResult | ValidationResult) -> None:
+        """The phase's child reported a failure: end the job with its reason."""
+        assert job.staging is not None
+        reason = str(result.get("reason", "unknown"))
+        output = tail(job.staging / f"{job.phase}.log")
+        error, permanent = str(result.get("error")), bool(result.get("permanent"))
+        self.outcomes.fail(job, reason, error, permanent=permanent, output=output)
 
     def _no_result(self, job: Job) -> None:
         """The phase's child ended without writing a result: a full disk, or a crash."""
@@ -255,10 +280,10 @@ class Pipeline:
         message = f"the {job.phase} process {how}; its output is in the log above"
         self.outcomes.fail(job, "child_crashed", message, permanent=False, output=output)
 
-    def _exported(self, job: Job, result: dict[str, Any]) -> None:
+    def _exported(self, job: Job, result: ExportResult) -> None:
         job.export_result = result
-        self.launcher.keep_exporter(job, result.get("code_files") or {})
-        incremental = result.get("incremental") or {}
+        self.launcher.keep_exporter(job, result.get("code_files", {}))
+        incremental = result.get("incremental", {})
         self.ctx.log.info(
             "exported",
             **job.log_fields,
@@ -279,8 +304,9 @@ class Pipeline:
             request = self._validate_request(job, incremental.get("template"))
             self.launcher.spawn(job, "validate", protocol.VALIDATOR, request)
 
-    def _validated(self, job: Job, result: dict[str, Any]) -> None:
+    def _validated(self, job: Job, result: ValidationResult) -> None:
         job.validation = result
+        weights, warmup = result.get("weights"), result.get("warmup")
         self.ctx.metrics.validations.labels(job.model.cfg.name, "passed").inc()
         self.ctx.log.info(
             "validated",
@@ -288,8 +314,8 @@ class Pipeline:
             seconds=round(job.durations["validate"], 3),
             signatures=signature_summary(result),
             # How many exported variables were proven to come from the checkpoint.
-            weights_matched=(result.get("weights") or {}).get("variables"),
-            warmup_records=(result.get("warmup") or {}).get("records"),
+            weights_matched=weights["variables"] if weights else None,
+            warmup_records=warmup["records"] if warmup else None,
             warm=bool(result.get("warm")),
         )
         if job.model.cfg.gate.command:
@@ -297,7 +323,7 @@ class Pipeline:
         else:
             self._to_publish(job)
 
-    def _retry_in_full(self, job: Job, result: dict[str, Any]) -> None:
+    def _retry_in_full(self, job: Job, result: ValidationOutcome) -> None:
         """An incremental export failed validation: export the checkpoint again in full.
 
         The template's graph may be what is wrong (code the builder imports
@@ -320,12 +346,14 @@ class Pipeline:
             self.launcher.retire(job.worker_key, "incremental_export_failed")
         assert job.temp_dir is not None
         reset_export_dir(job.temp_dir, st.cfg.base_path)
-        job.export_result = {}
+        job.export_result = None
         job.phase_started = time.monotonic()
-        request = dict(job.export_request, template=None)
-        self.launcher.spawn(job, "export", protocol.WORKER, request)
+        assert job.export_request is not None
+        request = job.export_request.copy()
+        request["template"] = None
+        self.launcher.spawn(job, "export", protocol.WORKER, request, job.worker_key)
 
-    def _write_report(self, job: Job, result: dict[str, Any]) -> None:
+    def _write_report(self, job: Job, result: ValidationOutcome) -> None:
         """Put the validation report into the export folder (published or kept with it).
 
         Best effort: a report that cannot be written (full disk) must not

@@ -130,7 +130,8 @@ class Publisher:
     def metadata(self, job: Job) -> dict[str, Any]:
         """What the version records about itself (``assets.extra/ckpt_exporter.json``)."""
         files = [{"name": p.name, "bytes": p.stat().st_size} for p in job.ckpt.files if p.exists()]
-        validation = job.validation
+        assert job.export_result is not None and job.validation is not None
+        exported, validation = job.export_result, job.validation
         return {
             "tool": "ckpt-exporter",
             "tool_version": __version__,
@@ -141,18 +142,18 @@ class Publisher:
                 "fingerprint": job.ckpt.fingerprint,
                 "written_ns": job.ckpt.written_ns,
                 "files": files,
-                "saved_counters": job.export_result.get("saved_counters", {}),
+                "saved_counters": exported["saved_counters"],
             },
-            "export": {k: v for k, v in job.export_result.items() if k not in ("ok", "code_files")},
+            "export": {k: v for k, v in exported.items() if k not in ("ok", "code_files")},
             # Which later exports may reuse this version's graph (daemon.children.incremental).
             "export_key": job.graph_key,
             "validation": {
                 "report": str(REPORT_RELPATH),
-                "checks": [c.get("check") for c in validation.get("checks", [])],
-                "signatures": validation.get("signatures", {}),
+                "checks": [c["check"] for c in validation["checks"]],
+                "signatures": validation["signatures"],
                 "weights": validation.get("weights"),
                 "warmup": validation.get("warmup"),
-                "durations": validation.get("durations", {}),
+                "durations": validation["durations"],
             },
             # The metric decision is what "better_than = last_published" compares with next.
             "gate": job.gate.get("metric"),

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from daemon.protocol import ValidationResult
 from daemon.supervisor.state import ModelState
 
 
@@ -55,10 +56,10 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(keep[-lines:])
 
 
-def signature_summary(result: dict[str, Any]) -> dict[str, str]:
+def signature_summary(result: ValidationResult) -> dict[str, str]:
     """``signature -> "ok (max diff ...)"`` of a validation result, for the ``validated`` line."""
     out = {}
-    for name, sig in result.get("signatures", {}).items():
+    for name, sig in result["signatures"].items():
         diff = sig.get("max_abs_diff")
         out[name] = "ok" + (f" (max diff {diff:.2g})" if diff is not None else "")
     return out

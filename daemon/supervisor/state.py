@@ -15,6 +15,7 @@ from typing import Any
 
 from daemon.basepath.catalog import Published, planning_history
 from daemon.config.loading import ModelConfig
+from daemon.protocol import ExportRequest, ExportResult, ValidationResult
 from daemon.rules.planner import History, Plan
 from daemon.rules.versions import checkpoint_step
 from daemon.sources import Checkpoint, ScanResult, Source
@@ -55,10 +56,12 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     phase_started: float = field(default_factory=time.monotonic)
     durations: dict[str, float] = field(default_factory=dict)
-    export_result: dict[str, Any] = field(default_factory=dict)
-    validation: dict[str, Any] = field(default_factory=dict)
+    #: The worker's result, once the export succeeded.
+    export_result: ExportResult | None = None
+    #: The validator's report, once validation passed.
+    validation: ValidationResult | None = None
     gate: dict[str, Any] = field(default_factory=dict)  # the gate decisions, for the metadata
-    export_request: dict[str, Any] = field(default_factory=dict)
+    export_request: ExportRequest | None = None
     lock_wait_logged: bool = False
     done: bool = False
     #: The version this job published, once it did.
@@ -67,7 +70,8 @@ class Job:
     @property
     def step(self) -> int | None:
         """The ``-N`` suffix, or once exported, the step counter saved in the checkpoint."""
-        return checkpoint_step(self.ckpt.step, self.export_result.get("saved_counters", {}))
+        saved = self.export_result["saved_counters"] if self.export_result else {}
+        return checkpoint_step(self.ckpt.step, saved)
 
     @property
     def log_fields(self) -> dict[str, Any]:

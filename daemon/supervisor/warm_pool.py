@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeAlias
 
-from daemon.protocol import DONE, VALIDATOR, WORKER
+from daemon.protocol import DONE, VALIDATOR, WORKER, Limits
 from daemon.supervisor.zygote_handle import ForkedProc, Zygote
 
 #: A child process, started by the daemon or forked by a zygote.
@@ -171,7 +171,7 @@ class WarmPool:
         self.kept: dict[str, WarmChild] = {}  # exporter key -> exporter waiting for its model
 
     @staticmethod
-    def settings(module: str, limits: dict[str, Any], allow_gpu: bool, max_exports: int = 1) -> str:
+    def settings(module: str, limits: Limits, allow_gpu: bool, max_exports: int = 1) -> str:
         # The validator never sees a GPU (see daemon.children.validator) and is single-use.
         worker = module == WORKER
         return json.dumps(
