@@ -16,17 +16,15 @@ blamed.
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import time
 from pathlib import Path
 from typing import Any, cast
 
-from daemon import __version__, exitcodes, protocol
+from daemon import exitcodes, protocol
 from daemon.basepath.layout import REPORT_RELPATH
 from daemon.basepath.operations import tree_bytes
 from daemon.basepath.publish import new_temp_dir, reset_export_dir, staging_dir
-from daemon.config.builders import builder_file
 from daemon.durable import write_json_atomic
 from daemon.protocol import (
     ExportOutcome,
@@ -82,9 +80,12 @@ class Pipeline:
             message = f"cannot create a folder in {base}: {e}"
             self.outcomes.fail(job, "temp_dir_failed", message, permanent=False)
             return
-        template = self._template(st, job)
+        template = None
+        if job.ckpt.fingerprint not in st.full_export_only:
+            job.graph_key = reuse.graph_key(st.cfg)
+            template = reuse.template(st.published, job.graph_key)
         request = job.export_request = self._export_request(job, template)
-        job.worker_key = self._worker_key(st, request)
+        job.worker_key = reuse.worker_key(self.ctx.config.daemon, st.cfg.source, request)
         if job.worker_key is not None:
             request["exporter_key"] = job.worker_key
         self.launcher.spawn(job, "export", protocol.WORKER, request, job.worker_key)
@@ -152,52 +153,6 @@ class Pipeline:
             # Weight parity against the staged copy, where the source allows.
             "checkpoint": str(job.staged) if SOURCES[cfg.source].weights_in_checkpoint else None,
         }
-
-    def _template(self, st: ModelState, job: Job) -> str | None:
-        """The newest published version this export may reuse the graph of, or None.
-
-        Only versions made with the same graph key (builder, its module's
-        bytes, inputs, source, libraries: :mod:`daemon.supervisor.reuse`)
-        qualify; the worker still checks that every variable fits (see
-        :mod:`daemon.children.incremental`).
-        """
-        cfg = st.cfg
-        if not cfg.incremental_export or not SOURCES[cfg.source].weights_in_checkpoint:
-            return None
-        if cfg.source != "tf_checkpoint" or job.ckpt.fingerprint in st.full_export_only:
-            return None
-        identity = {
-            "tool_version": __version__,
-            "libraries": reuse.library_versions(),
-            "source": cfg.source,
-            "builder": cfg.builder,
-            "python_path": [str(p) for p in cfg.python_path],
-            "checkpoint_key": cfg.checkpoint_key,
-            "signature": [dataclasses.asdict(s) for s in cfg.signature],
-            "input_type": cfg.input_type,
-        }
-        job.graph_key = reuse.export_key(identity, builder_file(cfg.builder, cfg.python_path))
-        for p in sorted(st.published, key=lambda p: p.version, reverse=True):
-            if p.metadata.get("export_key") == job.graph_key:
-                return str(p.path)
-        return None
-
-    def _worker_key(self, st: ModelState, request: ExportRequest) -> str | None:
-        """The key under which an export worker may be kept for this model's next export.
-
-        None where workers are single-use: cold children, ``exporter_max_exports
-        = 1``, or a source whose exporter does not keep its model. The key digests
-        every field of the request that is not about this one checkpoint, so a
-        reload that changes any of them gets a new worker.
-        """
-        d = self.ctx.config.daemon
-        if not (d.warm_workers and d.exporter_max_exports > 1):
-            return None
-        if not SOURCES[st.cfg.source].reusable_exporter:
-            return None
-        per_job = ("result", "checkpoint", "export_dir", "reference", "template")
-        stable = {k: v for k, v in request.items() if k not in per_job}
-        return reuse.export_key(stable, None)
 
     # --- advance --------------------------------------------------------------
 

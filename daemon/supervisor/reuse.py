@@ -5,15 +5,29 @@ Two keys, two questions. The *graph key* (stored in a version's metadata as
 that version can be its template (:mod:`daemon.children.incremental`). The
 *worker key* says whether a kept export worker built the same model from the
 same settings, so it may serve the next export (:mod:`daemon.supervisor.warm_pool`).
+
+An export that failed validation after reusing a graph is exported again in
+full (the pipeline then asks for no template).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from daemon import __version__
+from daemon.basepath.catalog import Published
+from daemon.config.builders import builder_file
+from daemon.config.loading import DaemonConfig, ModelConfig
+from daemon.protocol import ExportRequest
+from daemon.sources import SOURCES
+
+#: Request fields about one checkpoint, left out of the worker key.
+_PER_JOB = ("result", "checkpoint", "export_dir", "reference", "template")
 
 
 def export_key(identity: Mapping[str, Any], builder_file: Path | None) -> str:
@@ -46,3 +60,54 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def graph_key(cfg: ModelConfig) -> str | None:
+    """The graph key of the model's next export, or None where no graph may be reused.
+
+    Only ``tf_checkpoint`` models with ``incremental_export`` reuse graphs;
+    the key digests the builder, its module's bytes, inputs, source and
+    library versions (the worker still checks that every variable fits, see
+    :mod:`daemon.children.incremental`).
+    """
+    if not cfg.incremental_export or not SOURCES[cfg.source].weights_in_checkpoint:
+        return None
+    if cfg.source != "tf_checkpoint":
+        return None
+    identity = {
+        "tool_version": __version__,
+        "libraries": library_versions(),
+        "source": cfg.source,
+        "builder": cfg.builder,
+        "python_path": [str(p) for p in cfg.python_path],
+        "checkpoint_key": cfg.checkpoint_key,
+        "signature": [dataclasses.asdict(s) for s in cfg.signature],
+        "input_type": cfg.input_type,
+    }
+    return export_key(identity, builder_file(cfg.builder, cfg.python_path))
+
+
+def template(published: list[Published], key: str | None) -> str | None:
+    """The newest published version made with graph key ``key``, or None."""
+    if key is None:
+        return None
+    for p in sorted(published, key=lambda p: p.version, reverse=True):
+        if p.metadata.get("export_key") == key:
+            return str(p.path)
+    return None
+
+
+def worker_key(daemon: DaemonConfig, source: str, request: ExportRequest) -> str | None:
+    """The key under which an export worker may be kept for this model's next export.
+
+    None where workers are single-use: cold children, ``exporter_max_exports
+    = 1``, or a source whose exporter does not keep its model. The key digests
+    every field of the request that is not about this one checkpoint, so a
+    reload that changes any of them gets a new worker.
+    """
+    if not (daemon.warm_workers and daemon.exporter_max_exports > 1):
+        return None
+    if not SOURCES[source].reusable_exporter:
+        return None
+    stable = {k: v for k, v in request.items() if k not in _PER_JOB}
+    return export_key(stable, None)
