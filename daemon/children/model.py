@@ -168,11 +168,11 @@ def export_model(obj: Any, req: ExportRequest) -> ModelExport:
     t0 = time.monotonic()
     model_specs = _input_specs(obj, req["signature"])
     is_keras = isinstance(obj, keras.Model)
-    n = len(model_specs)
+    several = len(model_specs) > 1
 
     def call(*args: Any) -> dict[str, Any]:
         if is_keras:
-            return _as_dict(obj(list(args) if n > 1 else args[0], training=False))
+            return _as_dict(obj(list(args) if several else args[0], training=False))
         return _as_dict(obj(*args))
 
     specs, serve, feeds = serving_inputs.serving_signature(
@@ -191,8 +191,8 @@ def export_model(obj: Any, req: ExportRequest) -> ModelExport:
     template = req.get("template")
     if template:
         try:
-            n = incremental.write(obj, template, export_dir)
-            incremental_result = {"template": template, "variables": n}
+            written = incremental.write(obj, template, export_dir)
+            incremental_result = {"template": template, "variables": written}
         except incremental.Fallback as e:
             incremental_result = {"fallback": str(e)}
     if "template" not in incremental_result:
