@@ -205,10 +205,11 @@ class Pipeline:
     def _failed(self, job: Job, result: FailureResult | ValidationResult) -> None:
         """The phase's child reported a failure: end the job with its reason."""
         assert job.staging is not None
-        reason = str(result.get("reason", "unknown"))
         output = tail(job.staging / f"{job.phase}.log")
         error, permanent = str(result.get("error")), bool(result.get("permanent"))
-        self.outcomes.fail(job, reason, error, permanent=permanent, output=output)
+        self.outcomes.fail(
+            job, str(result.get("reason", "unknown")), error, permanent=permanent, output=output
+        )
 
     def _no_result(self, job: Job) -> None:
         """The phase's child ended without writing a result: a full disk, or a crash."""
