@@ -722,3 +722,28 @@ def test_example_config_loads_and_states_the_defaults() -> None:
         "signature",
     ):
         assert getattr(m, key) == getattr(defaults, key), key
+
+
+# --- locations that are URLs -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["checkpoint_dir", "base_path"])
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/models/m", "S3://b/m"])
+def test_object_store_urls_are_refused_naming_the_key(key: str, url: str) -> None:
+    problem = assert_one_problem(
+        {"models": [model(**{key: url})]}, f"models[0] (m).{key}", repr(url), "object-store URL"
+    )
+    assert "local" in problem
+
+
+def test_other_urls_are_refused_too() -> None:
+    assert_one_problem(
+        {"models": [model(base_path="hdfs://namenode/models/m")]},
+        "models[0] (m).base_path",
+        "hdfs:// URL, not a path",
+    )
+
+
+def test_a_colon_in_a_local_path_is_not_a_url(tmp_path: Path) -> None:
+    cfg = parse({"models": [model(checkpoint_dir="runs/a:b", base_path="serve/m")]}, tmp_path)
+    assert cfg.models[0].checkpoint_dir == tmp_path / "runs" / "a:b"

@@ -295,6 +295,17 @@ def test_a_builder_module_that_cannot_be_found_stops_the_start_with_78(tmp_path:
     assert not (tmp_path / "serving").exists()
 
 
+def test_object_store_urls_stop_the_start_with_78_and_create_nothing(tmp_path: Path) -> None:
+    config = write_config(tmp_path, checkpoint_dir="gs://bucket/run", base_path="s3://bucket/m")
+    for command in ("run", "check-config"):
+        r = cli(command, "--config", str(config), timeout=60)
+        assert r.returncode == 78, r.stdout + r.stderr
+        assert "models[0] (m).checkpoint_dir: 'gs://bucket/run' is an object-store URL" in r.stderr
+        assert "models[0] (m).base_path: 's3://bucket/m' is an object-store URL" in r.stderr
+    # Before, the daemon made a folder ./s3:/bucket/m and waited for ./gs:/bucket/run.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
 def test_a_checkpoint_dir_created_after_start_is_noticed_without_a_rescan(
     tmp_path: Path, daemons: Any
 ) -> None:

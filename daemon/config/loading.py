@@ -176,6 +176,27 @@ def _nice(v: Any) -> str | None:
     return None if 0 <= v <= 19 else "must be a niceness from 0 (unchanged) to 19 (lowest)"
 
 
+#: ``scheme://``: a URL, not a path (``gs://bucket/prefix``, ``s3://bucket/prefix``).
+URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+#: URL schemes of object stores that checkpoints and base paths will live on.
+OBJECT_STORE_SCHEMES = ("gs", "s3")
+
+
+def _local_path(v: Any) -> str | None:
+    """A local path; a URL is refused, or it would become a folder named ``gs:`` here."""
+    if not v:
+        return "must not be empty"
+    m = URL_RE.match(v)
+    if m is None:
+        return None
+    if m.group(1).lower() in OBJECT_STORE_SCHEMES:
+        return (
+            f"{v!r} is an object-store URL, and this version reads and writes local "
+            "paths only; give a local folder (a mount of the bucket works)"
+        )
+    return f"{v!r} is a {m.group(1)}:// URL, not a path; give a local folder"
+
+
 def _builder(v: Any) -> str | None:
     if v == "" or BUILDER_RE.fullmatch(v):
         return None
@@ -212,8 +233,8 @@ DAEMON_SCHEMA: Schema = {
 
 MODEL_SCHEMA: Schema = {
     "name": ((str,), REQUIRED, _name),
-    "checkpoint_dir": ((str,), REQUIRED, nonempty),
-    "base_path": ((str,), REQUIRED, nonempty),
+    "checkpoint_dir": ((str,), REQUIRED, _local_path),
+    "base_path": ((str,), REQUIRED, _local_path),
     "source": ((str,), ModelConfig.source, one_of(*SOURCES)),
     "builder": ((str,), "", _builder),
     "python_path": ((list,), [], None),
