@@ -161,3 +161,23 @@ def test_what_the_weights_map_does_not_vouch_for_falls_back_and_leaves_nothing(
     (template / incremental.WEIGHTS_MAP_RELPATH).unlink()
     falls_back("has no assets.extra/ckpt_exporter_weights.json")
     assert bundle.read_index(new).num_shards == 1
+
+
+def test_the_weights_map_covers_the_plain_tf_variables_of_a_tf_module(tmp_path: Path) -> None:
+    """A tf.Module holds tf.Variable objects: their ``value`` is a method, not a wrapper."""
+    import tensorflow as tf
+
+    def module(kernel: float, bias: float) -> tf.Module:
+        m = tf.Module()
+        m.w = tf.Variable(tf.fill([3], kernel), name="dense/kernel")
+        m.b = tf.Variable(tf.fill([2], bias), name="dense/bias")
+        return m
+
+    prefix = tf.train.Checkpoint(model=module(1.0, 2.0)).write(str(tmp_path / "ckpt"))
+    fresh = module(0.0, 0.0)
+    status = tf.train.Checkpoint(model=fresh).read(prefix)
+    status.assert_existing_objects_matched()
+    assert incremental.restored_from(status, prefix) == {
+        "dense/kernel": "model/w/.ATTRIBUTES/VARIABLE_VALUE",
+        "dense/bias": "model/b/.ATTRIBUTES/VARIABLE_VALUE",
+    }

@@ -194,7 +194,10 @@ def restored_from(status: Any, prefix: str) -> dict[str, str]:
         graph.ParseFromString(bundle.read_index(prefix).read_string(OBJECT_GRAPH_KEY))
         for node_id, obj in by_node.items():
             keys = [a.checkpoint_key for a in graph.nodes[node_id].attributes]
-            v = getattr(obj, "value", obj)  # a Keras 3 variable wraps the tf.Variable
+            # A Keras 3 variable wraps its tf.Variable in the property ``value``;
+            # on a plain tf.Variable (a tf.Module's, tf-keras') ``value`` is a method.
+            inner = getattr(obj, "value", None)
+            v = obj if inner is None or callable(inner) else inner
             name = getattr(v, "name", None)
             if len(keys) == 1 and keys[0].endswith("/.ATTRIBUTES/VARIABLE_VALUE") and name:
                 out[name.split(":")[0]] = keys[0]
