@@ -22,14 +22,14 @@ from daemon.sources import Checkpoint, ScanResult, Source
 from daemon.supervisor.metric_reader import MetricReader
 from daemon.supervisor.warm_pool import Proc, WarmChild
 
-#: The phases of a job, in order (the first is metrics' and logs' ``pin``:
-#: the checkpoint is staged, see :mod:`daemon.supervisor.staging`).
-PHASES = ("pin", "export", "validate", "gate", "publish")
-
 
 @dataclass
 class Job:
-    """One checkpoint on its way to becoming a version."""
+    """One checkpoint on its way to becoming a version.
+
+    ``phase`` is one of :data:`daemon.rules.failures.PHASES`; the first,
+    ``pin``, is when the checkpoint is staged (:mod:`daemon.supervisor.staging`).
+    """
 
     model: ModelState
     ckpt: Checkpoint
