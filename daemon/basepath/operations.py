@@ -42,13 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon.basepath.catalog import Published, published_versions, scan_base_path
-from daemon.basepath.layout import PINS_NAME, ROLLED_BACK_DIRNAME, ROLLED_BACK_NAME, state_dir
+from daemon.basepath.layout import PINS_NAME, ROLLED_BACK_NAME, state_dir
 from daemon.basepath.publish import BasePathLock
 from daemon.basepath.storage import BasePathStorage, storage_for
 from daemon.rules.planner import History
-
-PINS_FILENAME = PINS_NAME
-ROLLED_BACK_FILENAME = ROLLED_BACK_NAME
 
 #: How long an operation waits for a publication in progress to release the lock.
 LOCK_TIMEOUT_SECONDS = 30.0
@@ -70,19 +67,9 @@ class LockBusy(OperationError):
 # --- paths ------------------------------------------------------------------
 
 
-def pins_path(base_path: Path) -> Path:
-    """Where ``pins.json`` of ``base_path`` lives (for messages)."""
-    return state_dir(base_path) / PINS_FILENAME
-
-
 def rolled_back_path(base_path: Path) -> Path:
     """Where ``rolled_back.json`` of ``base_path`` lives (for messages)."""
-    return state_dir(base_path) / ROLLED_BACK_FILENAME
-
-
-def rolled_back_dir(base_path: Path) -> Path:
-    """Where the rolled-back versions of ``base_path`` are kept."""
-    return state_dir(base_path) / ROLLED_BACK_DIRNAME
+    return state_dir(base_path) / ROLLED_BACK_NAME
 
 
 # --- shared helpers ---------------------------------------------------------

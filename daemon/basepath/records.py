@@ -10,15 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from daemon.basepath.layout import REJECTED_NAME, state_dir
+from daemon.basepath.layout import REJECTED_NAME
 from daemon.basepath.storage import storage_for
 
 LIMIT = 1000
-
-
-def rejected_path(base_path: Path) -> Path:
-    """Where ``rejected.json`` of ``base_path`` lives (for messages)."""
-    return state_dir(base_path) / REJECTED_NAME
 
 
 def read_rejected(base_path: Path) -> dict[str, dict[str, Any]]:
