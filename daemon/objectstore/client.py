@@ -44,8 +44,13 @@ ErrorKind = Literal[
 CONFIGURATION_KINDS: frozenset[str] = frozenset({"no_bucket", "denied"})
 
 
-class ObjectStoreError(Exception):
-    """An operation failed for good. ``str()`` names the operation, bucket and key."""
+class ObjectStoreError(OSError):
+    """An operation failed for good. ``str()`` names the operation, bucket and key.
+
+    An ``OSError``, because to its callers a base path or checkpoint folder on
+    an object store is storage like a disk: code that handles a failing disk
+    (report, pause the model, retry later) handles a failing bucket too.
+    """
 
     def __init__(self, kind: ErrorKind, operation: str, bucket: str, key: str, detail: str) -> None:
         self.kind: ErrorKind = kind
