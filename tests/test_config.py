@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from daemon.config.loading import (
     load_config,
     parse_config,
 )
+from daemon.objectstore.url import ObjectURL
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -123,6 +125,8 @@ def test_every_key_set_is_kept() -> None:
         "shutdown_grace_seconds": 0,
         "health_stall_seconds": 5,
         "health_failing_seconds": 0.5,
+        "object_store_poll_seconds": 3,
+        "s3_endpoint_url": "https://minio.internal:9000",
     }
     m = model(
         source="tf_checkpoint",
@@ -727,20 +731,77 @@ def test_example_config_loads_and_states_the_defaults() -> None:
 # --- locations that are URLs -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["checkpoint_dir", "base_path"])
-@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/models/m", "S3://b/m"])
-def test_object_store_urls_are_refused_naming_the_key(key: str, url: str) -> None:
-    problem = assert_one_problem(
-        {"models": [model(**{key: url})]}, f"models[0] (m).{key}", repr(url), "object-store URL"
+def test_object_store_urls_become_object_urls_in_any_combination(tmp_path: Path) -> None:
+    cfg = parse(
+        {
+            "daemon": {"s3_endpoint_url": "http://127.0.0.1:9000"},
+            "models": [
+                model(name="a", checkpoint_dir="gs://train-bucket/run/", base_path="serve/a"),
+                model(name="b", checkpoint_dir="runs/b", base_path="S3://serve-bucket/models/b"),
+            ],
+        },
+        tmp_path,
     )
-    assert "local" in problem
+    a, b = cfg.models
+    assert a.checkpoint_dir == ObjectURL("gs", "train-bucket", "run")
+    assert a.base_path == tmp_path / "serve" / "a"
+    assert b.checkpoint_dir == tmp_path / "runs" / "b"
+    # The S3 endpoint of the config travels with every s3:// URL, not with gs:// ones.
+    assert b.base_path == ObjectURL("s3", "serve-bucket", "models/b", "http://127.0.0.1:9000")
+    assert str(b.base_path) == "s3://serve-bucket/models/b"
 
 
-def test_other_urls_are_refused_too() -> None:
+@pytest.mark.parametrize("key", ["checkpoint_dir", "base_path"])
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("gs://Bad_Bucket/run", "not a valid bucket name"),
+        ("s3://bucket/a//b", "empty, '.' or '..' segment"),
+        ("s3://bucket/a/../b", "empty, '.' or '..' segment"),
+        ("hdfs://namenode/models/m", "unsupported URL scheme hdfs://"),
+    ],
+)
+def test_bad_urls_are_refused_naming_the_key(key: str, url: str, fragment: str) -> None:
+    assert_one_problem({"models": [model(**{key: url})]}, f"models[0] (m).{key}", fragment)
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "extra"),
+    [("s3://bucket/m", "boto3", "s3"), ("gs://bucket/m", "google.cloud.storage", "gcs")],
+)
+def test_a_url_whose_client_is_not_installed_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, url: str, module: str, extra: str
+) -> None:
+    # A None entry in sys.modules is how Python marks a module as not importable.
+    monkeypatch.setitem(sys.modules, module, None)
     assert_one_problem(
-        {"models": [model(base_path="hdfs://namenode/models/m")]},
+        {"models": [model(base_path=url)]},
         "models[0] (m).base_path",
-        "hdfs:// URL, not a path",
+        f"needs {module}",
+        f"pip install 'ckpt-exporter[{extra}]'",
+    )
+
+
+def test_a_bad_s3_endpoint_is_refused() -> None:
+    assert_one_problem(
+        {"daemon": {"s3_endpoint_url": "minio:9000"}, "models": [model()]},
+        "daemon.s3_endpoint_url",
+        "http:// or https://",
+    )
+
+
+def test_relative_gate_files_need_a_local_checkpoint_dir() -> None:
+    assert_one_problem(
+        {
+            "models": [
+                model(
+                    checkpoint_dir="gs://bucket/run",
+                    gate={"metric": "loss", "json_file": "metrics.json"},
+                )
+            ]
+        },
+        "models[0] (m).gate.json_file",
+        "not a local folder (gs://bucket/run)",
     )
 
 

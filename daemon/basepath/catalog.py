@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from daemon.basepath.storage import storage_for
+from daemon.objectstore.url import Location
 from daemon.rules.planner import History
 from daemon.rules.versions import VersionEntry, list_versions
 
 
-def scan_base_path(base_path: Path) -> list[VersionEntry]:
+def scan_base_path(base_path: Location) -> list[VersionEntry]:
     """List the versions present in ``base_path`` (empty if it does not exist).
 
     Raises ``OSError`` when it exists but cannot be listed.
@@ -35,7 +36,7 @@ class Published:
     """A version published by this daemon for one model, read back from disk."""
 
     version: int
-    path: Path
+    path: Location
     metadata: Mapping[str, Any]
 
     @property
@@ -67,7 +68,7 @@ def _as_int(value: Any) -> int | None:
         return None
 
 
-def published_versions(base_path: Path, model: str) -> list[Published]:
+def published_versions(base_path: Location, model: str) -> list[Published]:
     """The versions in ``base_path`` that this daemon published for ``model``.
 
     Ownership is proven by the metadata file; a version without it (made by

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from daemon.objectstore.url import Location
+
 #: Where a published version records what it was made from.
 METADATA_RELPATH = Path("assets.extra") / "ckpt_exporter.json"
 #: The validation report of an export, published with it or kept with a failed one.
@@ -57,6 +59,6 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
 
 
-def state_dir(base_path: Path) -> Path:
+def state_dir(base_path: Location) -> Location:
     """The daemon's private folder inside ``base_path`` (created on demand by its writers)."""
     return base_path / STATE_DIRNAME

@@ -38,13 +38,13 @@ import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from daemon.basepath.catalog import Published, published_versions, scan_base_path
 from daemon.basepath.layout import PINS_NAME, ROLLED_BACK_NAME, state_dir
 from daemon.basepath.publish import BasePathLock
 from daemon.basepath.storage import BasePathStorage, storage_for
+from daemon.objectstore.url import Location
 from daemon.rules.planner import History
 
 #: How long an operation waits for a publication in progress to release the lock.
@@ -67,7 +67,7 @@ class LockBusy(OperationError):
 # --- paths ------------------------------------------------------------------
 
 
-def rolled_back_path(base_path: Path) -> Path:
+def rolled_back_path(base_path: Location) -> Location:
     """Where ``rolled_back.json`` of ``base_path`` lives (for messages)."""
     return state_dir(base_path) / ROLLED_BACK_NAME
 
@@ -75,7 +75,7 @@ def rolled_back_path(base_path: Path) -> Path:
 # --- shared helpers ---------------------------------------------------------
 
 
-def acquire_lock(base_path: Path, timeout: float = LOCK_TIMEOUT_SECONDS) -> BasePathLock:
+def acquire_lock(base_path: Location, timeout: float = LOCK_TIMEOUT_SECONDS) -> BasePathLock:
     """Take the base-path lock, retrying for up to ``timeout`` seconds; returns it held.
 
     The daemon holds the lock only while it publishes (a rename and a few
@@ -97,7 +97,7 @@ def acquire_lock(base_path: Path, timeout: float = LOCK_TIMEOUT_SECONDS) -> Base
     return lock
 
 
-def _owned(base_path: Path, model: str) -> list[Published]:
+def _owned(base_path: Location, model: str) -> list[Published]:
     """This daemon's versions of ``model``, oldest first (ties by folder name)."""
     return sorted(published_versions(base_path, model), key=lambda p: (p.version, p.path.name))
 
@@ -108,7 +108,7 @@ def _prefix(p: Published) -> str:
     return str(checkpoint.get("prefix", "")) if isinstance(checkpoint, dict) else ""
 
 
-def _no_versions(base_path: Path, model: str) -> OperationError:
+def _no_versions(base_path: Location, model: str) -> OperationError:
     return OperationError(
         f"no version of model {model!r} published by ckpt-exporter in {base_path}"
     )
@@ -118,7 +118,7 @@ def _listing(versions: Iterable[int]) -> str:
     return ", ".join(str(v) for v in sorted(set(versions))) or "none"
 
 
-def tree_bytes(root: Path) -> int:
+def tree_bytes(root: Location) -> int:
     """Bytes of the regular files of the version at ``root`` (what it costs on disk; 0 if gone)."""
     return storage_for(root.parent).version_bytes(root.name)
 
@@ -126,7 +126,7 @@ def tree_bytes(root: Path) -> int:
 # --- pins -------------------------------------------------------------------
 
 
-def read_pins(base_path: Path) -> frozenset[int]:
+def read_pins(base_path: Location) -> frozenset[int]:
     """The pinned versions of ``base_path``: empty when the file is missing or unreadable.
 
     Entries that are not integers (a hand edit) are ignored, not fatal:
@@ -141,12 +141,12 @@ def read_pins(base_path: Path) -> frozenset[int]:
     return frozenset(v for v in data if isinstance(v, int) and not isinstance(v, bool))
 
 
-def _write_pins(base_path: Path, pins: Iterable[int]) -> None:
+def _write_pins(base_path: Location, pins: Iterable[int]) -> None:
     storage_for(base_path).write_record(PINS_NAME, sorted(set(pins)))
 
 
 def pin_version(
-    base_path: Path, model: str, version: int, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS
+    base_path: Location, model: str, version: int, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS
 ) -> frozenset[int]:
     """Protect ``version`` of ``model`` from retention; returns the pins afterwards.
 
@@ -175,7 +175,7 @@ def pin_version(
 
 
 def unpin_version(
-    base_path: Path, model: str, version: int, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS
+    base_path: Location, model: str, version: int, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS
 ) -> frozenset[int]:
     """Let retention remove ``version`` again; returns the pins afterwards.
 
@@ -241,7 +241,7 @@ class RolledBack:
 
 
 def _load_rolled_back(
-    storage: BasePathStorage, base_path: Path
+    storage: BasePathStorage, base_path: Location
 ) -> tuple[dict[str, Any], RecordProblem | None]:
     """The record as stored, and what is wrong with it.
 
@@ -272,7 +272,7 @@ def _fingerprints(data: Mapping[str, Any]) -> dict[str, Any]:
     return {str(k): v for k, v in fps.items()} if isinstance(fps, dict) else {}
 
 
-def load_rolled_back(base_path: Path) -> RolledBack:
+def load_rolled_back(base_path: Location) -> RolledBack:
     """Read ``rolled_back.json`` of ``base_path`` once: everything the daemon needs from it.
 
     Use one result for one decision (a scan, a publication) instead of the
@@ -287,7 +287,7 @@ def load_rolled_back(base_path: Path) -> RolledBack:
     )
 
 
-def read_rolled_back(base_path: Path) -> tuple[frozenset[str], int]:
+def read_rolled_back(base_path: Location) -> tuple[frozenset[str], int]:
     """``(fingerprints, floor_ns)`` of the rolled-back checkpoints of ``base_path``.
 
     Missing or unreadable file: ``(frozenset(), 0)``, which changes nothing.
@@ -298,7 +298,7 @@ def read_rolled_back(base_path: Path) -> tuple[frozenset[str], int]:
     return record.fingerprints, record.floor_ns
 
 
-def rolled_back_problem(base_path: Path) -> RecordProblem | None:
+def rolled_back_problem(base_path: Location) -> RecordProblem | None:
     """What keeps the rollback record of ``base_path`` from being read, if anything.
 
     A missing record is no problem. Any problem means the caller must not
@@ -310,12 +310,12 @@ def rolled_back_problem(base_path: Path) -> RecordProblem | None:
     return load_rolled_back(base_path).problem
 
 
-def highest_rolled_back_version(base_path: Path) -> int:
+def highest_rolled_back_version(base_path: Location) -> int:
     """The highest version number ever rolled back in ``base_path`` (0 if none)."""
     return load_rolled_back(base_path).highest_version
 
 
-def apply_rolled_back(history: History, base_path: Path) -> History:
+def apply_rolled_back(history: History, base_path: Location) -> History:
     """``history`` with the rolled-back record of ``base_path`` folded in.
 
     Rolled-back fingerprints join ``rejected`` and the floor raises the
@@ -333,8 +333,8 @@ class MovedVersion:
     """A version taken out of TF Serving's sight by a rollback."""
 
     version: int
-    source: Path  # where it was, in the base path
-    destination: Path  # where it is now, under .ckpt-exporter/rolled-back/
+    source: Location  # where it was, in the base path
+    destination: Location  # where it is now, under .ckpt-exporter/rolled-back/
     checkpoint: str  # the checkpoint prefix it was exported from ("" if unknown)
     fingerprint: str
 
@@ -356,7 +356,7 @@ class RollbackResult:
     warnings: tuple[str, ...]
 
 
-def _choose_target(owned: list[Published], model: str, base_path: Path, to: int | None) -> int:
+def _choose_target(owned: list[Published], model: str, base_path: Location, to: int | None) -> int:
     versions = sorted({p.version for p in owned})
     if not versions:
         raise _no_versions(base_path, model)
@@ -382,7 +382,7 @@ def _choose_target(owned: list[Published], model: str, base_path: Path, to: int 
 
 def _record(
     storage: BasePathStorage,
-    base_path: Path,
+    base_path: Location,
     doomed: list[Published],
     now: float,
     warnings: list[str],
@@ -421,7 +421,7 @@ def _record(
 
 
 def rollback(
-    base_path: Path,
+    base_path: Location,
     model: str,
     to: int | None = None,
     *,

@@ -26,9 +26,10 @@ from typing import Any
 
 from daemon.basepath.storage import prune_oldest as _prune_oldest
 from daemon.basepath.storage import storage_for
+from daemon.objectstore.url import Location
 
 
-def prepare_base_path(base_path: Path) -> list[Path]:
+def prepare_base_path(base_path: Location) -> list[Path]:
     """Make ``base_path`` usable at start-up and clean up after a crash.
 
     Creates it if needed, removes the temporary export folders and staging
@@ -40,7 +41,7 @@ def prepare_base_path(base_path: Path) -> list[Path]:
     return storage_for(base_path).prepare()
 
 
-def new_temp_dir(base_path: Path) -> Path:
+def new_temp_dir(base_path: Location) -> Path:
     """Create an empty temporary folder for one export into ``base_path``.
 
     Its name never parses as a version and is tagged with our PID so a later
@@ -50,17 +51,17 @@ def new_temp_dir(base_path: Path) -> Path:
     return storage_for(base_path).new_export_dir()
 
 
-def reset_export_dir(temp_dir: Path, base_path: Path) -> None:
+def reset_export_dir(temp_dir: Path, base_path: Location) -> None:
     """Empty ``temp_dir`` (from :func:`new_temp_dir`) for a fresh export at the same path."""
     storage_for(base_path).reset_export_dir(temp_dir)
 
 
-def discard_export(temp_dir: Path, base_path: Path) -> None:
+def discard_export(temp_dir: Path, base_path: Location) -> None:
     """Delete ``temp_dir`` (from :func:`new_temp_dir`), whatever state it is in; missing is fine."""
     storage_for(base_path).discard_export(temp_dir)
 
 
-def staging_dir(base_path: Path, job_id: str) -> Path:
+def staging_dir(base_path: Location, job_id: str) -> Path:
     """The folder (not created) where job ``job_id`` of this process pins its checkpoint.
 
     Tagged with our PID, so that :func:`remove_stale_staging` of a later start
@@ -69,12 +70,12 @@ def staging_dir(base_path: Path, job_id: str) -> Path:
     return storage_for(base_path).staging_dir(job_id)
 
 
-def discard_staging(staging: Path, base_path: Path) -> None:
+def discard_staging(staging: Path, base_path: Location) -> None:
     """Delete ``staging`` (from :func:`staging_dir`), whatever state it is in; missing is fine."""
     storage_for(base_path).discard_staging(staging)
 
 
-def remove_stale_temps(base_path: Path) -> list[Path]:
+def remove_stale_temps(base_path: Location) -> list[Path]:
     """Remove temporary export folders left by a process that is gone.
 
     Folders of a live process (another daemon on the same base path) are
@@ -84,7 +85,7 @@ def remove_stale_temps(base_path: Path) -> list[Path]:
     return storage_for(base_path).remove_stale_exports()
 
 
-def remove_stale_staging(base_path: Path) -> None:
+def remove_stale_staging(base_path: Location) -> None:
     """Remove the staging folders (``staging/<pid>-<job>``) of processes that are gone.
 
     Same rule as :func:`remove_stale_temps`: a second daemon starting on this
@@ -101,7 +102,7 @@ class BasePathLock:
     process can say who holds it. Each object is its own would-be holder.
     """
 
-    def __init__(self, base_path: Path) -> None:
+    def __init__(self, base_path: Location) -> None:
         self._lock = storage_for(base_path).publish_lock()
         self.path = self._lock.path
 
@@ -126,10 +127,10 @@ class BasePathLock:
 
 def publish(
     temp_dir: Path,
-    base_path: Path,
+    base_path: Location,
     choose_version: Callable[[list[int]], int],
     metadata: Mapping[str, Any],
-) -> tuple[int, Path]:
+) -> tuple[int, Location]:
     """Publish a complete export as the next version. Caller holds the lock.
 
     Writes the metadata (with the version added), makes the export durable,
@@ -143,7 +144,7 @@ def publish(
     return storage_for(base_path).publish(temp_dir, choose_version, metadata)
 
 
-def remove_version(path: Path) -> None:
+def remove_version(path: Location) -> None:
     """Delete the version at ``path``: out of sight first, then its contents.
 
     After the first step TF Serving sees the version gone (it unloads it or
@@ -153,7 +154,7 @@ def remove_version(path: Path) -> None:
     storage_for(path.parent).remove_version(path.name)
 
 
-def move_aside(temp_dir: Path, base_path: Path, label: str, keep: int) -> Path | None:
+def move_aside(temp_dir: Path, base_path: Location, label: str, keep: int) -> Path | None:
     """Keep a failed export for inspection under ``.ckpt-exporter/failed/``.
 
     Only the newest ``keep`` are kept (0 keeps none) so a model that fails

@@ -36,11 +36,12 @@ from daemon.basepath.layout import (
     METADATA_RELPATH,
     ROLLED_BACK_DIRNAME,
     STAGING_DIRNAME,
+    STATE_DIRNAME,
     TEMP_PREFIX,
     TRASH_DIRNAME,
-    state_dir,
 )
 from daemon.durable import fsync_path, fsync_tree, rename_noreplace, write_json_atomic
+from daemon.objectstore.url import Location
 from daemon.rules.versions import list_versions
 
 #: How many times :meth:`PosixStorage.publish` chooses a version again when the
@@ -58,7 +59,7 @@ class PublishLock(Protocol):
     """
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Location:
         """Where the lock lives, for messages."""
         ...
 
@@ -88,7 +89,7 @@ class BasePathStorage(Protocol):
     """
 
     @property
-    def base_path(self) -> Path:
+    def base_path(self) -> Location:
         """The base path this storage reads and writes."""
         ...
 
@@ -170,7 +171,7 @@ class BasePathStorage(Protocol):
         export_dir: Path,
         choose_version: Callable[[list[int]], int],
         metadata: Mapping[str, Any],
-    ) -> tuple[int, Path]:
+    ) -> tuple[int, Location]:
         """Make the complete export in ``export_dir`` the next version. Caller holds the lock.
 
         Writes ``metadata`` (plus ``version`` and ``published_at``) to
@@ -219,7 +220,7 @@ class BasePathStorage(Protocol):
         """
         ...
 
-    def move_to_rolled_back(self, name: str, label: str) -> Path:
+    def move_to_rolled_back(self, name: str, label: str) -> Location:
         """Move version ``name`` whole into ``rolled-back/`` in the state folder; returns where.
 
         Kept there as ``label`` (``label-1``, ``label-2``, ... when that is
@@ -288,7 +289,7 @@ class PosixStorage:
         self.base_path = base_path
 
     def _state(self) -> Path:
-        return state_dir(self.base_path)
+        return self.base_path / STATE_DIRNAME
 
     # --- reading ------------------------------------------------------------
 
@@ -373,7 +374,7 @@ class PosixStorage:
         export_dir: Path,
         choose_version: Callable[[list[int]], int],
         metadata: Mapping[str, Any],
-    ) -> tuple[int, Path]:
+    ) -> tuple[int, Location]:
         """Write the metadata, fsync the tree, rename (no-replace), fsync the base path.
 
         See :meth:`BasePathStorage.publish` for the contract and the class
@@ -438,7 +439,7 @@ class PosixStorage:
         fsync_path(self.base_path)
         shutil.rmtree(hidden, ignore_errors=True)
 
-    def move_to_rolled_back(self, name: str, label: str) -> Path:
+    def move_to_rolled_back(self, name: str, label: str) -> Location:
         dest_dir = self._state() / ROLLED_BACK_DIRNAME
         dest_dir.mkdir(parents=True, exist_ok=True)
         fsync_path(dest_dir.parent)
@@ -479,7 +480,7 @@ class PosixStorage:
         for p in children:
             if not p.name.startswith(TEMP_PREFIX):
                 continue
-            if _owner_alive(p.name[len(TEMP_PREFIX) :]):
+            if owner_alive(p.name[len(TEMP_PREFIX) :]):
                 continue
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
@@ -493,7 +494,7 @@ class PosixStorage:
         except FileNotFoundError:
             return
         for p in children:
-            if not _owner_alive(p.name):
+            if not owner_alive(p.name):
                 shutil.rmtree(p, ignore_errors=True)
 
     def empty_trash(self) -> None:
@@ -557,7 +558,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _owner_alive(name: str) -> bool:
+def owner_alive(name: str) -> bool:
     """For a name ``<pid>-...``: is that process alive (and not us)?
 
     Our own PID counts as gone only for folders we did not create in this
@@ -568,10 +569,10 @@ def _owner_alive(name: str) -> bool:
     return bool(pid and pid != os.getpid() and _pid_alive(pid))
 
 
-def storage_for(base_path: Path) -> BasePathStorage:
-    """The storage backend for ``base_path``.
+def storage_for(base_path: Location) -> BasePathStorage:
+    """The storage backend for ``base_path``: POSIX for a local path, else the object store's."""
+    if isinstance(base_path, Path):
+        return PosixStorage(base_path)
+    from daemon.basepath.objects import ObjectStorage  # imports the store's client lazily
 
-    Always :class:`PosixStorage` today; this is where a URL scheme
-    (``gs://``, ``s3://``) will pick an object-store backend.
-    """
-    return PosixStorage(base_path)
+    return ObjectStorage(base_path)

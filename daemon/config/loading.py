@@ -17,7 +17,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from daemon.config.schema import (
     one_of,
     positive,
 )
+from daemon.objectstore.url import Location, parse_url, url_scheme
 from daemon.rules.gate import GATE_SCHEMA, Gate, parse_gate
 from daemon.sources import SOURCES
 
@@ -102,6 +103,8 @@ class DaemonConfig:
     shutdown_grace_seconds: float = 60.0
     health_stall_seconds: float = 120.0
     health_failing_seconds: float = 21600.0
+    object_store_poll_seconds: float = 10.0
+    s3_endpoint_url: str = ""
 
     @property
     def worker_threads_effective(self) -> int:
@@ -121,8 +124,8 @@ class DaemonConfig:
 @dataclass(frozen=True)  # no slots: the schema reads the class attributes as defaults
 class ModelConfig:
     name: str
-    checkpoint_dir: Path
-    base_path: Path
+    checkpoint_dir: Location
+    base_path: Location
     builder: str = ""
     source: str = "tf_checkpoint"
     python_path: tuple[Path, ...] = ()
@@ -176,25 +179,44 @@ def _nice(v: Any) -> str | None:
     return None if 0 <= v <= 19 else "must be a niceness from 0 (unchanged) to 19 (lowest)"
 
 
-#: ``scheme://``: a URL, not a path (``gs://bucket/prefix``, ``s3://bucket/prefix``).
-URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-#: URL schemes of object stores that checkpoints and base paths will live on.
-OBJECT_STORE_SCHEMES = ("gs", "s3")
+#: The Python module each object-store scheme's client is imported from.
+CLIENT_MODULES = {"gs": "google.cloud.storage", "s3": "boto3"}
 
 
-def _local_path(v: Any) -> str | None:
-    """A local path; a URL is refused, or it would become a folder named ``gs:`` here."""
+def _location(v: Any) -> str | None:
+    """A local path or a ``gs://`` / ``s3://`` URL; any other URL is refused.
+
+    (Without this, ``hdfs://x`` would become a folder named ``hdfs:`` here.)
+    """
     if not v:
         return "must not be empty"
-    m = URL_RE.match(v)
-    if m is None:
+    if url_scheme(v) is None:
         return None
-    if m.group(1).lower() in OBJECT_STORE_SCHEMES:
+    try:
+        url = parse_url(v)
+    except ValueError as e:
+        return f"{e}; or give a local folder"
+    if not _importable(CLIENT_MODULES[url.scheme]):
         return (
-            f"{v!r} is an object-store URL, and this version reads and writes local "
-            "paths only; give a local folder (a mount of the bucket works)"
+            f"{url.scheme}:// needs {CLIENT_MODULES[url.scheme]}, which is not installed: "
+            f"pip install 'ckpt-exporter[{url.extra}]'"
         )
-    return f"{v!r} is a {m.group(1)}:// URL, not a path; give a local folder"
+    return None
+
+
+def _importable(module: str) -> bool:
+    # find_spec finds a module without importing it; for a dotted name it
+    # imports the parents, and raises when one of them is missing.
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def _endpoint(v: Any) -> str | None:
+    if v == "" or re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+        return None
+    return 'must be an http:// or https:// URL (for example "https://minio.internal:9000"), or ""'
 
 
 def _builder(v: Any) -> str | None:
@@ -229,12 +251,14 @@ DAEMON_SCHEMA: Schema = {
     "shutdown_grace_seconds": ((int, float), DaemonConfig.shutdown_grace_seconds, non_negative),
     "health_stall_seconds": ((int, float), DaemonConfig.health_stall_seconds, positive),
     "health_failing_seconds": ((int, float), DaemonConfig.health_failing_seconds, positive),
+    "object_store_poll_seconds": ((int, float), DaemonConfig.object_store_poll_seconds, positive),
+    "s3_endpoint_url": ((str,), DaemonConfig.s3_endpoint_url, _endpoint),
 }
 
 MODEL_SCHEMA: Schema = {
     "name": ((str,), REQUIRED, _name),
-    "checkpoint_dir": ((str,), REQUIRED, _local_path),
-    "base_path": ((str,), REQUIRED, _local_path),
+    "checkpoint_dir": ((str,), REQUIRED, _location),
+    "base_path": ((str,), REQUIRED, _location),
     "source": ((str,), ModelConfig.source, one_of(*SOURCES)),
     "builder": ((str,), "", _builder),
     "python_path": ((list,), [], None),
@@ -370,6 +394,12 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
         path = Path(p).expanduser()
         return (path if path.is_absolute() else root / path).resolve()
 
+    def locate(p: str) -> Location:
+        if url_scheme(p) is None:
+            return resolve(p)
+        url = parse_url(p)  # checked by the schema
+        return replace(url, endpoint=daemon.s3_endpoint_url) if url.scheme == "s3" else url
+
     models: list[ModelConfig] = []
     for i, table in enumerate(models_raw):
         where = f"models[{i}]"
@@ -405,13 +435,14 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
         gate_values = apply_schema(values["gate"], GATE_SCHEMA, f"{where}.gate", problems)
         if len(problems) > n:
             continue
+        checkpoint_dir = locate(values["checkpoint_dir"])
         gate, gate_problems = parse_gate(
-            gate_values, set(values["gate"]), f"{where}.gate", resolve(values["checkpoint_dir"])
+            gate_values, set(values["gate"]), f"{where}.gate", checkpoint_dir
         )
         problems.extend(gate_problems)
         values.update(
-            checkpoint_dir=resolve(values["checkpoint_dir"]),
-            base_path=resolve(values["base_path"]),
+            checkpoint_dir=checkpoint_dir,
+            base_path=locate(values["base_path"]),
             python_path=tuple(resolve(x) for x in pp),
             signature=tuple(sig),
             min_interval_seconds=float(values["min_interval_seconds"]),
@@ -427,7 +458,7 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
         models.append(m)
 
     seen_names: dict[str, int] = {}
-    seen_bases: dict[Path, str] = {}
+    seen_bases: dict[Location, str] = {}
     for m in models:
         if m.name in seen_names:
             problems.append(f"models: name {m.name!r} is used twice; names must be unique")

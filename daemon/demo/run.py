@@ -17,6 +17,7 @@ from pathlib import Path
 
 from daemon import exitcodes, logs
 from daemon.config.loading import load_config
+from daemon.objectstore.url import Location
 from daemon.protocol import ValidationResult
 
 #: The demo gives up (and says so) if it has not finished by then.
@@ -57,9 +58,11 @@ def run_demo(workspace: Path | None, versions: int) -> int:
 
     from daemon.supervisor import Supervisor
 
-    published: list[tuple[int, Path, ValidationResult]] = []
+    published: list[tuple[int, Location, ValidationResult]] = []
 
-    def on_published(_model: str, version: int, path: Path, validation: ValidationResult) -> None:
+    def on_published(
+        _model: str, version: int, path: Location, validation: ValidationResult
+    ) -> None:
         parts = []
         for name, s in sorted(validation["signatures"].items()):
             # A linked export has no exporter outputs, so no difference to show.

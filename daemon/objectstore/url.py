@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 #: Object-store URL schemes the daemon reads and writes, and the extra that
 #: installs each one's client.
@@ -71,12 +72,21 @@ class ObjectURL:
         """The URL of ``name`` below this one."""
         return ObjectURL(self.scheme, self.bucket, self.key(name), self.endpoint)
 
+    def __truediv__(self, name: str) -> ObjectURL:
+        """``url / "7"``: :meth:`child`, so code that joins names reads as it does for a Path."""
+        return self.child(name)
+
     def name_of(self, key: str) -> str:
         """``key`` relative to this prefix (the inverse of :meth:`key`)."""
         folder = self.folder_key()
         if not key.startswith(folder):
             raise ValueError(f"{key!r} is not below {self}")
         return key[len(folder) :]
+
+
+#: Where checkpoints or versions live: a local folder or a prefix in a bucket.
+#: Code that only names a location (logs, records) uses ``str()`` of either.
+Location = Path | ObjectURL
 
 
 def url_scheme(text: str) -> str | None:

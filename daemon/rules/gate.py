@@ -80,15 +80,27 @@ class Gate:
 
 
 def parse_gate(
-    values: Mapping[str, Any], given: Collection[str], where: str, checkpoint_dir: Path
+    values: Mapping[str, Any], given: Collection[str], where: str, checkpoint_dir: Path | object
 ) -> tuple[Gate, list[str]]:
     """A :class:`Gate` from schema-checked ``values``, and the problems of their combination.
 
     ``given`` are the keys the config spelled out (``values`` has defaults too).
     Relative ``json_file`` and ``tensorboard_dir`` are resolved against the
     checkpoint folder: the trainer writes its metrics next to its checkpoints.
+    When that folder is not local (an object-store URL), the metric files
+    must be given as absolute local paths: the gate reads them from disk.
     """
     problems: list[str] = []
+    if not isinstance(checkpoint_dir, Path):
+        for k in ("json_file", "tensorboard_dir"):
+            if values[k] and not Path(values[k]).expanduser().is_absolute():
+                problems.append(
+                    f"{where}.{k}: {values[k]!r} is relative to checkpoint_dir, which is not a "
+                    f"local folder ({checkpoint_dir}); give an absolute local path"
+                )
+        if problems:
+            return Gate(), problems
+        checkpoint_dir = Path("/")  # every path left is absolute
     metric = values["metric"]
     sources = [k for k in ("json_file", "tensorboard_dir") if values[k]]
     if metric and len(sources) != 1:

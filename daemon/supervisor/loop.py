@@ -40,6 +40,7 @@ from daemon import __version__, exitcodes
 from daemon.basepath.records import read_rejected
 from daemon.config.builders import check_builders
 from daemon.config.loading import Config, ConfigError, load_config
+from daemon.objectstore.url import Location
 from daemon.protocol import ValidationResult
 from daemon.rules.health import HealthSnapshot, evaluate
 from daemon.sources import Checkpoint
@@ -60,7 +61,7 @@ from daemon.supervisor.watch import Watcher
 CHILD_KILL_GRACE_SECONDS = 5.0
 
 #: Called with (model, version, path, validation result) after each publication.
-OnPublished = Callable[[str, int, Path, ValidationResult], None]
+OnPublished = Callable[[str, int, Location, ValidationResult], None]
 
 
 class Supervisor:
@@ -95,6 +96,7 @@ class Supervisor:
             "child": lambda _job_id: None,  # the job is advanced right after the queue drains
         }
         self._next_rescan = 0.0
+        self._next_poll = 0.0  # of checkpoint folders on object stores (no events there)
         self._last_status = ""
         self._stopping_notified = False
         self._health = HealthSnapshot(loop_monotonic=time.monotonic())
@@ -250,6 +252,8 @@ class Supervisor:
             return
         if time.monotonic() >= self._next_rescan:
             self._rescan()
+        if time.monotonic() >= self._next_poll:
+            self._poll_remote()
         self._advance_jobs()
         # After the jobs moved on (one may have just finished) and before new
         # ones start, so that the next job finds its children started.
@@ -291,6 +295,13 @@ class Supervisor:
                 st.rejected.update(read_rejected(st.cfg.base_path))
         self._sync_watches()
 
+    def _poll_remote(self) -> None:
+        """Mark models whose checkpoints are on an object store for a scan (no events there)."""
+        self._next_poll = time.monotonic() + self.config.daemon.object_store_poll_seconds
+        for st in self.models.values():
+            if not isinstance(st.cfg.checkpoint_dir, Path):
+                st.dirty = True
+
     def _advance_jobs(self) -> None:
         for st in list(self.models.values()):
             if st.job is not None:
@@ -319,6 +330,8 @@ class Supervisor:
 
     def _next_wake(self, now: float) -> float:
         wake = self._next_rescan
+        if any(not isinstance(s.cfg.checkpoint_dir, Path) for s in self.models.values()):
+            wake = min(wake, self._next_poll)
         for st in self.models.values():
             if st.job is not None:
                 # Poll running jobs (deadline, lock retry) at least every second.
@@ -426,8 +439,13 @@ class Supervisor:
             systemd.notify("READY=1", f"STATUS={self.status_line()}")
 
     def _sync_watches(self) -> None:
+        # Only local folders have events to watch; object stores are polled.
         self.watcher.sync(
-            {n: s.cfg.checkpoint_dir for n, s in self.models.items() if not s.retiring}
+            {
+                n: s.cfg.checkpoint_dir
+                for n, s in self.models.items()
+                if not s.retiring and isinstance(s.cfg.checkpoint_dir, Path)
+            }
         )
         self.metrics.set_watch_backend(self.watcher.backend)
 
@@ -466,5 +484,5 @@ class Supervisor:
         self.log.info("stopped")
 
 
-def _version_path(job: Job) -> Path:
+def _version_path(job: Job) -> Location:
     return job.model.cfg.base_path / str(job.published_version)

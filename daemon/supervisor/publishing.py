@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from daemon import __version__
@@ -24,6 +23,7 @@ from daemon.basepath.catalog import published_versions
 from daemon.basepath.layout import REPORT_RELPATH
 from daemon.basepath.operations import RolledBack, load_rolled_back, read_pins
 from daemon.basepath.publish import BasePathLock, publish, remove_version
+from daemon.objectstore.url import Location
 from daemon.rules.versions import VersionError, next_version, plan_retention, step_version
 from daemon.supervisor.context import Context
 from daemon.supervisor.reporting import report_once
@@ -33,7 +33,7 @@ from daemon.supervisor.state import Job, ModelState
 @dataclass(frozen=True)
 class Published:
     version: int
-    path: Path
+    path: Location
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Skipped:
 class LockBusy:
     """Another process holds the base-path lock: try again on the next turn of the loop."""
 
-    lock: Path
+    lock: Location
     holder: str
 
 

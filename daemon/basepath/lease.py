@@ -1,0 +1,189 @@
+"""The publish lock of a base path on an object store: a lease object.
+
+An object store has no ``flock(2)``, and a lock file would outlive a crashed
+holder. A *lease* is one object, ``.ckpt-exporter/lease``, holding who owns
+it and until when. The rules, each one conditional write:
+
+- take a free lease: create-only write (``If-None-Match: *`` /
+  ``ifGenerationMatch=0``): of two daemons starting at once exactly one wins;
+- renew: replace it only if it is still the object we wrote (its token),
+  every ``ttl / 3`` seconds, from a thread of ours, so a holder that is busy
+  uploading for minutes keeps it;
+- take over an expired lease: replace it only if it is still the expired
+  object we read, so of two daemons taking over at once exactly one wins;
+- release: delete it, if we still hold it.
+
+A renewal that finds the lease replaced means another process took it over
+(we were paused past the expiry): the lease is *lost*, :meth:`LeaseLock.held`
+turns false and the publisher must not commit a version. Expiry compares the
+writer's clock with the reader's, so it assumes clocks within a few seconds
+of each other (NTP); :data:`TAKEOVER_GRACE_SECONDS` absorbs that.
+
+Leases this process holds are registered by base path, so that the publish
+step, which gets its own storage object, can check the lease is still held
+right before the commit write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from daemon.objectstore.client import ObjectInfo, ObjectStore, ObjectStoreError
+from daemon.objectstore.url import ObjectURL
+
+#: How long a lease lasts without renewal.
+LEASE_SECONDS = 60.0
+#: How long past its expiry a lease is left to its holder before a takeover,
+#: for clock skew between machines.
+TAKEOVER_GRACE_SECONDS = 10.0
+
+_held: dict[ObjectURL, LeaseLock] = {}
+_held_lock = threading.Lock()
+
+
+def held_lease(base: ObjectURL) -> LeaseLock | None:
+    """The lease this process holds on ``base``, or None."""
+    with _held_lock:
+        return _held.get(base)
+
+
+class LeaseLock:
+    """A lease on one base path; one object is one would-be holder (see the module docstring)."""
+
+    def __init__(
+        self, store: ObjectStore, base: ObjectURL, key: str, ttl: float = LEASE_SECONDS
+    ) -> None:
+        self.store = store
+        self.base = base
+        self.key = key
+        self.ttl = ttl
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._token: str | None = None
+        self._expires = 0.0
+        self._lost = False
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._mutex = threading.Lock()
+
+    @property
+    def path(self) -> ObjectURL:
+        """Where the lease lives, for messages."""
+        return ObjectURL(self.base.scheme, self.base.bucket, self.key, self.base.endpoint)
+
+    def _body(self) -> bytes:
+        self._expires = time.time() + self.ttl
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "expires_at": self._expires,
+                "ttl_seconds": self.ttl,
+            }
+        ).encode()
+
+    def try_acquire(self) -> bool:
+        """Take the lease without waiting: True if this object holds it now."""
+        info: ObjectInfo | None
+        try:
+            info = self.store.put(self.key, self._body(), if_absent=True)
+        except ObjectStoreError as e:
+            if e.kind != "precondition":
+                raise
+            info = self._take_over_expired()
+        if info is None:
+            return False
+        self._token = info.token
+        self._lost = False
+        self._stop.clear()
+        self._renewer = threading.Thread(target=self._renew_loop, name="lease-renewer", daemon=True)
+        self._renewer.start()
+        with _held_lock:
+            _held[self.base] = self
+        return True
+
+    def _take_over_expired(self) -> ObjectInfo | None:
+        current = self.store.head(self.key)
+        if current is None:
+            # Released between our write and our read: try once more, create-only.
+            try:
+                return self.store.put(self.key, self._body(), if_absent=True)
+            except ObjectStoreError as e:
+                if e.kind == "precondition":
+                    return None
+                raise
+        expires = _expires_at(self._read())
+        if expires is not None and time.time() < expires + TAKEOVER_GRACE_SECONDS:
+            return None
+        try:
+            # Replace only the expired lease we looked at: of two daemons
+            # taking it over at once, the second write fails here.
+            return self.store.put(self.key, self._body(), if_token=current.token)
+        except ObjectStoreError as e:
+            if e.kind in ("precondition", "not_found"):
+                return None
+            raise
+
+    def _read(self) -> dict[str, object]:
+        try:
+            data = json.loads(self.store.get(self.key))
+        except (ObjectStoreError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            with self._mutex:
+                if self._token is None:
+                    return
+                try:
+                    info = self.store.put(self.key, self._body(), if_token=self._token)
+                except ObjectStoreError as e:
+                    if e.kind in ("precondition", "not_found"):
+                        self._lost = True  # taken over: we were paused past the expiry
+                        return
+                    continue  # the store is failing: try again, the lease may still hold
+                self._token = info.token
+
+    def held(self) -> bool:
+        """True while this object holds the lease and it has not expired or been taken over."""
+        return self._token is not None and not self._lost and time.time() < self._expires
+
+    def holder(self) -> str:
+        """Who holds (or last held) the lease, for messages."""
+        data = self._read()
+        if not data:
+            return "unknown"
+        expires = _expires_at(data)
+        left = f", expires in {expires - time.time():.0f} s" if expires is not None else ""
+        return f"pid {data.get('pid', '?')} on {data.get('host', '?')}{left}"
+
+    def release(self) -> None:
+        """Give the lease up; a no-op when this object does not hold it."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
+        with self._mutex:
+            token, self._token = self._token, None
+        with _held_lock:
+            if _held.get(self.base) is self:
+                del _held[self.base]
+        if token is None or self._lost:
+            return
+        current = self.store.head(self.key)
+        # Delete only our own lease (not one taken over after we lost it).
+        # A takeover between this head and the delete would need our lease
+        # to have expired in between, which renewal up to now rules out.
+        if current is not None and current.token == token:
+            self.store.delete(self.key)
+
+
+def _expires_at(data: dict[str, object]) -> float | None:
+    value = data.get("expires_at")
+    return float(value) if isinstance(value, int | float) else None
