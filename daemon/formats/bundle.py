@@ -24,17 +24,23 @@ block.cc, format.cc), read here as:
 
 TensorFlow writes bundle indexes uncompressed; a compressed block, a bad
 magic number or a truncated file raises :class:`BundleFormatError`, and the
-caller falls back to TensorFlow's own reader. :func:`encode_index` writes one
-in the same format (what an incremental export's linked weights need:
-:mod:`daemon.children.incremental`). Both run in children that imported TensorFlow
-(the protos are TensorFlow's generated classes).
+caller falls back to TensorFlow's own reader.
+
+The values are protocol buffers, decoded here by hand from their wire format
+(:func:`parse_index`, standard library only), so the supervisor can read an
+index too: fetching a remote checkpoint by ranges
+(:func:`daemon.supervisor.staging.fetch_checkpoint`) needs every tensor's
+offset, size and checksum without TensorFlow. :func:`encode_index` writes an
+index in the same format (what an incremental export's linked weights need:
+:mod:`daemon.children.incremental`); it runs in children that imported
+TensorFlow and uses its generated proto classes.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from daemon.formats import crc32c, varint
@@ -148,39 +154,167 @@ def _handle(value: bytes) -> tuple[int, int]:
     return offset, size
 
 
-def read_index(prefix: str) -> Bundle:
-    """Every entry of ``PREFIX.index``. OSError if unreadable, BundleFormatError if not a bundle."""
-    from tensorflow.core.protobuf import tensor_bundle_pb2
+def table_items(data: bytes, name: str = "index") -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of the table file ``data``, in key order.
 
-    with open(prefix + ".index", "rb") as f:
-        data = f.read()
+    ``name`` only names the file in errors. BundleFormatError if ``data`` is
+    not a whole, uncompressed table.
+    """
     if len(data) < _FOOTER_SIZE or not data.endswith(TABLE_MAGIC):
-        raise BundleFormatError(f"{prefix}.index is not a complete table")
+        raise BundleFormatError(f"{name} is not a complete table")
     footer = data[-_FOOTER_SIZE:]
     _, pos = _varint(footer, 0)  # metaindex offset
     _, pos = _varint(footer, pos)  # metaindex size (no meta blocks in a bundle)
     index = _handle(footer[pos:])
-    header = tensor_bundle_pb2.BundleHeaderProto()
-    entries: dict[str, Entry] = {}
     for _, handle in _entries(_block(data, index)):
-        for key, value in _entries(_block(data, _handle(handle))):
-            if key == b"":
-                header.ParseFromString(value)
-                continue
-            proto = tensor_bundle_pb2.BundleEntryProto()
-            proto.ParseFromString(value)
-            entries[key.decode("utf-8", "replace")] = Entry(
-                dtype=int(proto.dtype),
-                shape=tuple(d.size for d in proto.shape.dim),
-                shard_id=proto.shard_id,
-                offset=proto.offset,
-                size=proto.size,
-                crc32c=proto.crc32c,
-                sliced=len(proto.slices) > 0,
-            )
-    if header.num_shards < 1:
-        raise BundleFormatError(f"{prefix}.index has no bundle header")
-    return Bundle(prefix=prefix, num_shards=header.num_shards, entries=entries)
+        yield from _entries(_block(data, _handle(handle)))
+
+
+def parse_index(data: bytes, prefix: str) -> Bundle:
+    """The bundle whose index file holds ``data`` (``prefix`` is where its files are).
+
+    Standard library only: the same result :func:`read_index` gives for the
+    file. BundleFormatError if ``data`` is not a whole bundle index.
+    """
+    name = prefix + ".index"
+    num_shards = 0
+    entries: dict[str, Entry] = {}
+    for key, value in table_items(data, name):
+        if key == b"":
+            num_shards = _header_shards(value)
+        else:
+            entries[key.decode("utf-8", "replace")] = _entry(value)
+    if num_shards < 1:
+        raise BundleFormatError(f"{name} has no bundle header")
+    return Bundle(prefix=prefix, num_shards=num_shards, entries=entries)
+
+
+def read_index(prefix: str) -> Bundle:
+    """Every entry of ``PREFIX.index``. OSError if unreadable, BundleFormatError if not a bundle."""
+    with open(prefix + ".index", "rb") as f:
+        data = f.read()
+    return parse_index(data, prefix)
+
+
+# --- protocol buffers' wire format, for the two messages of an index -------------
+# Field numbers from tensorflow/core/protobuf/tensor_bundle.proto and
+# tensor_shape.proto. Unknown fields are skipped, as protobuf parsers do, so
+# an index written by a newer TensorFlow still reads.
+
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+# BundleHeaderProto
+_HEADER_NUM_SHARDS = 1
+# BundleEntryProto
+_ENTRY_DTYPE, _ENTRY_SHAPE, _ENTRY_SHARD_ID, _ENTRY_OFFSET = 1, 2, 3, 4
+_ENTRY_SIZE, _ENTRY_CRC32C, _ENTRY_SLICES = 5, 6, 7
+# TensorShapeProto and its Dim
+_SHAPE_DIM, _DIM_SIZE = 2, 1
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) of each field of one message, in order.
+
+    A varint or fixed field's value is its unsigned integer; a
+    length-delimited field's is its bytes. Groups (deprecated, never in
+    these messages) are refused.
+    """
+    pos, end = 0, len(buf)
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        number, wire = tag >> 3, tag & 7
+        value: int | bytes
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos)
+        elif wire == _FIXED64:
+            if pos + 8 > end:
+                raise BundleFormatError("truncated fixed64 field")
+            (value,) = struct.unpack_from("<Q", buf, pos)
+            pos += 8
+        elif wire == _FIXED32:
+            if pos + 4 > end:
+                raise BundleFormatError("truncated fixed32 field")
+            (value,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+        elif wire == _LENGTH:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise BundleFormatError("truncated length-delimited field")
+            value = buf[pos : pos + length]
+            pos += length
+        else:
+            raise BundleFormatError(f"unsupported wire type {wire} (field {number})")
+        yield number, wire, value
+
+
+def _signed(value: int) -> int:
+    """A varint read as int32/int64: negative values are sent as 64-bit two's complement."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _int(wire: int, value: int | bytes, what: str) -> int:
+    if not isinstance(value, int) or wire not in (_VARINT, _FIXED32, _FIXED64):
+        raise BundleFormatError(f"{what} is not an integer field")
+    return value
+
+
+def _bytes(value: int | bytes, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise BundleFormatError(f"{what} is not a message field")
+    return value
+
+
+def _header_shards(buf: bytes) -> int:
+    """``num_shards`` of a serialized BundleHeaderProto (0 when absent)."""
+    num_shards = 0
+    for number, wire, value in _fields(buf):
+        if number == _HEADER_NUM_SHARDS:
+            num_shards = _signed(_int(wire, value, "num_shards"))
+    return num_shards
+
+
+def _shape(buf: bytes) -> tuple[int, ...]:
+    """The dimension sizes of a serialized TensorShapeProto (``()`` for unknown rank)."""
+    dims = []
+    for number, _wire, value in _fields(buf):
+        if number != _SHAPE_DIM:
+            continue
+        size = 0
+        for n, w, v in _fields(_bytes(value, "shape.dim")):
+            if n == _DIM_SIZE:
+                size = _signed(_int(w, v, "dim.size"))
+        dims.append(size)
+    return tuple(dims)
+
+
+def _entry(buf: bytes) -> Entry:
+    """A serialized BundleEntryProto; proto3 defaults (0, empty) where a field is absent."""
+    dtype = shard_id = offset = size = crc = 0
+    shape: tuple[int, ...] = ()
+    sliced = False
+    for number, wire, value in _fields(buf):
+        if number == _ENTRY_DTYPE:
+            dtype = _signed(_int(wire, value, "dtype"))
+        elif number == _ENTRY_SHAPE:
+            shape = _shape(_bytes(value, "shape"))
+        elif number == _ENTRY_SHARD_ID:
+            shard_id = _signed(_int(wire, value, "shard_id"))
+        elif number == _ENTRY_OFFSET:
+            offset = _signed(_int(wire, value, "offset"))
+        elif number == _ENTRY_SIZE:
+            size = _signed(_int(wire, value, "size"))
+        elif number == _ENTRY_CRC32C:
+            crc = _int(wire, value, "crc32c") & 0xFFFFFFFF
+        elif number == _ENTRY_SLICES:
+            sliced = True
+    return Entry(
+        dtype=dtype,
+        shape=shape,
+        shard_id=shard_id,
+        offset=offset,
+        size=size,
+        crc32c=crc,
+        sliced=sliced,
+    )
 
 
 # --- writing -------------------------------------------------------------------
