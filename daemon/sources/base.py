@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from daemon.config.schema import Schema
+from daemon.objectstore.url import ObjectURL
+from daemon.sources.directory import CheckpointDirectory, Entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,13 +21,21 @@ class Checkpoint:
     when it was finished (the newest mtime of its files) and orders checkpoints
     the way they were written, which stays right when a trainer restarts its
     step count from zero.
+
+    In a checkpoint directory on an object store, ``prefix`` and ``files`` are
+    :class:`~daemon.objectstore.url.ObjectURL` (``.name``, ``.parent`` and
+    ``str()`` as a ``Path``'s) and ``written_ns`` is the store's last-modified
+    time; :func:`daemon.supervisor.staging.fetch_checkpoint` downloads them.
+    ``sizes`` holds the size of each of ``files`` in the same order, as the
+    scan saw them (empty when a source does not record them).
     """
 
-    prefix: Path
+    prefix: Path | ObjectURL
     step: int | None
-    files: tuple[Path, ...]
+    files: tuple[Path | ObjectURL, ...]
     written_ns: int
     fingerprint: str
+    sizes: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -50,28 +59,38 @@ class ScanResult:
     recheck_at: float | None = None
 
 
-def list_directory(directory: Path, result: ScanResult) -> dict[str, os.DirEntry[str]] | None:
+def list_directory(
+    directory: CheckpointDirectory, result: ScanResult, *, recursive: bool = False
+) -> dict[str, Entry] | None:
     """The entries of ``directory`` by name, or None with ``result`` saying why not.
 
-    A directory that does not exist yet is no problem (``directory_exists``
-    is cleared: the trainer has not started); a file in its place is one.
-    Other errors (permissions) propagate: the supervisor reports them.
+    A directory that does not exist yet (on an object store: nothing under the
+    prefix) is no problem (``directory_exists`` is cleared: the trainer has not
+    started); a file in its place is one. Other errors (permissions, and every
+    :class:`~daemon.objectstore.client.ObjectStoreError`) propagate: the
+    supervisor reports them. ``recursive``: see
+    :meth:`~daemon.sources.directory.CheckpointDirectory.entries`.
     """
     try:
-        with os.scandir(directory) as it:
-            return {e.name: e for e in it}
-    except FileNotFoundError:
-        result.directory_exists = False
+        entries = directory.entries(recursive=recursive)
     except NotADirectoryError:
-        result.problems.append(f"{directory} is not a directory")
-    return None
+        result.problems.append(f"{directory.location} is not a directory")
+        return None
+    if entries is None:
+        result.directory_exists = False
+    return entries
 
 
 class Source(Protocol):
     """A checkpoint format. Implementations keep only caches, never decisions."""
 
-    def scan(self, directory: Path) -> ScanResult:
-        """Return the complete checkpoints in ``directory`` now (level-triggered)."""
+    def scan(self, directory: Path | ObjectURL) -> ScanResult:
+        """Return the complete checkpoints in ``directory`` now (level-triggered).
+
+        ``directory`` is an :class:`~daemon.objectstore.url.ObjectURL` only for
+        a source whose kind has ``remote_dirs``; reading it may raise
+        :class:`~daemon.objectstore.client.ObjectStoreError`.
+        """
         ...
 
 
@@ -95,7 +114,12 @@ class SourceKind:
       prove each one came from it (weight parity);
     - ``reusable_exporter``: the exporter builds the model once and restores
       each checkpoint into it, so one export worker may serve many exports
-      of the model (``exporter_max_exports``, see :mod:`daemon.supervisor.warm_pool`).
+      of the model (``exporter_max_exports``, see :mod:`daemon.supervisor.warm_pool`);
+    - ``remote_dirs``: the scanner reads a ``checkpoint_dir`` on an object
+      store (``gs://``, ``s3://``: an :class:`~daemon.objectstore.url.ObjectURL`),
+      polled by listing, and the supervisor fetches each checkpoint into
+      staging (:func:`daemon.supervisor.staging.fetch_checkpoint`) before the
+      export; False: local directories only.
     """
 
     name: str
@@ -107,3 +131,4 @@ class SourceKind:
     path_keys: tuple[str, ...] = ()
     weights_in_checkpoint: bool = False
     reusable_exporter: bool = False
+    remote_dirs: bool = False

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config.schema import non_negative, nonempty, string_list
+from daemon.objectstore.url import ObjectURL
 from daemon.protocol import EXPORTERS_PACKAGE
 from daemon.sources.base import Checkpoint, ScanResult, SourceKind
 
@@ -74,7 +75,14 @@ class KerasFileSource:
         self.settle_seconds: float = float(options.get("settle_seconds", 5.0))
         self._fp_cache: dict[Path, tuple[int, int, str]] = {}
 
-    def scan(self, directory: Path) -> ScanResult:
+    def scan(self, directory: Path | ObjectURL) -> ScanResult:
+        """The complete files matching ``pattern`` in the local folder ``directory``.
+
+        Local only (the kind's ``remote_dirs`` is False): an object-store URL
+        is a ValueError, which config validation keeps from happening.
+        """
+        if not isinstance(directory, Path):
+            raise ValueError(f"{directory}: the keras source reads local directories only")
         result = ScanResult()
         if not directory.exists():
             result.directory_exists = False

@@ -21,6 +21,13 @@ is by write time. The fingerprint hashes ``saved_model.pb``, the variables
 index (it holds a checksum of every tensor) and the size of every file, and is
 cached by the files' (size, mtime), so an unchanged tree costs a listing.
 
+On an object store (``gs://``, ``s3://``) the same rules hold, read from one
+listing of every object below the directory per poll (see
+:mod:`daemon.sources.directory`); a tree is many objects uploaded one by one,
+so without a marker it still has to settle, measured by the store's
+last-modified times (a clock skew between the store and this host shifts
+the wait by as much).
+
 Export, in the worker: copy the pinned tree into the export folder, then load
 the original with TF2's ``tf.saved_model.load`` and run ``serving_default`` on
 the validator's inputs, as the reference the validator compares with. The
@@ -39,11 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config.schema import non_negative
+from daemon.objectstore.url import ObjectURL
 from daemon.protocol import EXPORTERS_PACKAGE
 from daemon.sources.base import Checkpoint, ScanResult, SourceKind, list_directory
+from daemon.sources.directory import CheckpointDirectory, open_directory
 
 _STEP_RE = re.compile(r"(\d+)$")
 _SKIP_PREFIXES = (".", "temp-", "tmp-")
+_GRAPH_FILES = ("saved_model.pb", "saved_model.pbtxt")
 #: Files whose bytes identify a SavedModel's contents; the rest count by size.
 _HASHED = ("saved_model.pb", "saved_model.pbtxt", os.path.join("variables", "variables.index"))
 
@@ -55,29 +65,36 @@ class SavedModelSource:
         options = options or {}
         self.marker: str = options.get("marker", "")
         self.settle_seconds: float = float(options.get("settle_seconds", 5.0))
-        self._fp_cache: dict[Path, tuple[tuple[tuple[str, int, int], ...], str]] = {}
+        self._fp_cache: dict[Path | ObjectURL, tuple[tuple[tuple[str, int, int], ...], str]] = {}
 
-    def scan(self, directory: Path) -> ScanResult:
+    def scan(self, directory: Path | ObjectURL | CheckpointDirectory) -> ScanResult:
+        """The complete SavedModel folders in ``directory`` now (or a caller's view of it)."""
+        view = open_directory(directory)
+        location = view.location
         result = ScanResult()
-        found = list_directory(directory, result)
+        # Recursive: a remote directory answers every folder's walk from one listing.
+        found = list_directory(view, result, recursive=True)
         if found is None:
             return result
-        entries = sorted(n for n, e in found.items() if e.is_dir(follow_symlinks=False))
+        entries = sorted(n for n, e in found.items() if e.is_dir)
         now_ns = time.time_ns()
         for name in entries:
             if name.startswith(_SKIP_PREFIXES):
                 continue
-            folder = directory / name
-            if not any((folder / f).is_file() for f in ("saved_model.pb", "saved_model.pbtxt")):
+            folder = view.path(name)
+            if not any(view.is_file(f"{name}/{f}") for f in _GRAPH_FILES):
                 continue  # not a SavedModel (yet): nothing to say
             try:
-                listing = _listing(folder)
+                walked = view.walk(name)
             except OSError as e:
                 result.problems.append(f"cannot read {folder}: {e}")
                 continue
+            if not walked:
+                continue  # deleted since the listing
+            listing = tuple((e.name, e.size, e.mtime_ns) for e in walked)
             written_ns = max(mtime for _, _, mtime in listing)
             if self.marker:
-                complete = (folder / self.marker).is_file()
+                complete = view.is_file(f"{name}/{self.marker}")
             else:
                 settled_at = written_ns + int(self.settle_seconds * 1e9)
                 complete = now_ns >= settled_at
@@ -88,7 +105,7 @@ class SavedModelSource:
                 result.incomplete.append(name)
                 continue
             try:
-                fp = self._fingerprint(folder, tuple(listing))
+                fp = self._fingerprint(view, name, listing)
             except OSError as e:
                 result.problems.append(f"cannot read {folder}: {e}")
                 continue
@@ -97,18 +114,22 @@ class SavedModelSource:
                 Checkpoint(
                     prefix=folder,
                     step=int(m.group(1)) if m else None,
-                    files=tuple(folder / rel for rel, _, _ in listing),
+                    files=tuple(view.path(f"{name}/{rel}") for rel, _, _ in listing),
                     written_ns=written_ns,
                     fingerprint=fp,
+                    sizes=tuple(size for _, size, _ in listing),
                 )
             )
         for path in list(self._fp_cache):
-            if path.parent == directory and path.name not in entries:
+            if path.parent == location and path.name not in entries:
                 del self._fp_cache[path]
         result.checkpoints.sort(key=lambda c: c.order_key)
         return result
 
-    def _fingerprint(self, folder: Path, listing: tuple[tuple[str, int, int], ...]) -> str:
+    def _fingerprint(
+        self, view: CheckpointDirectory, name: str, listing: tuple[tuple[str, int, int], ...]
+    ) -> str:
+        folder = view.path(name)
         cached = self._fp_cache.get(folder)
         if cached and cached[0] == listing:
             return cached[1]
@@ -116,21 +137,10 @@ class SavedModelSource:
         for rel, size, _mtime in listing:
             h.update(f"{rel}\0{size}\n".encode())
             if rel in _HASHED:
-                h.update((folder / rel).read_bytes())
+                h.update(view.read_bytes(f"{name}/{rel}"))
         fp = "sha256:" + h.hexdigest()
         self._fp_cache[folder] = (listing, fp)
         return fp
-
-
-def _listing(folder: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of every file under ``folder``, sorted."""
-    out = []
-    for root, _dirs, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            st = os.stat(path)
-            out.append((os.path.relpath(path, folder), st.st_size, st.st_mtime_ns))
-    return sorted(out)
 
 
 KIND = SourceKind(
@@ -142,4 +152,5 @@ KIND = SourceKind(
         "settle_seconds": ((int, float), 5.0, non_negative),
     },
     builder="unused",
+    remote_dirs=True,
 )

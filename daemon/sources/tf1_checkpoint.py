@@ -16,13 +16,11 @@ tables are filled when TF Serving loads the model.
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Any
 
 from daemon.config.schema import REQUIRED, nonempty, one_of, string_table
 from daemon.protocol import EXPORTERS_PACKAGE
-from daemon.sources.base import ScanResult, SourceKind
+from daemon.sources.base import SourceKind
 from daemon.sources.tf_checkpoint import TFCheckpointSource
 
 METHODS = (
@@ -33,19 +31,14 @@ METHODS = (
 
 
 class TF1CheckpointSource(TFCheckpointSource):
-    """TF2's completeness rule plus the ``.meta`` graph, which is pinned along."""
+    """TF2's completeness rule plus the ``.meta`` graph, which is pinned along.
 
-    def scan(self, directory: Path) -> ScanResult:
-        result = super().scan(directory)
-        complete = []
-        for ckpt in result.checkpoints:
-            meta = ckpt.prefix.with_name(ckpt.prefix.name + ".meta")
-            if meta.is_file():
-                complete.append(dataclasses.replace(ckpt, files=(*ckpt.files, meta)))
-            else:
-                result.incomplete.append(ckpt.name)  # Saver writes the graph last
-        result.checkpoints = complete
-        return result
+    Works on object stores as the TF2 source does: the ``.meta`` is looked
+    for in the same listing, so it costs no request of its own.
+    """
+
+    def _extra_files(self, prefix: str) -> tuple[str, ...]:
+        return (prefix + ".meta",)  # Saver writes the graph last
 
 
 def _tensor_table(v: Any) -> str | None:
@@ -67,4 +60,5 @@ KIND = SourceKind(
     },
     builder="unused",
     weights_in_checkpoint=True,
+    remote_dirs=True,
 )
