@@ -232,3 +232,69 @@ def mapped_export(out: Path, prefix: Path, code_files: dict[str, list[int]] | No
     )
     assert why_not is None, why_not
     return out
+
+
+# -- object stores: real servers on 127.0.0.1 (tests/objectstores.py) --------
+
+#: The bucket the session's servers start with.
+OBJECT_STORE_BUCKET = "ckpt-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto's S3 on 127.0.0.1 with bucket ``ckpt-test``, stopped at the end of the session."""
+    from objectstores import S3Server, create_bucket
+
+    server = S3Server(tmp_path_factory.mktemp("moto")).start()
+    try:
+        create_bucket("s3", server.url, OBJECT_STORE_BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """fake-gcs-server on 127.0.0.1 with bucket ``ckpt-test``, stopped at the end of the session."""
+    from objectstores import GCSServer, create_bucket
+
+    server = GCSServer(tmp_path_factory.mktemp("fake-gcs")).start()
+    try:
+        create_bucket("gs", server.url, OBJECT_STORE_BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["s3", "gs"])
+def object_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``(store, bucket, url)``: a client of each backend and a fresh, empty prefix.
+
+    The endpoint variables (``AWS_ENDPOINT_URL_S3`` with dummy credentials,
+    or ``STORAGE_EMULATOR_HOST``) are set for this test only, so a client a
+    test builds itself (``S3Store(bucket)``, ``GCSStore(bucket)``) reaches
+    the same server; the client cache is emptied before and after.
+    """
+    import uuid
+
+    from objectstores import DUMMY_AWS_ENV
+
+    from daemon.objectstore.clients import client_for, reset_clients
+    from daemon.objectstore.url import ObjectURL
+
+    scheme = str(request.param)
+    if scheme == "s3":
+        server = request.getfixturevalue("s3_server")
+        for name, value in DUMMY_AWS_ENV.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.url)
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    else:
+        server = request.getfixturevalue("gcs_server")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+    url = ObjectURL(scheme, OBJECT_STORE_BUCKET, f"t-{uuid.uuid4().hex[:12]}")
+    reset_clients()
+    try:
+        yield client_for(url), OBJECT_STORE_BUCKET, url
+    finally:
+        reset_clients()
