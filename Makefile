@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install lint unit e2e faults bench clean
+.PHONY: demo test install lint unit e2e faults objectstores bench clean
 
 $(BIN)/ckpt-exporter: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,20 @@ lint: install
 	$(BIN)/mypy daemon
 
 unit: install
-	$(BIN)/python -m pytest -q -m "not e2e and not faults"
+	$(BIN)/python -m pytest -q -m "not e2e and not faults and not objectstore"
 
+# Each test runs in one suite: objectstore-marked tests only in make
+# objectstores, a test marked both e2e and faults only in make e2e.
 e2e: install
-	$(BIN)/python -m pytest -q -m e2e
+	$(BIN)/python -m pytest -q -m "e2e and not objectstore"
 
 faults: install
-	$(BIN)/python -m pytest -q -m faults
+	$(BIN)/python -m pytest -q -m "faults and not e2e and not objectstore"
+
+# The object-store clients against real servers on 127.0.0.1 (moto's S3,
+# fake-gcs-server), with a fault-injecting proxy (about 1 minute).
+objectstores: install
+	$(BIN)/python -m pytest -q -m objectstore
 
 # The benchmark suite (about 15 minutes on 2 cores): a table on stdout, JSON in bench/results.json.
 bench: install
@@ -39,9 +46,10 @@ bench: install
 
 # Lint and the fast tests (about 2 minutes on 2 cores). The heavy suites have
 # targets of their own, which CI runs too: make e2e (real trainers, daemons and
-# signals, about 14 minutes) and make faults (about 5 minutes).
+# signals, about 14 minutes), make faults (about 5 minutes) and make
+# objectstores (about 1 minute).
 test: lint
-	$(BIN)/python -m pytest -q -m "not e2e and not faults"
+	$(BIN)/python -m pytest -q -m "not e2e and not faults and not objectstore"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
