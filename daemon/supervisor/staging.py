@@ -27,14 +27,16 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import struct
 import threading
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.formats import crc32c
+from daemon.formats import crc32c, varint
 from daemon.formats.bundle import Bundle, BundleFormatError, parse_index
+from daemon.formats.bundle import Entry as BundleEntry
 from daemon.objectstore.client import ObjectStore, ObjectStoreError
 from daemon.objectstore.url import ObjectURL
 from daemon.sources.base import Checkpoint
@@ -112,13 +114,51 @@ def stage_checkpoint(ckpt: Checkpoint, staging: Path) -> tuple[Path, str]:
 # --- fetching a checkpoint from an object store ----------------------------------
 
 
-def _masked_crc32c(data: bytes) -> int | None:
-    """The masked CRC-32C of ``data`` as a bundle index stores it; None if too slow to compute."""
+#: tensorflow.DataType values whose bytes are not the plain tensor buffer.
+_DT_STRING, _DT_RESOURCE, _DT_VARIANT = 7, 20, 21
+
+
+def _crc32c_of(data: bytes) -> int | None:
+    """The CRC-32C of ``data``; None when only the pure-Python one is there and it is too big."""
     if _FAST_CRC32C is not None:
-        crc = _FAST_CRC32C(data)
-    elif len(data) <= PURE_PYTHON_CRC_LIMIT:
-        crc = crc32c.crc32c(data)
-    else:
+        return _FAST_CRC32C(data)
+    if len(data) <= PURE_PYTHON_CRC_LIMIT:
+        return crc32c.crc32c(data)
+    return None
+
+
+def _checksummed(entry: BundleEntry, data: bytes) -> bytes | None:
+    """The bytes the entry's checksum covers, as ``BundleWriter`` computes it; None if unknown.
+
+    A numeric tensor's checksum covers its stored bytes. A string tensor is
+    stored as the varint64 length of each element, a 4-byte checksum of the
+    lengths, then the elements; its checksum covers each length as a
+    little-endian uint32 (uint64 past 4 GiB: tensor_bundle.cc keeps this for
+    backward compatibility) instead of the varint, then the rest as stored.
+    Variant and resource tensors are written by other code: not checked.
+    """
+    if entry.dtype in (_DT_RESOURCE, _DT_VARIANT):
+        return None
+    if entry.dtype != _DT_STRING:
+        return data
+    count = 1
+    for d in entry.shape:
+        count *= d
+    lengths, pos = bytearray(), 0
+    try:
+        for _ in range(count):
+            n, pos = varint.decode(data, pos)
+            lengths += struct.pack("<I", n) if n <= 0xFFFFFFFF else struct.pack("<Q", n)
+    except ValueError:
+        return b""  # not even the lengths parse: no checksum can match
+    return bytes(lengths) + data[pos:]
+
+
+def _masked_crc32c(entry: BundleEntry, data: bytes) -> int | None:
+    """The masked CRC-32C the index would record for ``data``; None if not checked."""
+    covered = _checksummed(entry, data)
+    crc = None if covered is None else _crc32c_of(covered)
+    if crc is None:
         return None
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
@@ -130,8 +170,8 @@ class _Span:
     shard: int
     start: int
     end: int
-    #: (tensor key, offset, size, masked crc32c) of each tensor inside.
-    tensors: list[tuple[str, int, int, int]] = field(default_factory=list)
+    #: (tensor key, its index entry) of each tensor inside.
+    tensors: list[tuple[str, BundleEntry]] = field(default_factory=list)
 
 
 def plan_ranges(
@@ -146,13 +186,13 @@ def plan_ranges(
     is not in the index.
     """
     wanted = sorted(
-        (e.shard_id, e.offset, e.size, key, e.crc32c)
+        (e.shard_id, e.offset, e.size, key)
         for key in set(tensors)
         for e in (bundle.entries[key],)
         if e.size > 0
     )
     spans: list[_Span] = []
-    for shard, offset, size, key, crc in wanted:
+    for shard, offset, size, key in wanted:
         last = spans[-1] if spans else None
         end = offset + size
         if (
@@ -165,7 +205,7 @@ def plan_ranges(
         else:
             last = _Span(shard, offset, end)
             spans.append(last)
-        last.tensors.append((key, offset, size, crc))
+        last.tensors.append((key, bundle.entries[key]))
     return spans
 
 
@@ -273,13 +313,13 @@ def fetch_checkpoint(
     index = next(((u, d) for u, d in files if u.name == prefix.name + ".index"), None)
     rest = files
     if index is not None:
+        rest = [(u, d) for u, d in files if u != index[0]]
         # The index first: it says where the tensors are, and proves the
         # checkpoint is still the one scanned.
         data = _get(state, index[0])
         index[1].write_bytes(data)
         state.add(len(data))
         _check_identity(ckpt, data, sizes, index[0])
-        rest = [f for f in files if f is not index]
         if tensors is not None:
             bundle = _bundle(data, str(staged), tensors)
             if bundle is not None:
@@ -380,10 +420,11 @@ def _fetch_ranges(
                         f"got {len(data)} bytes of {length} at {span.start}: "
                         "the object is shorter than its index says",
                     )
-                for key, offset, size, crc in span.tensors:
+                for key, entry in span.tensors:
+                    offset, size = entry.offset, entry.size
                     piece = data[offset - span.start : offset - span.start + size]
-                    actual = _masked_crc32c(piece)
-                    if actual is not None and actual != crc:
+                    actual = _masked_crc32c(entry, piece)
+                    if actual is not None and actual != entry.crc32c:
                         raise ObjectStoreError(
                             "corrupt",
                             "get_range",
