@@ -782,6 +782,24 @@ def test_a_url_whose_client_is_not_installed_names_the_extra(
     )
 
 
+def test_a_source_that_reads_local_folders_only_refuses_a_remote_checkpoint_dir() -> None:
+    assert_one_problem(
+        {
+            "models": [
+                model(
+                    checkpoint_dir="s3://bucket/run",
+                    source="command",
+                    builder="",
+                    command={"argv": ["true", "{checkpoint}", "{output_dir}"]},
+                )
+            ]
+        },
+        "models[0] (m).checkpoint_dir",
+        "source = 'command' reads local folders only",
+        "tf_checkpoint",
+    )
+
+
 def test_a_bad_s3_endpoint_is_refused() -> None:
     assert_one_problem(
         {"daemon": {"s3_endpoint_url": "minio:9000"}, "models": [model()]},

@@ -23,7 +23,7 @@ def test_example_config_is_valid() -> None:
 def test_every_config_key_is_documented_in_the_example() -> None:
     text = EXAMPLE.read_text()
     # Keys may be commented out (optional tables), so look for "key =" anywhere.
-    documented = set(re.findall(r"^[#\s]*([a-z_]+)\s*=", text, re.M))
+    documented = set(re.findall(r"^[#\s]*([a-z][a-z0-9_]*)\s*=", text, re.M))
     documented |= {"signature"} if "[models.signature]" in text else set()
     documented |= {"gate"} if "[models.gate]" in text else set()
     source_options = {k for kind in SOURCES.values() for k in kind.options} | set(GATE_SCHEMA)
@@ -37,7 +37,9 @@ def test_every_config_key_is_in_the_readme_tables() -> None:
     readme = (ROOT / "README.md").read_text()
     rows = [ln for ln in readme.splitlines() if ln.startswith("| `")]
     named = {
-        k for ln in rows for k in re.findall(r"`\[?(?:models\.)?([a-z_]+)\]?`", ln.split("|")[1])
+        k
+        for ln in rows
+        for k in re.findall(r"`\[?(?:models\.)?([a-z][a-z0-9_]*)\]?`", ln.split("|")[1])
     }
     missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA)) - named
     assert not missing, f"README.md's key tables lack {sorted(missing)}"

@@ -258,6 +258,7 @@ def test_model_failures_are_todays_set() -> None:
         "sample_inputs",
         "warmup_unavailable",
         "gate_unusable",
+        "object_store_unusable",
     } == MODEL_FAILURES
     assert isinstance(MODEL_FAILURES, frozenset)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 from daemon.basepath.catalog import Published
+from daemon.basepath.layout import OBJECT_GRAPH_TENSOR, WEIGHTS_MAP_RELPATH
 from daemon.config.loading import DaemonConfig, ModelConfig, parse_config
 from daemon.protocol import ExportRequest
 from daemon.supervisor import reuse
@@ -93,6 +95,26 @@ def test_the_template_is_the_newest_version_with_the_same_graph_key(tmp_path: Pa
         return Published(version=v, path=tmp_path / str(v), metadata={"export_key": key})
 
     published = [version(1, "a"), version(3, "a"), version(4, "b"), version(2, "a")]
-    assert reuse.template(published, "a") == str(tmp_path / "3")
-    assert reuse.template(published, "c") is None
-    assert reuse.template(published, None) is None
+    for v in published:
+        (tmp_path / str(v.version)).mkdir()
+    assert reuse.template(tmp_path, published, "a") == str(tmp_path / "3")
+    assert reuse.template(tmp_path, published, "c") is None
+    assert reuse.template(tmp_path, published, None) is None
+    # A version gone from the disk meanwhile (removed by hand) is no template.
+    (tmp_path / "3").rmdir()
+    assert reuse.template(tmp_path, published, "a") is None
+
+
+def test_needed_tensors_are_the_weights_map_and_the_object_graph(tmp_path: Path) -> None:
+    template = tmp_path / "7"
+    assert reuse.needed_tensors(None) is None
+    assert reuse.needed_tensors(str(template)) is None  # no weights map: everything
+    (template / WEIGHTS_MAP_RELPATH).parent.mkdir(parents=True)
+    (template / WEIGHTS_MAP_RELPATH).write_text(
+        json.dumps({"variables": {"v/.ATTRIBUTES/VARIABLE_VALUE": "model/dense/kernel/x"}})
+    )
+    assert reuse.needed_tensors(str(template)) == {"model/dense/kernel/x", OBJECT_GRAPH_TENSOR}
+    (template / WEIGHTS_MAP_RELPATH).write_text(json.dumps({"variables": {"a": 3}}))
+    assert reuse.needed_tensors(str(template)) is None  # not a map: everything
+    (template / WEIGHTS_MAP_RELPATH).write_text("{not json")
+    assert reuse.needed_tensors(str(template)) is None

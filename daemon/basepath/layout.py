@@ -38,6 +38,13 @@ STATE_DIRNAME = ".ckpt-exporter"
 TEMP_PREFIX = ".ckpt-exporter-tmp-"
 
 
+#: Which checkpoint tensor each variable of a version was restored from
+#: (:mod:`daemon.children.incremental`): what a linked export of the next
+#: checkpoint reads, and all that needs fetching of one on an object store.
+WEIGHTS_MAP_RELPATH = Path("assets.extra") / "ckpt_exporter_weights.json"
+#: The tensor of a TF2 checkpoint holding its object graph.
+OBJECT_GRAPH_TENSOR = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
 #: TF Serving's warmup file inside a version: replayed at load, a failing record fails the load.
 WARMUP_RELPATH = Path("assets.extra") / "tf_serving_warmup_requests"
 #: TF Serving refuses to load a version whose warmup file holds more records.

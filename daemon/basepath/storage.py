@@ -119,6 +119,14 @@ class BasePathStorage(Protocol):
         """Bytes of the regular files of version ``name`` (0 when it is gone)."""
         ...
 
+    def local_copy(self, name: str) -> Path | None:
+        """A local folder holding version ``name`` whole, or None when there is none.
+
+        What an export reads a template graph from (the version itself on a
+        filesystem; on an object store the copy kept of the last upload).
+        """
+        ...
+
     # --- records in the state folder -----------------------------------------
 
     def read_record(self, name: str) -> Any:
@@ -320,6 +328,10 @@ class PosixStorage:
                 except OSError:
                     continue
         return total
+
+    def local_copy(self, name: str) -> Path | None:
+        path = self.base_path / name
+        return path if path.is_dir() else None
 
     # --- records --------------------------------------------------------------
 

@@ -59,15 +59,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from daemon.basepath.layout import OBJECT_GRAPH_TENSOR, WEIGHTS_MAP_RELPATH
 from daemon.formats import bundle
 from daemon.protocol import Incremental
 
 #: The checkpoint entry holding the object graph (copied as it is).
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+OBJECT_GRAPH_KEY = OBJECT_GRAPH_TENSOR
 #: What is not taken over from the template version.
 _NOT_COPIED = frozenset({"variables", "assets.extra", "fingerprint.pb"})
 #: Which checkpoint tensor each variable of an export holds (see the module docstring).
-WEIGHTS_MAP_RELPATH = Path("assets.extra", "ckpt_exporter_weights.json")
 #: What a linked export takes over from the template's assets.extra: the map,
 #: and the warmup records (inputs for the same graph).
 _EXTRA_COPIED = ("ckpt_exporter_weights.json", "tf_serving_warmup_requests")

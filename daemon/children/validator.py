@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn, Unpack
 
 from daemon import exitcodes
-from daemon.basepath.layout import WARMUP_RELPATH
+from daemon.basepath.layout import WARMUP_RELPATH, WEIGHTS_MAP_RELPATH
 from daemon.children import incremental, reference, runtime, samples, warmup_records
 from daemon.formats import bundle
 from daemon.protocol import (
@@ -147,7 +147,7 @@ def _unmatched_by_map(
     """
     names = sorted(k for k in saved.entries if k not in _NOT_VARIABLES)
     mapping: dict[str, str] = record["variables"]
-    where = f"{saved_model}/{incremental.WEIGHTS_MAP_RELPATH}"
+    where = f"{saved_model}/{WEIGHTS_MAP_RELPATH}"
     if set(mapping) != set(names):
         missing = sorted(set(names) ^ set(mapping))[:3]
         raise runtime.ChildFailure(
@@ -345,7 +345,7 @@ def _validate(
         # checked tensor by tensor, or nothing proves the weights.
         report["reference"] = "none: linked weights, checked by their weights map"
         if not req.get("checkpoint") or not os.path.exists(
-            os.path.join(path, str(incremental.WEIGHTS_MAP_RELPATH))
+            os.path.join(path, str(WEIGHTS_MAP_RELPATH))
         ):
             raise runtime.ChildFailure(
                 "no_reference",

@@ -436,6 +436,13 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
         if len(problems) > n:
             continue
         checkpoint_dir = locate(values["checkpoint_dir"])
+        if not isinstance(checkpoint_dir, Path) and not SOURCES[values["source"]].remote_dirs:
+            remote = sorted(k for k, v in SOURCES.items() if v.remote_dirs)
+            problems.append(
+                f"{where}.checkpoint_dir: source = {values['source']!r} reads local folders "
+                f"only; sources that read gs:// and s3:// are {', '.join(remote)}"
+            )
+            continue
         gate, gate_problems = parse_gate(
             gate_values, set(values["gate"]), f"{where}.gate", checkpoint_dir
         )

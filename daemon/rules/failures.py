@@ -325,6 +325,15 @@ _ALL: tuple[Failure, ...] = (
         "no valid version number for the checkpoint (step policy: no step, or not above "
         "the newest version; or the int64 limit reached)",
     ),
+    # --- object stores (fetching a checkpoint, publishing a version)
+    Failure(
+        "object_store_unusable",
+        ("pin", "publish"),
+        "model",
+        "the bucket is missing, or the credentials are missing, wrong or not allowed the "
+        "operation on it (the error names the bucket, object and operation); the model "
+        "pauses until a reload",
+    ),
 )
 
 #: Every failure reason the daemon can produce, by reason.

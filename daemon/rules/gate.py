@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config.schema import Schema, command_line, non_negative, one_of, template_problem
+from daemon.objectstore.url import Location
 
 MODES = ("min", "max")
 LAST_PUBLISHED = "last_published"
@@ -80,7 +81,7 @@ class Gate:
 
 
 def parse_gate(
-    values: Mapping[str, Any], given: Collection[str], where: str, checkpoint_dir: Path | object
+    values: Mapping[str, Any], given: Collection[str], where: str, checkpoint_dir: Location
 ) -> tuple[Gate, list[str]]:
     """A :class:`Gate` from schema-checked ``values``, and the problems of their combination.
 
@@ -178,9 +179,9 @@ def decide(value: float, mode: str, best: float | None) -> bool:
 
 
 def command_argv(
-    gate: Gate, export_dir: Path, checkpoint: Path, model: str, step: int | None
+    gate: Gate, export_dir: Path, checkpoint: Location, model: str, step: int | None
 ) -> list[str]:
-    """The gate command with its placeholders filled in."""
+    """The gate command with its placeholders filled in (a remote checkpoint as its URL)."""
     fill = {
         "export_dir": str(export_dir),
         "checkpoint": str(checkpoint),

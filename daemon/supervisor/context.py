@@ -9,6 +9,7 @@ handlers) reach the main loop: they only ever put a message on it.
 from __future__ import annotations
 
 import queue
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,12 @@ class Context:
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
     #: Set once a stop was requested: no new job starts.
     stopping: bool = False
+    #: Where storage work that takes seconds runs (fetching a checkpoint from
+    #: an object store, uploading a version), so the loop keeps turning: the
+    #: job polls its future (``Job.io``) like it polls a child.
+    io: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="storage-io")
+    )
 
     def running_jobs(self) -> int:
         return sum(1 for st in self.models.values() if st.job is not None)

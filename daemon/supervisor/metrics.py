@@ -11,14 +11,17 @@ import contextlib
 import json
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 from daemon import __version__
+from daemon.objectstore.traffic import TRAFFIC
 from daemon.rules.failures import PHASES, known_failures_by_phase
 
 #: Export phases take from a fraction of a second (tiny models) to an hour
@@ -152,6 +155,7 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        r.register(ObjectStoreCollector())
 
     def init_model(self, model: str) -> None:
         """Create every label set for ``model`` so rates and alerts see zeros, not gaps."""
@@ -211,6 +215,47 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ObjectStoreCollector(Collector):
+    """Exposes the process's object-store counters (:data:`daemon.objectstore.traffic.TRAFFIC`).
+
+    Read at scrape time from one consistent snapshot; the backends count,
+    this only translates. Series appear once a scheme was used.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        snap = TRAFFIC.snapshot()
+        requests = CounterMetricFamily(
+            "ckpt_exporter_object_store_requests",
+            "Object-store operations by scheme, operation and outcome "
+            "(ok, or the error kind it failed with after retries).",
+            labels=["scheme", "operation", "outcome"],
+        )
+        for (scheme, operation, outcome), n in sorted(snap.requests.items()):
+            requests.add_metric([scheme, operation, outcome], n)
+        uploaded = CounterMetricFamily(
+            "ckpt_exporter_object_store_uploaded_bytes",
+            "Bytes written to object stores.",
+            labels=["scheme"],
+        )
+        for scheme, n in sorted(snap.bytes_uploaded.items()):
+            uploaded.add_metric([scheme], n)
+        downloaded = CounterMetricFamily(
+            "ckpt_exporter_object_store_downloaded_bytes",
+            "Bytes read from object stores (listings excluded).",
+            labels=["scheme"],
+        )
+        for scheme, n in sorted(snap.bytes_downloaded.items()):
+            downloaded.add_metric([scheme], n)
+        retries = CounterMetricFamily(
+            "ckpt_exporter_object_store_retries",
+            "Object-store requests repeated after a retryable failure (5xx, 429, resets).",
+            labels=["scheme"],
+        )
+        for scheme, n in sorted(snap.retries.items()):
+            retries.add_metric([scheme], n)
+        yield from (requests, uploaded, downloaded, retries)
 
 
 class HTTPServer(ThreadingHTTPServer):

@@ -19,7 +19,7 @@ from daemon.config.loading import Config, ModelConfig
 from daemon.sources import SOURCES
 from daemon.supervisor.context import Context
 from daemon.supervisor.publishing import Publisher
-from daemon.supervisor.reporting import report_once
+from daemon.supervisor.reporting import pause_if_bucket_unusable, report_once
 from daemon.supervisor.state import ModelState
 
 
@@ -53,6 +53,8 @@ class Models:
             for p in prepare_base_path(base):
                 self.ctx.log.info("removed_stale_temp_dir", model=st.cfg.name, path=str(p))
         except OSError as e:
+            if pause_if_bucket_unusable(self.ctx.log, st, e, str(base)):
+                return
             report_once(
                 self.ctx.log,
                 st,

@@ -19,6 +19,7 @@ from daemon.basepath.records import write_rejected
 from daemon.rules.failures import MODEL_FAILURES, backoff_seconds
 from daemon.supervisor.context import Context
 from daemon.supervisor.launcher import Launcher
+from daemon.supervisor.reporting import BUCKET_HINT
 from daemon.supervisor.state import Job, ModelState
 
 _PAUSED_HINT = (
@@ -58,7 +59,8 @@ class Outcomes:
         record = {"reason": reason, "error": message[:2000], "at": time.time()}
         if permanent and reason in MODEL_FAILURES:
             st.paused = record
-            self.ctx.log.error("model_paused", **fields, hint=_PAUSED_HINT)
+            hint = BUCKET_HINT if reason == "object_store_unusable" else _PAUSED_HINT
+            self.ctx.log.error("model_paused", **fields, hint=hint)
         elif permanent:
             st.rejected[job.ckpt.fingerprint] = {"checkpoint": str(job.ckpt.prefix), **record}
             write_rejected(st.cfg.base_path, st.rejected)

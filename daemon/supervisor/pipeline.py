@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import signal
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ from daemon.basepath.layout import REPORT_RELPATH
 from daemon.basepath.operations import tree_bytes
 from daemon.basepath.publish import new_temp_dir, reset_export_dir, staging_dir
 from daemon.durable import write_json_atomic
+from daemon.objectstore.client import CONFIGURATION_KINDS, ObjectStoreError
 from daemon.protocol import (
     ExportOutcome,
     ExportRequest,
@@ -35,16 +37,24 @@ from daemon.protocol import (
     ValidationOutcome,
     ValidationResult,
 )
+from daemon.rules.failures import MODEL_FAILURES
 from daemon.rules.gate import command_argv
 from daemon.sources import SOURCES, Checkpoint
 from daemon.supervisor import reuse
 from daemon.supervisor.context import Context
 from daemon.supervisor.launcher import Launcher, kill_group
 from daemon.supervisor.outcomes import Outcomes
-from daemon.supervisor.publishing import LockBusy, Published, Publisher, PublishFailed, Skipped
+from daemon.supervisor.publishing import (
+    LockBusy,
+    Published,
+    Publisher,
+    PublishFailed,
+    PublishOutcome,
+    Skipped,
+)
 from daemon.supervisor.reporting import signature_summary, tail
 from daemon.supervisor.scheduling import Scheduler
-from daemon.supervisor.staging import CheckpointVanished, stage_checkpoint
+from daemon.supervisor.staging import CheckpointVanished, fetch_checkpoint, stage_checkpoint
 from daemon.supervisor.state import Job, ModelState
 
 
@@ -68,11 +78,24 @@ class Pipeline:
     # --- start ----------------------------------------------------------------
 
     def start(self, st: ModelState, ckpt: Checkpoint, gate: dict[str, Any]) -> None:
-        """Stage ``ckpt`` and start its export (or fail the job at once)."""
+        """Stage ``ckpt`` and start its export (or fail the job at once).
+
+        A checkpoint on an object store is fetched in the I/O threads first;
+        :meth:`advance` starts the export once it is staged.
+        """
         job = Job(model=st, ckpt=ckpt, gate=gate)
-        if not self._stage(job):
-            return
-        st.job = job
+        if job.ckpt.fingerprint not in st.full_export_only:
+            job.graph_key = reuse.graph_key(st.cfg)
+            job.template = reuse.template(st.cfg.base_path, st.published, job.graph_key)
+        if not isinstance(ckpt.prefix, Path):
+            self._fetch(job)
+        elif self._stage(job):
+            st.job = job
+            self._begin_export(job)
+
+    def _begin_export(self, job: Job) -> None:
+        """The checkpoint is staged: create the export folder and start the worker."""
+        st = job.model
         base = st.cfg.base_path
         try:
             job.temp_dir = new_temp_dir(base)
@@ -80,17 +103,13 @@ class Pipeline:
             message = f"cannot create a folder in {base}: {e}"
             self.outcomes.fail(job, "temp_dir_failed", message, permanent=False)
             return
-        template = None
-        if job.ckpt.fingerprint not in st.full_export_only:
-            job.graph_key = reuse.graph_key(st.cfg)
-            template = reuse.template(st.published, job.graph_key)
-        request = job.export_request = self._export_request(job, template)
+        request = job.export_request = self._export_request(job, job.template)
         job.worker_key = reuse.worker_key(self.ctx.config.daemon, st.cfg.source, request)
         if job.worker_key is not None:
             request["exporter_key"] = job.worker_key
         self.launcher.spawn(job, "export", protocol.WORKER, request, job.worker_key)
-        if template is not None:
-            self.launcher.start_validator_early(job, self._validate_request(job, template))
+        if job.template is not None:
+            self.launcher.start_validator_early(job, self._validate_request(job, job.template))
 
     def _stage(self, job: Job) -> bool:
         """Stage the job's checkpoint (phase ``pin``); False if the job ended instead."""
@@ -111,6 +130,44 @@ class Pipeline:
         self._phase_done(job, "pin")
         log.info("export_started", pinned_by=method)
         return True
+
+    def _fetch(self, job: Job) -> None:
+        """Start downloading the job's checkpoint into staging (only the tensors it needs)."""
+        st = job.model
+        st.job = job
+        job.staging = staging_dir(st.cfg.base_path, job.id)
+        tensors = reuse.needed_tensors(job.template)
+        job.deadline = time.monotonic() + self.ctx.config.daemon.export_timeout_seconds
+        job.io = self.ctx.io.submit(fetch_checkpoint, job.ckpt, job.staging, tensors)
+        self.ctx.log.info(
+            "fetch_started",
+            **job.log_fields,
+            tensors=None if tensors is None else len(tensors),
+        )
+
+    def _fetched(self, job: Job, future: Future[Any]) -> None:
+        """The fetch ended: start the export, or end the job."""
+        try:
+            job.staged, method, downloaded = future.result()
+        except CheckpointVanished as e:
+            self.ctx.log.info("checkpoint_vanished", **job.log_fields, detail=str(e))
+            self.outcomes.finish(job)
+            return
+        except OSError as e:
+            self._storage_failed(job, e, "pin_failed", f"cannot fetch {job.ckpt.prefix}: {e}")
+            return
+        self._phase_done(job, "pin")
+        self.ctx.log.info(
+            "export_started", **job.log_fields, pinned_by=method, downloaded_bytes=downloaded
+        )
+        self._begin_export(job)
+
+    def _storage_failed(self, job: Job, e: OSError, reason: str, message: str) -> None:
+        """A fetch or an upload failed: pause the model if the bucket is unusable, else retry."""
+        if isinstance(e, ObjectStoreError) and e.kind in CONFIGURATION_KINDS:
+            self.outcomes.fail(job, "object_store_unusable", message, permanent=True)
+        else:
+            self.outcomes.fail(job, reason, message, permanent=False)
 
     def _export_request(self, job: Job, template: str | None) -> ExportRequest:
         cfg, d = job.model.cfg, self.ctx.config.daemon
@@ -158,6 +215,9 @@ class Pipeline:
 
     def advance(self, job: Job) -> None:
         """Move ``job`` forward if its current phase has finished."""
+        if job.io is not None:
+            self._advance_io(job)
+            return
         if job.phase == "publish":
             self._publish(job)
             return
@@ -181,6 +241,17 @@ class Pipeline:
             self._export_done(job, cast(ExportOutcome, raw))
         else:
             self._validate_done(job, cast(ValidationOutcome, raw))
+
+    def _advance_io(self, job: Job) -> None:
+        """The job's storage work (fetch or upload) ran in a thread: go on once it is done."""
+        assert job.io is not None
+        if not job.io.done():
+            return
+        future, job.io = job.io, None
+        if job.phase == "pin":
+            self._fetched(job, future)
+        else:
+            self._publish_outcome(job, future.result())
 
     def _export_done(self, job: Job, result: ExportOutcome) -> None:
         if not result["ok"]:
@@ -371,8 +442,17 @@ class Pipeline:
         self._publish(job)
 
     def _publish(self, job: Job) -> None:
-        """Try to publish; on a busy lock the job stays in ``publish`` for the next turn."""
-        outcome = self.publisher.publish(job)
+        """Try to publish; on a busy lock the job stays in ``publish`` for the next turn.
+
+        Onto an object store the upload takes seconds to minutes: it runs in
+        the I/O threads and :meth:`advance` picks up its outcome.
+        """
+        if not isinstance(job.model.cfg.base_path, Path):
+            job.io = self.ctx.io.submit(self.publisher.publish, job)
+            return
+        self._publish_outcome(job, self.publisher.publish(job))
+
+    def _publish_outcome(self, job: Job, outcome: PublishOutcome) -> None:
         if isinstance(outcome, LockBusy):
             if not job.lock_wait_logged:
                 self.ctx.log.warning(
@@ -386,7 +466,8 @@ class Pipeline:
             self.ctx.log.info(outcome.event, **job.log_fields, **outcome.fields)
             self.outcomes.finish(job)
         elif isinstance(outcome, PublishFailed):
-            self.outcomes.fail(job, outcome.reason, outcome.message, permanent=outcome.permanent)
+            permanent = outcome.permanent or outcome.reason in MODEL_FAILURES
+            self.outcomes.fail(job, outcome.reason, outcome.message, permanent=permanent)
         else:
             self._published(job, outcome)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from daemon import __version__
@@ -23,8 +24,10 @@ from daemon.basepath.catalog import published_versions
 from daemon.basepath.layout import REPORT_RELPATH
 from daemon.basepath.operations import RolledBack, load_rolled_back, read_pins
 from daemon.basepath.publish import BasePathLock, publish, remove_version
+from daemon.objectstore.client import CONFIGURATION_KINDS, ObjectStoreError
 from daemon.objectstore.url import Location
 from daemon.rules.versions import VersionError, next_version, plan_retention, step_version
+from daemon.sources import Checkpoint
 from daemon.supervisor.context import Context
 from daemon.supervisor.reporting import report_once
 from daemon.supervisor.state import Job, ModelState
@@ -62,6 +65,25 @@ class PublishFailed:
 PublishOutcome = Published | Skipped | LockBusy | PublishFailed
 
 
+def _checkpoint_files(ckpt: Checkpoint) -> list[dict[str, Any]]:
+    """Name and size of each file of ``ckpt`` (as the scan saw them, or as they are now)."""
+    if ckpt.sizes:
+        return [{"name": f.name, "bytes": n} for f, n in zip(ckpt.files, ckpt.sizes, strict=True)]
+    return [
+        {"name": p.name, "bytes": p.stat().st_size}
+        for p in ckpt.files
+        if isinstance(p, Path) and p.exists()
+    ]
+
+
+def _failed(what: str, e: OSError) -> PublishFailed:
+    """A storage failure: the model pauses when the bucket is unusable, else a retry."""
+    message = f"{what}: {type(e).__name__}: {e}"
+    if isinstance(e, ObjectStoreError) and e.kind in CONFIGURATION_KINDS:
+        return PublishFailed("object_store_unusable", message, permanent=True)
+    return PublishFailed("publish_failed", message, False)
+
+
 class Publisher:
     """Publishes jobs' exports and applies retention; reads the base path into model state."""
 
@@ -71,9 +93,12 @@ class Publisher:
     def publish(self, job: Job) -> PublishOutcome:
         """Publish ``job``'s validated export under the lock; see the module docstring."""
         st, cfg = job.model, job.model.cfg
-        lock = BasePathLock(cfg.base_path)
-        if not lock.try_acquire():
-            return LockBusy(lock.path, lock.holder())
+        try:
+            lock = BasePathLock(cfg.base_path)
+            if not lock.try_acquire():
+                return LockBusy(lock.path, lock.holder())
+        except OSError as e:  # a lease object on a failing bucket
+            return _failed(f"cannot take the publish lock of {cfg.base_path}", e)
         assert job.temp_dir is not None
         with lock:
             rolled_back = load_rolled_back(cfg.base_path)
@@ -86,7 +111,7 @@ class Publisher:
             except VersionError as e:
                 return PublishFailed("version_refused", str(e), permanent=True)
             except OSError as e:
-                return PublishFailed("publish_failed", f"{type(e).__name__}: {e}", False)
+                return _failed(f"cannot publish into {cfg.base_path}", e)
             job.temp_dir = None  # it is the version now
             self.refresh(st)
             self.retention(st)
@@ -129,7 +154,7 @@ class Publisher:
 
     def metadata(self, job: Job) -> dict[str, Any]:
         """What the version records about itself (``assets.extra/ckpt_exporter.json``)."""
-        files = [{"name": p.name, "bytes": p.stat().st_size} for p in job.ckpt.files if p.exists()]
+        files = _checkpoint_files(job.ckpt)
         assert job.export_result is not None and job.validation is not None
         exported, validation = job.export_result, job.validation
         return {

@@ -5,10 +5,12 @@ Functions of the state they are given; the only side effect is a log line.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from daemon.objectstore.client import CONFIGURATION_KINDS, ObjectStoreError
 from daemon.protocol import ValidationResult
 from daemon.supervisor.state import ModelState
 
@@ -25,6 +27,39 @@ def report_once(
         return
     st.reported.add(key)
     getattr(log, level)(event, model=st.cfg.name, **fields)
+
+
+#: What to do when a bucket is missing or the credentials do not allow an operation.
+BUCKET_HINT = (
+    "check the bucket name and the credentials the daemon runs with (the client's standard "
+    "chain: AWS_* variables or ~/.aws, GOOGLE_APPLICATION_CREDENTIALS), then reload "
+    "(systemctl reload, or SIGHUP); its checkpoints stay pending"
+)
+
+
+def pause_if_bucket_unusable(log: Any, st: ModelState, error: OSError, location: str) -> bool:
+    """Pause the model when ``error`` says its bucket is unusable until a person acts.
+
+    True when it did (the model's checkpoints are not rejected: they are
+    exported after the reload); False for any other error, left to the caller.
+    """
+    if not (isinstance(error, ObjectStoreError) and error.kind in CONFIGURATION_KINDS):
+        return False
+    if st.paused is None:
+        st.paused = {
+            "reason": "object_store_unusable",
+            "error": str(error)[:2000],
+            "at": time.time(),
+        }
+        log.error(
+            "model_paused",
+            model=st.cfg.name,
+            reason="object_store_unusable",
+            path=location,
+            error=str(error),
+            hint=BUCKET_HINT,
+        )
+    return True
 
 
 def status_line(models: Iterable[tuple[str, ModelState]]) -> str:

@@ -21,8 +21,11 @@ from typing import Any
 
 from daemon import __version__
 from daemon.basepath.catalog import Published
+from daemon.basepath.layout import OBJECT_GRAPH_TENSOR, WEIGHTS_MAP_RELPATH
+from daemon.basepath.storage import storage_for
 from daemon.config.builders import builder_file
 from daemon.config.loading import DaemonConfig, ModelConfig
+from daemon.objectstore.url import Location
 from daemon.protocol import ExportRequest
 from daemon.sources import SOURCES
 
@@ -87,14 +90,41 @@ def graph_key(cfg: ModelConfig) -> str | None:
     return export_key(identity, builder_file(cfg.builder, cfg.python_path))
 
 
-def template(published: list[Published], key: str | None) -> str | None:
-    """The newest published version made with graph key ``key``, or None."""
+def template(base_path: Location, published: list[Published], key: str | None) -> str | None:
+    """The local folder of the newest published version made with graph key ``key``, or None.
+
+    On an object store that is the local copy the publisher kept of the
+    version it uploaded last (:meth:`~daemon.basepath.storage.BasePathStorage.local_copy`):
+    the worker reads a template's graph from disk.
+    """
     if key is None:
         return None
+    storage = storage_for(base_path)
     for p in sorted(published, key=lambda p: p.version, reverse=True):
         if p.metadata.get("export_key") == key:
-            return str(p.path)
+            local = storage.local_copy(p.path.name)
+            return None if local is None else str(local)
     return None
+
+
+def needed_tensors(template: str | None) -> frozenset[str] | None:
+    """The checkpoint tensors an export over ``template``'s graph reads, or None for all.
+
+    They are the values of the template's weights map (each variable's
+    checkpoint tensor) and the checkpoint's object graph. None when there is
+    no template or it has no usable weights map: then nothing is known and
+    the whole checkpoint is needed.
+    """
+    if template is None:
+        return None
+    try:
+        record = json.loads(Path(template, WEIGHTS_MAP_RELPATH).read_text(encoding="utf-8"))
+        variables = record["variables"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(variables, dict) or not all(isinstance(v, str) for v in variables.values()):
+        return None
+    return frozenset(variables.values()) | {OBJECT_GRAPH_TENSOR}
 
 
 def worker_key(daemon: DaemonConfig, source: str, request: ExportRequest) -> str | None:

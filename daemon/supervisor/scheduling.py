@@ -20,7 +20,7 @@ from daemon.rules.gate import decide, threshold
 from daemon.rules.planner import plan
 from daemon.sources import Checkpoint, ScanResult
 from daemon.supervisor.context import Context
-from daemon.supervisor.reporting import report_once
+from daemon.supervisor.reporting import pause_if_bucket_unusable, report_once
 from daemon.supervisor.state import ModelState
 
 #: How long a checkpoint may stay incomplete before it is reported (once).
@@ -96,6 +96,8 @@ class Scheduler:
             result = st.source.scan(cfg.checkpoint_dir)
         except OSError as e:
             self.ctx.metrics.scan_errors.labels(cfg.name).inc()
+            if pause_if_bucket_unusable(log, st, e, str(cfg.checkpoint_dir)):
+                return None
             report_once(
                 log,
                 st,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ class Job:
     gate: dict[str, Any] = field(default_factory=dict)  # the gate decisions, for the metadata
     export_request: ExportRequest | None = None
     lock_wait_logged: bool = False
+    #: Storage work of the phase running in the context's I/O threads (a
+    #: fetch from or an upload to an object store), until it is done.
+    io: Future[Any] | None = None
+    #: The template version's weights map keys, when the export may reuse a graph.
+    template: str | None = None
     done: bool = False
     #: The version this job published, once it did.
     published_version: int | None = None
