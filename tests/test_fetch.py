@@ -74,6 +74,29 @@ def test_a_damaged_index_is_refused_by_the_decoder(written: Path) -> None:
         bundle._entry(b"\x08\x01\x12\x05\x12")
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["google_crc32c", "pure_python"])
+def test_each_stored_tensor_checks_against_its_index_crc(
+    written: Path, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """Numbers, strings (their lengths checksummed as uint32), bools, halves, empty tensors."""
+    if not fast:
+        monkeypatch.setattr(staging, "_FAST_CRC32C", None)
+    elif staging._FAST_CRC32C is None:
+        pytest.skip("google_crc32c (C) is not installed")
+    checked = 0
+    for prefix in (written / "mixed" / "ckpt", written / "adam" / "ckpt-3"):
+        b = bundle.read_index(str(prefix))
+        for key, e in b.entries.items():
+            crc = staging._masked_crc32c(e, b.read(key))
+            if crc is None:  # too big for the pure-Python CRC: size only
+                assert not fast and e.size > staging.PURE_PYTHON_CRC_LIMIT, key
+                continue
+            assert crc == e.crc32c, key
+            assert staging._masked_crc32c(e, b.read(key)[:-1] + b"?") != e.crc32c or e.size == 0
+            checked += 1
+    assert checked == (23 if fast else 17)  # pure Python: the six 384 KiB tensors by size
+
+
 def test_close_tensors_share_a_ranged_get_and_far_ones_do_not() -> None:
     entries = {
         "a": _entry(0, 0, 100),
@@ -145,7 +168,10 @@ def test_fetch_whole_and_by_ranges_and_tensorflow_restores_from_the_sparse_files
     assert nbytes < 0.5 * full
     # The index whole, then the model's variables and the object graph (adjacent in
     # this file) in as few ranged GETs as their layout allows.
-    assert counting.calls["get"] == 1 and 1 <= counting.calls["get_range"] <= len(needed)
+    entries = bundle.read_index(str(written / "adam" / "ckpt-3")).entries.values()
+    small = sum(1 for e in entries if e.size <= staging.SMALL_TENSOR_BYTES)
+    assert counting.calls["get"] == 1
+    assert 1 <= counting.calls["get_range"] <= len(needed) + small
     assert counting.calls["download"] == 0
     shard = ranged_dir / "ckpt-3.data-00000-of-00001"
     original = (written / "adam" / "ckpt-3.data-00000-of-00001").read_bytes()
@@ -154,10 +180,11 @@ def test_fetch_whole_and_by_ranges_and_tensorflow_restores_from_the_sparse_files
     sparse, index = shard.read_bytes(), bundle.read_index(str(written / "adam" / "ckpt-3"))
     for key, e in index.entries.items():
         stored = sparse[e.offset : e.offset + e.size]
-        if key in needed:
+        if key in needed or e.size <= staging.SMALL_TENSOR_BYTES:
+            # What the model reads, and every small tensor (the step counters).
             assert stored == original[e.offset : e.offset + e.size], key
         elif "optimizer/_variables" in key:
-            assert stored == bytes(e.size), key  # a slot: never downloaded
+            assert stored == bytes(e.size), key  # a large slot: never downloaded
 
     expected = json.loads((written / "values.json").read_text())
     assert restored_digests(ranged_dir / "ckpt-3") == expected

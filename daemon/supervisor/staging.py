@@ -257,6 +257,10 @@ def _parallel(tasks: list[Callable[[], None]]) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+#: Tensors up to this size are fetched whatever the model needs (:func:`_with_small_tensors`).
+SMALL_TENSOR_BYTES = 64 * 1024
+
+
 def fetch_checkpoint(
     ckpt: Checkpoint,
     staging: Path,
@@ -323,7 +327,8 @@ def fetch_checkpoint(
         if tensors is not None:
             bundle = _bundle(data, str(staged), tensors)
             if bundle is not None:
-                _fetch_ranges(state, prefix, bundle, tensors, rest, sizes)
+                wanted = _with_small_tensors(bundle, tensors)
+                _fetch_ranges(state, prefix, bundle, wanted, rest, sizes)
                 return staged, "fetch-ranges", state.done
 
     def whole(url: ObjectURL, dst: Path) -> Callable[[], None]:
@@ -368,6 +373,19 @@ def _bundle(data: bytes, staged: str, tensors: Collection[str]) -> Bundle | None
     if any(key not in entries or entries[key].sliced for key in tensors):
         return None
     return bundle
+
+
+def _with_small_tensors(bundle: Bundle, tensors: Collection[str]) -> set[str]:
+    """``tensors`` and every tensor of at most :data:`SMALL_TENSOR_BYTES`.
+
+    A weights map names the model's variables only, but the exporter also
+    reads the step counters the trainer saved (``step``, ``save_counter``),
+    and a tensor left out reads as zeros that fail TensorFlow's checksum. A
+    small tensor costs less to fetch than the request it would be merged
+    into, so every one is fetched: counters, biases, a small model whole.
+    """
+    small = {k for k, e in bundle.entries.items() if e.size <= SMALL_TENSOR_BYTES and not e.sliced}
+    return set(tensors) | small
 
 
 def _fetch_ranges(
