@@ -259,4 +259,4 @@ def test_local_scans_still_take_paths_and_record_sizes(written: Path) -> None:
     result = TFCheckpointSource().scan(written / "adam")
     last = result.checkpoints[-1]
     assert isinstance(last.prefix, Path)
-    assert last.sizes == tuple(os.path.getsize(f) for f in last.files)  # type: ignore[arg-type]
+    assert last.sizes == tuple(os.path.getsize(str(f)) for f in last.files)
