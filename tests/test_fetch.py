@@ -27,6 +27,7 @@ from daemon.formats import bundle
 from daemon.objectstore.client import ObjectStore, ObjectStoreError
 from daemon.objectstore.url import ObjectURL
 from daemon.sources.base import Checkpoint
+from daemon.sources.tf1_checkpoint import TF1CheckpointSource
 from daemon.sources.tf_checkpoint import TFCheckpointSource
 from daemon.supervisor import staging
 from daemon.supervisor.staging import CheckpointVanished, fetch_checkpoint, plan_ranges
@@ -216,6 +217,25 @@ def test_ranges_span_every_shard_and_sliced_tensors_fall_back_to_a_whole_fetch(
     # So is a key the index does not have.
     _, method, _ = fetch_checkpoint(ckpt, tmp_path / "missing", ["no/such/key"])
     assert method == "fetch"
+
+
+@pytest.mark.objectstore
+def test_a_tf1_checkpoint_fetched_by_ranges_brings_its_graph_whole(
+    object_store: tuple[ObjectStore, str, ObjectURL], written: Path, tmp_path: Path
+) -> None:
+    store, _, url = object_store
+    tf1 = tmp_path / "tf1"
+    tf1.mkdir()
+    for src in (written / "adam").glob("ckpt-3.*"):
+        shutil.copy(src, tf1 / src.name.replace("ckpt-3", "model.ckpt-300"))
+    (tf1 / "model.ckpt-300.meta").write_bytes(b"the graph" * 1000)
+    upload(store, url, tf1)
+    (ckpt,) = TF1CheckpointSource().scan(url).checkpoints
+    needed: list[str] = json.loads((written / "needed.json").read_text())
+    prefix, method, nbytes = fetch_checkpoint(ckpt, tmp_path / "staging", needed)
+    assert (prefix, method) == (tmp_path / "staging" / "model.ckpt-300", "fetch-ranges")
+    assert (tmp_path / "staging" / "model.ckpt-300.meta").read_bytes() == b"the graph" * 1000
+    assert 9000 < nbytes < 0.5 * sum(ckpt.sizes)
 
 
 @pytest.mark.objectstore

@@ -331,18 +331,21 @@ def fetch_checkpoint(
                 _fetch_ranges(state, prefix, bundle, wanted, rest, sizes)
                 return staged, "fetch-ranges", state.done
 
-    def whole(url: ObjectURL, dst: Path) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                n = state.client.download(url.prefix, dst)
-            except ObjectStoreError as e:
-                raise _vanished(url, e) from e
-            state.add(n)
-
-        return run
-
-    _parallel([whole(u, d) for u, d in rest])
+    _parallel([_whole(state, u, d) for u, d in rest])
     return staged, "fetch", state.done
+
+
+def _whole(state: _Fetch, url: ObjectURL, dst: Path) -> Callable[[], None]:
+    """A task downloading object ``url`` to ``dst`` whole."""
+
+    def run() -> None:
+        try:
+            n = state.client.download(url.prefix, dst)
+        except ObjectStoreError as e:
+            raise _vanished(url, e) from e
+        state.add(n)
+
+    return run
 
 
 def _get(state: _Fetch, url: ObjectURL) -> bytes:
@@ -393,13 +396,22 @@ def _fetch_ranges(
     prefix: ObjectURL,
     bundle: Bundle,
     tensors: Collection[str],
-    shards: list[tuple[ObjectURL, Path]],
+    files: list[tuple[ObjectURL, Path]],
     sizes: dict[ObjectURL, int],
 ) -> None:
-    """Sparse local shards of their full size, with only ``tensors``' bytes filled in."""
-    by_name = {u.name: (u, d) for u, d in shards}
+    """Sparse local shards of their full size, with only ``tensors``' bytes filled in.
+
+    ``files`` are the checkpoint's files but the index; those that are not
+    data shards of ``bundle`` (a TF1 checkpoint's ``.meta`` graph) are
+    downloaded whole, alongside.
+    """
+    by_name = {u.name: (u, d) for u, d in files}
+    shard_names = {Path(bundle.data_file(i)).name for i in range(bundle.num_shards)}
+    others = [(u, d) for u, d in files if u.name not in shard_names]
     spans = plan_ranges(bundle, tensors)
-    state.total = state.done + sum(s.end - s.start for s in spans)
+    state.total = (
+        state.done + sum(s.end - s.start for s in spans) + sum(sizes.get(u, 0) for u, _ in others)
+    )
     fds: dict[int, int] = {}
     try:
         for shard in range(bundle.num_shards):
@@ -456,7 +468,7 @@ def _fetch_ranges(
 
             return run
 
-        _parallel([fetch(s) for s in spans])
+        _parallel([*(_whole(state, u, d) for u, d in others), *(fetch(s) for s in spans)])
     finally:
         for fd in fds.values():
             os.close(fd)
