@@ -1,8 +1,9 @@
 """The publish lock of a base path on an object store: a lease object.
 
 An object store has no ``flock(2)``, and a lock file would outlive a crashed
-holder. A *lease* is one object, ``.ckpt-exporter/lease``, holding who owns
-it and until when. The rules, each one conditional write:
+holder. A *lease* is one object (the storage names it: ``.ckpt-exporter/lock``,
+:data:`~daemon.basepath.layout.LOCK_NAME`), holding who owns it and until
+when. The rules, each one conditional write:
 
 - take a free lease: create-only write (``If-None-Match: *`` /
   ``ifGenerationMatch=0``): of two daemons starting at once exactly one wins;
@@ -10,12 +11,18 @@ it and until when. The rules, each one conditional write:
   every ``ttl / 3`` seconds, from a thread of ours, so a holder that is busy
   uploading for minutes keeps it;
 - take over an expired lease: replace it only if it is still the expired
-  object we read, so of two daemons taking over at once exactly one wins;
-- release: delete it, if we still hold it.
+  object we read, so of two daemons taking over at once exactly one wins. A
+  lease that cannot be read (the store failing) is never taken over; one
+  whose content names no expiry (not written by us) expires ``ttl`` after
+  its last write;
+- release: delete it, if we still hold it. A store failing then leaves the
+  lease to expire on its own.
 
 A renewal that finds the lease replaced means another process took it over
 (we were paused past the expiry): the lease is *lost*, :meth:`LeaseLock.held`
-turns false and the publisher must not commit a version. Expiry compares the
+turns false and the publisher must not commit a version. :meth:`LeaseLock.held`
+also turns false once the last *successful* write's expiry has passed (a
+store that fails every renewal does not extend it). Expiry compares the
 writer's clock with the reader's, so it assumes clocks within a few seconds
 of each other (NTP); :data:`TAKEOVER_GRACE_SECONDS` absorbs that.
 
@@ -26,6 +33,7 @@ right before the commit write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -36,10 +44,10 @@ import uuid
 from daemon.objectstore.client import ObjectInfo, ObjectStore, ObjectStoreError
 from daemon.objectstore.url import ObjectURL
 
-#: How long a lease lasts without renewal.
+#: How long a lease lasts without renewal (read when a :class:`LeaseLock` is made).
 LEASE_SECONDS = 60.0
 #: How long past its expiry a lease is left to its holder before a takeover,
-#: for clock skew between machines.
+#: for clock skew between machines (read at each takeover attempt).
 TAKEOVER_GRACE_SECONDS = 10.0
 
 _held: dict[ObjectURL, LeaseLock] = {}
@@ -56,12 +64,13 @@ class LeaseLock:
     """A lease on one base path; one object is one would-be holder (see the module docstring)."""
 
     def __init__(
-        self, store: ObjectStore, base: ObjectURL, key: str, ttl: float = LEASE_SECONDS
+        self, store: ObjectStore, base: ObjectURL, key: str, ttl: float | None = None
     ) -> None:
         self.store = store
         self.base = base
         self.key = key
-        self.ttl = ttl
+        #: Seconds a write of the lease lasts; :data:`LEASE_SECONDS` unless given.
+        self.ttl = LEASE_SECONDS if ttl is None else ttl
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._token: str | None = None
         self._expires = 0.0
@@ -75,23 +84,36 @@ class LeaseLock:
         """Where the lease lives, for messages."""
         return ObjectURL(self.base.scheme, self.base.bucket, self.key, self.base.endpoint)
 
-    def _body(self) -> bytes:
-        self._expires = time.time() + self.ttl
-        return json.dumps(
+    def _body(self) -> tuple[bytes, float]:
+        """The lease's content for a write starting now, and the expiry it names.
+
+        The expiry is counted from before the write, so the holder's view of
+        it is never later than what another process reads.
+        """
+        expires = time.time() + self.ttl
+        body = json.dumps(
             {
                 "owner": self.owner,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
-                "expires_at": self._expires,
+                "expires_at": expires,
                 "ttl_seconds": self.ttl,
             }
         ).encode()
+        return body, expires
+
+    def _write(self, *, if_absent: bool = False, if_token: str | None = None) -> ObjectInfo:
+        """Write the lease (conditionally); only a write that succeeded moves the expiry."""
+        body, expires = self._body()
+        info = self.store.put(self.key, body, if_absent=if_absent, if_token=if_token)
+        self._expires = expires
+        return info
 
     def try_acquire(self) -> bool:
         """Take the lease without waiting: True if this object holds it now."""
         info: ObjectInfo | None
         try:
-            info = self.store.put(self.key, self._body(), if_absent=True)
+            info = self._write(if_absent=True)
         except ObjectStoreError as e:
             if e.kind != "precondition":
                 raise
@@ -107,34 +129,50 @@ class LeaseLock:
             _held[self.base] = self
         return True
 
+    def _create_again(self) -> ObjectInfo | None:
+        """The lease was released between our write and our read: try once more, create-only."""
+        try:
+            return self._write(if_absent=True)
+        except ObjectStoreError as e:
+            if e.kind == "precondition":
+                return None
+            raise
+
     def _take_over_expired(self) -> ObjectInfo | None:
         current = self.store.head(self.key)
         if current is None:
-            # Released between our write and our read: try once more, create-only.
-            try:
-                return self.store.put(self.key, self._body(), if_absent=True)
-            except ObjectStoreError as e:
-                if e.kind == "precondition":
-                    return None
-                raise
-        expires = _expires_at(self._read())
-        if expires is not None and time.time() < expires + TAKEOVER_GRACE_SECONDS:
+            return self._create_again()
+        # Read after the head: the content is at least as new as the token
+        # the replace below names, so an expiry read here never belongs to an
+        # older lease than the one replaced.
+        try:
+            raw = self.store.get(self.key)
+        except ObjectStoreError as e:
+            if e.kind == "not_found":
+                return self._create_again()
+            raise  # unreadable is not expired: a live holder must not lose it to a flaky read
+        expires = _expires_at(_parse(raw))
+        if expires is None:
+            # Not a lease of ours (garbage, another tool): it expires a lease's
+            # time after its last write.
+            expires = current.updated_ns / 1e9 + self.ttl
+        if time.time() < expires + TAKEOVER_GRACE_SECONDS:
             return None
         try:
             # Replace only the expired lease we looked at: of two daemons
             # taking it over at once, the second write fails here.
-            return self.store.put(self.key, self._body(), if_token=current.token)
+            return self._write(if_token=current.token)
         except ObjectStoreError as e:
             if e.kind in ("precondition", "not_found"):
                 return None
             raise
 
     def _read(self) -> dict[str, object]:
+        """The lease's content, or ``{}`` when absent or unreadable (for messages only)."""
         try:
-            data = json.loads(self.store.get(self.key))
-        except (ObjectStoreError, ValueError):
+            return _parse(self.store.get(self.key))
+        except ObjectStoreError:
             return {}
-        return data if isinstance(data, dict) else {}
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -142,7 +180,7 @@ class LeaseLock:
                 if self._token is None:
                     return
                 try:
-                    info = self.store.put(self.key, self._body(), if_token=self._token)
+                    info = self._write(if_token=self._token)
                 except ObjectStoreError as e:
                     if e.kind in ("precondition", "not_found"):
                         self._lost = True  # taken over: we were paused past the expiry
@@ -164,7 +202,11 @@ class LeaseLock:
         return f"pid {data.get('pid', '?')} on {data.get('host', '?')}{left}"
 
     def release(self) -> None:
-        """Give the lease up; a no-op when this object does not hold it."""
+        """Give the lease up; a no-op when this object does not hold it.
+
+        Never raises for the store: a lease that cannot be deleted now
+        expires on its own (``ttl`` plus the takeover grace).
+        """
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
@@ -176,12 +218,22 @@ class LeaseLock:
                 del _held[self.base]
         if token is None or self._lost:
             return
-        current = self.store.head(self.key)
-        # Delete only our own lease (not one taken over after we lost it).
-        # A takeover between this head and the delete would need our lease
-        # to have expired in between, which renewal up to now rules out.
-        if current is not None and current.token == token:
-            self.store.delete(self.key)
+        with contextlib.suppress(ObjectStoreError):
+            current = self.store.head(self.key)
+            # Delete only our own lease (not one taken over after we lost it).
+            # A takeover between this head and the delete would need our lease
+            # to have expired in between, which renewal up to now rules out.
+            if current is not None and current.token == token:
+                self.store.delete(self.key)
+
+
+def _parse(raw: bytes) -> dict[str, object]:
+    """A lease's content as a dict (``{}`` when it is not a JSON object)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _expires_at(data: dict[str, object]) -> float | None:
