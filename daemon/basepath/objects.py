@@ -14,15 +14,23 @@ So a version is published in this order (:meth:`ObjectStorage.publish`):
 
 1. **claim** the number: a create-only write of ``.ckpt-exporter/claims/N``
    (a name TF Serving never parses as a version). Two publishers never take
-   one number, and a number once claimed is never claimed again.
+   one number, and a number once claimed is never claimed again (the
+   chooser is shown claimed numbers as taken). A number some version
+   already occupies (one written by hand, say) is never claimed; one that
+   turns out occupied right after the claim is released and chosen again;
 2. **upload** every file but ``saved_model.pb`` and the commit record, in
-   parallel, each create-only and checksummed by the store;
-3. then ``saved_model.pb``: until it is there a load fails (and is retried);
-   once it is there, every variable is already in place;
-4. **verify** every object against its local file (size and checksum);
-5. **commit**: write the metadata object
+   parallel, each create-only and checksummed by the store, and **verify**
+   each object against its local file (size and checksum);
+3. then ``saved_model.pb``, verified likewise: until it is there a load fails
+   (and is retried); once it is there, every variable is already in place
+   and verified;
+4. **commit**: write the metadata object
    (:data:`~daemon.basepath.layout.METADATA_RELPATH`), only while the
    publish lease is still held. Only a committed version counts as published.
+
+When a step fails, the publisher deletes what it uploaded (in the removal
+order below) and the version stays uncommitted; what it could not delete is
+a partial version.
 
 Crash analysis:
 
@@ -136,7 +144,7 @@ class ObjectStorage:
 
     def read_version_metadata(self, name: str) -> dict[str, Any] | None:
         try:
-            data = json.loads(self.store.get(self._key(name, str(METADATA_RELPATH))))
+            data = json.loads(self.store.get(self._key(name, METADATA_RELPATH.as_posix())))
         except ObjectStoreError as e:
             if e.kind == "not_found":
                 return None
@@ -223,39 +231,42 @@ class ObjectStorage:
     ) -> tuple[int, Location]:
         """Claim, upload (``saved_model.pb`` last), verify, commit; see the module docstring.
 
-        The caller holds the lease. On failure the version stays partial
-        (removed by the next publish) and ``export_dir`` keeps its files.
+        The caller holds the lease. ``choose_version`` is shown every version
+        present and every number ever claimed (never reused). On failure the
+        version is not committed: what was uploaded is deleted (what cannot
+        be is a partial version, removed by the next publish) and
+        ``export_dir`` keeps its files.
         """
         self.remove_partial_versions()
-        version = self._claim(choose_version)
-        meta = dict(metadata, version=version, published_at=time.time())
-        write_json_atomic(export_dir / METADATA_RELPATH, meta)
+        version = self._claim(choose_version, export_dir, metadata)
+        name = str(version)
         files = _files_in_upload_order(export_dir)
+        uploaded: list[str] = []
         try:
-            self._upload(export_dir, str(version), files)
+            self._upload(export_dir, name, files, uploaded)
             lease = held_lease(self.url)
             if lease is None or not lease.held():
                 raise ObjectStoreError(
                     "precondition",
                     "commit",
                     self.url.bucket,
-                    self._key(str(version)),
+                    self._key(name),
                     "the publish lease was lost (another process took it over) "
-                    "before the version was committed; it stays partial",
+                    "before the version was committed; it stays uncommitted",
                 )
             # The commit record: only now does the version count as published.
-            self.store.upload(
-                self._key(str(version), str(METADATA_RELPATH)),
-                export_dir / METADATA_RELPATH,
-                if_absent=True,
-            )
+            commit = self._key(name, METADATA_RELPATH.as_posix())
+            uploaded.append(commit)  # before the call: an answer lost after the write
+            self.store.upload(commit, export_dir / METADATA_RELPATH, if_absent=True)
         except BaseException:
+            # Only what this call uploaded: an object under this number that
+            # was not (a by-hand write racing the claim) is not ours to delete.
             # If this fails too the version stays partial: the next publish removes it.
             with contextlib.suppress(OSError):
-                self._delete_version_objects(str(version))
+                self._delete_in_order(name, uploaded)
             raise
-        self._keep_local_copy(export_dir, str(version))
-        return version, self.url / str(version)
+        self._keep_local_copy(export_dir, name)
+        return version, self.url / name
 
     def _keep_local_copy(self, export_dir: Path, name: str) -> None:
         """Keep the export just published as the local copy of its version (the only one kept).
@@ -269,17 +280,47 @@ class ObjectStorage:
             shutil.rmtree(old, ignore_errors=True)
         os.rename(export_dir, kept / name)
 
-    def _claim(self, choose_version: Callable[[list[int]], int]) -> int:
-        taken = set(self._claimed()) | {e.version for e in list_versions(self.list_children())}
+    def _present(self) -> set[int]:
+        """Every version number TF Serving sees in the base path (folders and files)."""
+        return {e.version for e in list_versions(self.list_children())}
+
+    def _claim(
+        self,
+        choose_version: Callable[[list[int]], int],
+        export_dir: Path,
+        metadata: Mapping[str, Any],
+    ) -> int:
+        """Choose a number, write the export's metadata for it, claim it (module docstring).
+
+        The metadata is written before the claim, so that an export whose
+        metadata cannot be written claims nothing.
+        """
+        claimed = set(self._claimed())
+        present = self._present()
         for _attempt in range(PUBLISH_ATTEMPTS):
-            version = choose_version(sorted(taken))
-            body = json.dumps({"pid": os.getpid(), "claimed_at": time.time()}).encode()
+            version = choose_version(sorted(claimed | present))
+            if version in present:
+                continue  # a version occupies it (made by hand?): never claim it, choose again
+            meta = dict(metadata, version=version, published_at=time.time())
+            write_json_atomic(export_dir / METADATA_RELPATH, meta)
+            claim = self._state_key(f"{CLAIMS_DIRNAME}/{version}")
+            # Unique content: a retried create-only write recognises only its own bytes.
+            body = json.dumps(
+                {"pid": os.getpid(), "claimed_at": time.time(), "nonce": uuid.uuid4().hex}
+            ).encode()
             try:
-                self.store.put(self._state_key(f"{CLAIMS_DIRNAME}/{version}"), body, if_absent=True)
+                self.store.put(claim, body, if_absent=True)
             except ObjectStoreError as e:
                 if e.kind != "precondition":
                     raise
-                taken.add(version)  # claimed by someone else meanwhile: choose again
+                claimed.add(version)  # claimed by someone else meanwhile: choose again
+                continue
+            present = self._present()
+            if version in present:
+                # Written without the lease between our listing and our claim.
+                # Nothing of ours is under it: give the claim back, so that the
+                # next publish does not take that version for a partial one of ours.
+                self.store.delete(claim)
                 continue
             return version
         raise FileExistsError(f"could not claim a free version number in {self.url}")
@@ -293,8 +334,12 @@ class ObjectStorage:
                 out.append(v)
         return out
 
-    def _upload(self, export_dir: Path, name: str, files: list[Path]) -> None:
-        """Every file but the commit record, ``saved_model.pb`` last, then verified."""
+    def _upload(self, export_dir: Path, name: str, files: list[Path], uploaded: list[str]) -> None:
+        """Every file but the commit record, verified; ``saved_model.pb`` last.
+
+        Appends each key to ``uploaded`` before its upload starts (an upload
+        whose answer is lost may still have written it), for the clean-up.
+        """
         body = [f for f in files if f.name != SAVED_MODEL_PB]
         last = [f for f in files if f.name == SAVED_MODEL_PB]
 
@@ -302,13 +347,19 @@ class ObjectStorage:
             return self._key(name, f.relative_to(export_dir).as_posix())
 
         def put(f: Path) -> None:
+            uploaded.append(key(f))  # list.append is atomic: threads share the list
             self.store.upload(key(f), f, if_absent=True)
+
+        def verify(f: Path) -> None:
+            self.store.verify(key(f), f)
 
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
             list(pool.map(put, body))  # list(): raise the first failure
+            # Every variable is checked before saved_model.pb makes the version loadable.
+            list(pool.map(verify, body))
             for f in last:
                 put(f)
-            list(pool.map(lambda f: self.store.verify(key(f), f), files))
+                verify(f)
 
     def remove_partial_versions(self) -> list[int]:
         """Delete every claimed version without a commit record; returns their numbers.
@@ -322,7 +373,7 @@ class ObjectStorage:
             name = present.get(v)
             if name is None:
                 continue
-            if self.store.head(self._key(name, str(METADATA_RELPATH))) is None:
+            if self.store.head(self._key(name, METADATA_RELPATH.as_posix())) is None:
                 self._delete_version_objects(name)
                 removed.append(v)
         return removed
@@ -330,13 +381,19 @@ class ObjectStorage:
     # --- versions leaving -------------------------------------------------------
 
     def remove_version(self, name: str) -> None:
-        self._delete_version_objects(name)
+        if not self._delete_version_objects(name):
+            raise FileNotFoundError(f"no version {name} in {self.url}")
 
-    def _delete_version_objects(self, name: str) -> None:
-        """``saved_model.pb`` first, the commit record next, then the rest (module docstring)."""
+    def _delete_version_objects(self, name: str) -> list[str]:
+        """Delete every object of version ``name`` in the safe order; returns their keys."""
         keys = self._version_objects(name)
+        self._delete_in_order(name, keys)
+        return keys
+
+    def _delete_in_order(self, name: str, keys: list[str]) -> None:
+        """``saved_model.pb`` first, the commit record next, then the rest (module docstring)."""
         first = [k for k in keys if k.rsplit("/", 1)[-1] == SAVED_MODEL_PB]
-        commit = self._key(name, str(METADATA_RELPATH))
+        commit = self._key(name, METADATA_RELPATH.as_posix())
         rest = [k for k in keys if k not in first and k != commit]
         for k in first:
             self.store.delete(k)
@@ -350,6 +407,8 @@ class ObjectStorage:
         # then delete it in the safe order. A crash in between leaves a copy
         # and the version; the rollback is then simply run again.
         keys = self._version_objects(name)
+        if not keys:
+            raise FileNotFoundError(f"no version {name} in {self.url}")
         folder = self._key(STATE_DIRNAME, ROLLED_BACK_DIRNAME)
         for n in range(100):
             dest = label + (f"-{n}" if n else "")
