@@ -212,3 +212,35 @@ def test_a_local_trainer_publishes_to_gcs(tmp_path: Path, stores: None) -> None:
         assert os.path.isdir(tmp_path / "scratch")
     finally:
         assert daemon.stop() == 0
+    _operator_commands_on_a_remote_base_path(tmp_path / "config.toml", base)
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [sys.executable, "-m", "daemon", *args, "--config", str(config)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def _operator_commands_on_a_remote_base_path(config: Path, base: ObjectURL) -> None:
+    """``status``, ``pin`` and ``rollback`` read and change a base path on a bucket."""
+    store = client_for(base)
+    (row,) = json.loads(_cli(config, "status", "--json").stdout)
+    assert (row["base_path"], row["newest_version"], row["versions_on_disk"]) == (str(base), 2, 2)
+    assert row["newest_version_bytes"] > 0
+    _cli(config, "pin", "1")
+    assert json.loads(store.get(base.key(".ckpt-exporter/pins.json"))) == [1]
+    out = _cli(config, "rollback").stdout
+    assert "rolled back to version 1" in out
+    # Version 2 left the server's sight whole: kept under the state folder, not deleted.
+    assert sorted(committed_versions(store, base)) == [1]
+    kept = store.list(base.key(".ckpt-exporter/rolled-back") + "/", delimiter=False).objects
+    assert any(o.key.endswith("/saved_model.pb") for o in kept)
+    (row,) = json.loads(_cli(config, "status", "--json").stdout)
+    assert (row["newest_version"], row["rolled_back"], row["pinned"]) == (1, 1, [1])
