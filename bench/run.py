@@ -18,6 +18,9 @@ Scenarios (``--only`` picks some, ``--quick`` leaves out ResNet-50):
   nice 19, for scale; all within one run of the loop.
 - ``startup``: from exec to "started" and to the first export with 10,000
   versions in the base path and 1,000 checkpoints, against an empty start.
+- ``objectstores``: publishing to, fetching from and polling S3 (moto) and
+  GCS (fake-gcs-server) on 127.0.0.1 against plain client-library transfers
+  (``bench/objectstores.py``; ``--quick``: S3 only, two repetitions).
 
 A checkpoint "lands" the way a trainer lands one: data shards first, then the
 ``.index`` (renamed into place: the moment the checkpoint is complete), then
@@ -57,6 +60,8 @@ ENV = dict(
     PYTHONUNBUFFERED="1",
     PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]),
 )
+import objectstores  # noqa: E402  (after sys.path)
+
 from daemon.supervisor.warm_pool import warm_children_of  # noqa: E402  (after sys.path)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -809,6 +814,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{s['ratio_to_empty']:.2f}",
             )
         )
+    if results.get("objectstores"):
+        rows += objectstores.table_rows(results["objectstores"])
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [
         "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
@@ -817,7 +824,7 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SCENARIOS = ("latency", "idle_detection", "training", "startup")
+SCENARIOS = ("latency", "idle_detection", "training", "startup", "objectstores")
 
 
 def main() -> int:
@@ -836,6 +843,7 @@ def main() -> int:
         "idle_detection": lambda r: scenario_idle_and_detection(r, 2 * args.samples, 60.0),
         "training": lambda r: scenario_training(r),
         "startup": lambda r: scenario_startup(r, 10_000, 1_000),
+        "objectstores": lambda r: objectstores.scenario_objectstores(r, quick=args.quick),
     }
     with tempfile.TemporaryDirectory(prefix="ckpt-exporter-bench-") as tmp:
         for name in args.only:
