@@ -163,7 +163,10 @@ class GCSStore:
         initial_delay: float = 0.5,
         max_delay: float = 16.0,
         resumable_threshold: int = 8 * MiB,
-        chunk_size: int = 16 * MiB,
+        # The library's own default: a version's one big variables file then
+        # goes up in one request rather than in sequential 16 MiB chunks
+        # (measured 2.19x a plain upload with 16 MiB chunks, bench/objectstores.py).
+        chunk_size: int = 100 * MiB,
         timeout: float = 60.0,
     ) -> None:
         self._bucket_name = bucket

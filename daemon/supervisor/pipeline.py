@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, cast
@@ -138,7 +139,8 @@ class Pipeline:
         job.staging = staging_dir(st.cfg.base_path, job.id)
         tensors = reuse.needed_tensors(job.template)
         job.deadline = time.monotonic() + self.ctx.config.daemon.export_timeout_seconds
-        job.io = self.ctx.io.submit(fetch_checkpoint, job.ckpt, job.staging, tensors)
+        progress = _progress_line(self.ctx.log.bind(**job.log_fields), "fetch_progress")
+        job.io = self._submit(job, fetch_checkpoint, job.ckpt, job.staging, tensors, progress)
         self.ctx.log.info(
             "fetch_started",
             **job.log_fields,
@@ -241,6 +243,13 @@ class Pipeline:
             self._export_done(job, cast(ExportOutcome, raw))
         else:
             self._validate_done(job, cast(ValidationOutcome, raw))
+
+    def _submit(self, job: Job, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` in the I/O threads; its end wakes the loop as a child's end does."""
+        future = self.ctx.io.submit(fn, *args)
+        events = self.ctx.events
+        future.add_done_callback(lambda _f: events.put(("child", job.id)))
+        return future
 
     def _advance_io(self, job: Job) -> None:
         """The job's storage work (fetch or upload) ran in a thread: go on once it is done."""
@@ -448,7 +457,7 @@ class Pipeline:
         the I/O threads and :meth:`advance` picks up its outcome.
         """
         if not isinstance(job.model.cfg.base_path, Path):
-            job.io = self.ctx.io.submit(self.publisher.publish, job)
+            job.io = self._submit(job, self.publisher.publish, job)
             return
         self._publish_outcome(job, self.publisher.publish(job))
 
@@ -501,6 +510,27 @@ class Pipeline:
         job.durations[phase] = seconds
         self.ctx.metrics.phase_seconds.labels(job.model.cfg.name, phase).observe(seconds)
         job.phase_started = time.monotonic()
+
+
+#: Long storage work says how far it got at most this often.
+PROGRESS_SECONDS = 10.0
+
+
+def _progress_line(log: Any, event: str) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback: ``event`` at most every :data:`PROGRESS_SECONDS`.
+
+    Called from an I/O thread (never concurrently); structlog loggers are thread-safe.
+    """
+    last = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PROGRESS_SECONDS and done < total:
+            last = now
+            log.info(event, done_bytes=done, total_bytes=total, percent=round(100 * done / total))
+
+    return progress
 
 
 def _str_or_none(path: Path | None) -> str | None:
