@@ -1,12 +1,15 @@
 """The ``ckpt-exporter`` command line.
 
-``run`` is the daemon; ``export``, ``validate``, ``status``, ``rollback``,
-``pin``, ``unpin`` and ``check-config`` are for people and scripts; ``demo``
-shows the whole thing on a tiny training job. Exit codes come from
-:mod:`daemon.exitcodes` (78: invalid config or unknown ``--model``); the
-operator commands (``rollback``, ``pin``, ``unpin``) exit 1 when they refuse
-(the message on stderr says why) and 75 when the base-path lock stayed busy.
-User errors never end in a traceback.
+``run`` is the daemon; ``export``, ``validate``, ``verify``, ``status``,
+``rollback``, ``pin``, ``unpin`` and ``check-config`` are for people and
+scripts; ``demo`` shows the whole thing on a tiny training job. Exit codes
+come from :mod:`daemon.exitcodes` (78: invalid config or unknown
+``--model``); the operator commands (``rollback``, ``pin``, ``unpin``) exit 1
+when they refuse (the message on stderr says why) and 75 when the base-path
+lock stayed busy. ``verify`` exits 0 when the version matches its manifest,
+:data:`NOT_INTACT` (65) when a file changed, went missing or was added, 1
+when it cannot verify (no manifest, not a folder, an unusable bucket) and 75
+when the object store kept failing. User errors never end in a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from daemon import __version__, exitcodes, logs, protocol
 from daemon.basepath.catalog import planning_history, published_versions
+from daemon.basepath.manifest import ManifestError, VerifyReport, verify_version
 from daemon.basepath.operations import (
     LOCK_TIMEOUT_SECONDS,
     LockBusy,
@@ -38,11 +42,18 @@ from daemon.basepath.operations import (
 from daemon.basepath.records import read_rejected
 from daemon.config.builders import check_builders
 from daemon.config.loading import Config, ConfigError, ModelConfig, load_config
+from daemon.objectstore.client import ObjectStoreError
+from daemon.objectstore.clients import ClientMissing
+from daemon.objectstore.url import Location, parse_url, url_scheme
 from daemon.rules.planner import plan
 from daemon.sources import SOURCES
 
-#: Exit status of an operator command (rollback, pin, unpin) that refused or failed.
+#: Exit status of an operator command (rollback, pin, unpin) that refused or
+#: failed, and of ``verify`` when it cannot verify.
 REFUSED = 1
+#: Exit status of ``verify`` when the version does not match its manifest
+#: (BSD sysexits' EX_DATAERR: the data is not what it should be).
+NOT_INTACT = 65
 
 
 def _load(path: str, *, builders: bool = False) -> Config:
@@ -203,6 +214,59 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"{args.path}: " + ("valid" if result.get("ok") else f"INVALID: {result.get('error')}")
         )
     return exitcodes.OK if result.get("ok") else 1
+
+
+def _print_verify_report(report: VerifyReport) -> None:
+    """The human form of a :class:`VerifyReport` on stdout: one line per difference, a verdict."""
+    for c in report.changed:
+        found = c.found_sha256[:16] if c.found_sha256 else "not hashed"
+        print(
+            f"changed: {c.path} (sha256 {c.expected_sha256[:16]}..., {c.expected_bytes} bytes "
+            f"-> {found}..., {c.found_bytes} bytes)"
+        )
+    for rel in report.missing:
+        print(f"missing: {rel}")
+    for rel in report.unlisted:
+        print(f"not listed: {rel}")
+    ckpt = report.checkpoint
+    origin = f"checkpoint {ckpt.get('prefix')} (step {ckpt.get('step')})" if ckpt else "unknown"
+    if report.intact:
+        print(f"{report.location}: intact ({report.listed} files as published from {origin})")
+    else:
+        print(
+            f"{report.location}: NOT INTACT: {len(report.changed)} changed, "
+            f"{len(report.missing)} missing, {len(report.unlisted)} not listed "
+            f"(of {report.listed} files listed)"
+        )
+    if not report.commit_record:
+        _error(f"warning: {report.location} has no commit record: it was never fully published")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    text: str = args.location
+    try:
+        location: Location = (
+            parse_url(text, args.endpoint_url or "") if url_scheme(text) else Path(text)
+        )
+    except ValueError as e:
+        _error(str(e))
+        return REFUSED
+    try:
+        report = verify_version(location)
+    except (ManifestError, ClientMissing) as e:
+        _error(str(e))
+        return REFUSED
+    except ObjectStoreError as e:
+        _error(f"cannot read {text}: {e}")
+        return exitcodes.TRANSIENT_FAILURE if e.kind == "transient" else REFUSED
+    except OSError as e:
+        _error(f"cannot read {text}: {e}")
+        return REFUSED
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        _print_verify_report(report)
+    return exitcodes.OK if report.intact else NOT_INTACT
 
 
 def _iso_utc(timestamp: Any) -> str | None:
@@ -435,6 +499,34 @@ def build_parser() -> argparse.ArgumentParser:
         help=".npz of the outputs expected for --sample-inputs (OUTPUT, or SIGNATURE/OUTPUT)",
     )
     sp.set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser(
+        "verify",
+        help="re-hash a published version against its manifest (changed, missing, added files)",
+        description="Re-hash every file listed in the version's "
+        "assets.extra/ckpt_exporter_manifest.json and report files whose size or SHA-256 "
+        "changed, files missing and files present but not listed (the commit record "
+        "assets.extra/ckpt_exporter.json, written after the manifest, is not listed). "
+        "On an object store each object is downloaded to a temporary file and hashed.",
+        epilog="exit status: 0 intact; 65 not intact (a file changed, is missing or was "
+        "added); 1 cannot verify (no manifest: a version from before manifests or not "
+        "ckpt-exporter's; not a folder; an unusable bucket; the reason is on stderr); "
+        "75 the object store kept failing (try again)",
+    )
+    sp.add_argument(
+        "location",
+        metavar="PATH_OR_URL",
+        help="a version folder (/srv/models/m/7) or a version in a bucket (gs://b/models/m/7, "
+        "s3://b/models/m/7)",
+    )
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    sp.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="the object store's endpoint (an S3-compatible store); default: the client "
+        "library's own configuration (AWS_ENDPOINT_URL_S3, STORAGE_EMULATOR_HOST)",
+    )
+    sp.set_defaults(func=cmd_verify)
 
     sp = sub.add_parser(
         "status",

@@ -15,8 +15,8 @@ names the server never parses as a version (see
     trash/             versions renamed out of sight on their way to deletion
 
 Inside a version, ``assets.extra/`` (which TF Serving ignores except for the
-warmup file) holds what the daemon adds: :data:`METADATA_RELPATH` and
-:data:`REPORT_RELPATH`.
+warmup file) holds what the daemon adds: :data:`METADATA_RELPATH`,
+:data:`REPORT_RELPATH` and :data:`MANIFEST_RELPATH`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from daemon.objectstore.url import Location
 METADATA_RELPATH = Path("assets.extra") / "ckpt_exporter.json"
 #: The validation report of an export, published with it or kept with a failed one.
 REPORT_RELPATH = Path("assets.extra") / "ckpt_exporter_validation.json"
+#: The provenance manifest of a version (:mod:`daemon.basepath.manifest`): the
+#: SHA-256 of every file, the checkpoint, the builder's code, config and libraries.
+MANIFEST_RELPATH = Path("assets.extra") / "ckpt_exporter_manifest.json"
 
 #: The daemon's private folder inside a base path. Its name does not parse as
 #: an integer, so TF Serving never takes it for a version.

@@ -5,10 +5,12 @@
 nothing itself; the pipeline acts on it. Under the base-path lock it re-reads
 the base path (another publisher may have published the same checkpoint, or
 ``ckpt-exporter rollback`` ruled it out meanwhile), chooses the version by
-the model's ``version_policy`` (never a number that was rolled back), renames
-the export into place (:func:`daemon.basepath.publish.publish`) and applies
-retention from a fresh listing, so that a pin or a rollback cannot race a
-deletion.
+the model's ``version_policy`` (never a number that was rolled back), writes
+the export's provenance manifest (:mod:`daemon.basepath.manifest`: every
+file hashed, so on an object store this runs in the I/O threads with the
+upload), renames the export into place
+(:func:`daemon.basepath.publish.publish`) and applies retention from a
+fresh listing, so that a pin or a rollback cannot race a deletion.
 """
 
 from __future__ import annotations
@@ -22,14 +24,22 @@ from typing import Any
 from daemon import __version__
 from daemon.basepath.catalog import published_versions
 from daemon.basepath.layout import REPORT_RELPATH
+from daemon.basepath.manifest import (
+    build_manifest,
+    builder_provenance,
+    config_sha256,
+    write_manifest,
+)
 from daemon.basepath.operations import RolledBack, load_rolled_back, read_pins
 from daemon.basepath.publish import BasePathLock, publish, remove_version
+from daemon.config.builders import builder_file
 from daemon.objectstore.client import CONFIGURATION_KINDS, ObjectStoreError
 from daemon.objectstore.url import Location
 from daemon.rules.versions import VersionError, next_version, plan_retention, step_version
 from daemon.sources import Checkpoint
 from daemon.supervisor.context import Context
 from daemon.supervisor.reporting import report_once
+from daemon.supervisor.reuse import library_versions
 from daemon.supervisor.state import Job, ModelState
 
 
@@ -107,6 +117,10 @@ class Publisher:
                 return skip
             choose = self._chooser(job, rolled_back.highest_version)
             try:
+                self.write_manifest(job)
+            except OSError as e:
+                return _failed(f"cannot write the manifest into {job.temp_dir}", e)
+            try:
                 version, path = publish(job.temp_dir, cfg.base_path, choose, self.metadata(job))
             except VersionError as e:
                 return PublishFailed("version_refused", str(e), permanent=True)
@@ -151,6 +165,44 @@ class Publisher:
             step = job.step
             return lambda existing: step_version(step, [*existing, floor])
         return lambda existing: next_version([*existing, floor])
+
+    def write_manifest(self, job: Job) -> None:
+        """Write the provenance manifest into ``job``'s complete export (before publication).
+
+        Hashes every file of the export and the builder's source files, asks
+        git about the builder's checkout (bounded by a timeout); see
+        :mod:`daemon.basepath.manifest` for what it records. Raises
+        ``OSError`` when a file of the export cannot be read or the manifest
+        cannot be written.
+        """
+        cfg = job.model.cfg
+        assert job.temp_dir is not None and job.export_result is not None
+        metric = job.gate.get("metric")
+        gate = (
+            {"metric": metric.get("metric"), "value": metric.get("value")}
+            if isinstance(metric, dict)
+            else None
+        )
+        builder = builder_provenance(
+            cfg.builder,
+            builder_file(cfg.builder, cfg.python_path) if cfg.builder else None,
+            job.export_result.get("code_files", {}),
+        )
+        checkpoint = {
+            "fingerprint": job.ckpt.fingerprint,
+            "step": job.step,
+            "prefix": str(job.ckpt.prefix),
+        }
+        manifest = build_manifest(
+            job.temp_dir,
+            model=cfg.name,
+            checkpoint=checkpoint,
+            builder=builder,
+            config_digest=config_sha256(cfg),
+            libraries={"ckpt-exporter": __version__, **library_versions()},
+            gate=gate,
+        )
+        write_manifest(job.temp_dir, manifest)
 
     def metadata(self, job: Job) -> dict[str, Any]:
         """What the version records about itself (``assets.extra/ckpt_exporter.json``)."""
