@@ -353,11 +353,31 @@ class CheckEntry(CheckDetails, total=False):
     check: Required[str]
 
 
+class DeclaredTensor(TypedDict):
+    """An input or output as its SignatureDef declares it (not as it was fed)."""
+
+    #: The dtype's name (``float32``); ``ENCODING:NAME`` for a tensor not
+    #: encoded by name (``coo_sparse:int64``, ``composite_tensor:unknown``).
+    dtype: str
+    #: Sizes, None where unknown; None for an unknown rank.
+    shape: list[int | None] | None
+
+
+class DeclaredSignature(TypedDict):
+    """A SignatureDef's inputs and outputs as declared, by key (daemon.rules.signatures)."""
+
+    inputs: dict[str, DeclaredTensor]
+    outputs: dict[str, DeclaredTensor]
+
+
 class SignatureReport(TypedDict, total=False):
     """One signature's entry in a validation report's ``signatures``."""
 
     #: The SignatureDef's method name (``tensorflow/serving/predict``, ...).
     method: Required[str]
+    #: Its inputs and outputs as declared: what the signature contract compares
+    #: with the next version's. In every entry since the contract exists.
+    declared: DeclaredSignature
     #: Set on every way out: in every result file.
     ok: bool
     #: On failure: ``signature_rules``, ``run_failed``, ``not_finite`` or ``output_mismatch``.
@@ -393,6 +413,29 @@ class WarmupReplay(TypedDict):
     replayed: dict[str, int]
 
 
+class SignatureContract(TypedDict, total=False):
+    """A validation report's ``signature_contract``: the SignatureDefs against a reference.
+
+    Added by the supervisor (daemon.supervisor.pipeline) to a passed report
+    before the gate and the publication; rules in daemon.rules.signatures.
+    """
+
+    #: The version compared with; None: there was none.
+    reference: Required[int | None]
+    #: Why nothing was compared (no reference, or one that records no declared signatures).
+    skipped: str
+    #: Every change, one readable line each (``serving_default: input 'x' dtype ...``).
+    changes: list[str]
+    #: The changes that break clients of the reference.
+    breaking: list[str]
+    #: What let breaking changes through: ``allow_signature_change`` (the
+    #: model's config) or ``accept-signature`` (the one-shot record).
+    allowed_by: Literal["allow_signature_change", "accept-signature"]
+    #: An ``accept-signature`` record was there when this export was checked:
+    #: publishing it consumes the record.
+    acceptance: bool
+
+
 class ValidationResult(TypedDict):
     """The validator's result file when validation ran: the validation report.
 
@@ -420,6 +463,8 @@ class ValidationResult(TypedDict):
     permanent: NotRequired[bool]
     #: Added by the validator: it was forked by the zygote (not started cold).
     warm: NotRequired[bool]
+    #: Added by the supervisor to a passed report: the signature contract's verdict.
+    signature_contract: NotRequired[SignatureContract]
 
 
 #: The worker's result file: ``ok`` tells which.

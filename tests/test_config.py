@@ -135,6 +135,7 @@ def test_every_key_set_is_kept() -> None:
         export_policy="all",
         version_policy="step",
         keep_versions=0,
+        allow_signature_change=True,
         min_interval_seconds=10,
         rtol=0,
         atol=1,
@@ -147,6 +148,7 @@ def test_every_key_set_is_kept() -> None:
     assert got.python_path == (Path("/src/a"), Path("/src/b"))
     assert (got.checkpoint_key, got.export_policy, got.version_policy) == ("net", "all", "step")
     assert got.keep_versions == 0
+    assert got.allow_signature_change is True
     # Integers given for float settings come back as floats.
     assert (got.min_interval_seconds, got.rtol, got.atol) == (10.0, 0.0, 1.0)
     assert all(type(v) is float for v in (got.min_interval_seconds, got.rtol, got.atol))
@@ -720,6 +722,7 @@ def test_example_config_loads_and_states_the_defaults() -> None:
         "export_policy",
         "version_policy",
         "keep_versions",
+        "allow_signature_change",
         "min_interval_seconds",
         "rtol",
         "atol",

@@ -54,7 +54,7 @@ FORWARDED = {
 }
 #: Reasons raised both transient and permanent; the registry records the
 #: majority and its description must mention the other way.
-MIXED = {"warmup_failed"}
+MIXED = {"warmup_failed", "signature_changed"}
 #: metrics.KNOWN_FAILURES as it was written by hand before the registry.
 HAND_WRITTEN_KNOWN = {
     "pin": ("pin_failed",),

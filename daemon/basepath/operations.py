@@ -26,6 +26,15 @@ Serving never takes for a version):
   a number.
 - ``rolled-back/<version>-<UTC timestamp>/``: the rolled-back versions, moved
   there whole (one rename each) and kept for inspection; nothing deletes them.
+- ``signature_accepted.json``: ``ckpt-exporter accept-signature MODEL``'s
+  one-shot permission for the next version to break the signature contract
+  (:mod:`daemon.rules.signatures`)::
+
+      {"model": "m", "at": 1700000000.0}
+
+  The daemon reads it when it checks an export's signatures and deletes it
+  once an export that saw it is published, whether or not that export
+  changed anything.
 
 This is a separate file from ``rejected.json`` on purpose: a running
 supervisor keeps ``rejected.json`` in memory and rewrites it whole at its next
@@ -195,6 +204,48 @@ def unpin_version(
         pins = pins - {version}
         _write_pins(base_path, pins)
         return pins
+
+
+# --- the signature contract's one-shot acceptance ---------------------------
+
+#: The acceptance record's name in the state folder (see the module docstring).
+SIGNATURE_ACCEPTED_NAME = "signature_accepted.json"
+
+
+def accept_signature(base_path: Location, model: str) -> None:
+    """Let the next version of ``model`` published in ``base_path`` change its signatures.
+
+    Writes the one-shot record (module docstring): the next export the daemon
+    checks while it is there passes the signature contract whatever it
+    changed, and publishing that export consumes the record. Accepting twice
+    is one acceptance. Refuses (:class:`OperationError`) a base path with no
+    version of ``model``: there is no signature to change.
+    """
+    storage = storage_for(base_path)
+    if not storage.exists() or not _owned(base_path, model):
+        raise _no_versions(base_path, model)
+    storage.write_record(SIGNATURE_ACCEPTED_NAME, {"model": model, "at": time.time()})
+
+
+def signature_accepted(base_path: Location) -> bool:
+    """Whether an ``accept-signature`` record waits in ``base_path``.
+
+    A record that is not valid JSON still counts: its presence is the
+    acceptance. Raises ``OSError`` when the state folder cannot be read
+    (the caller must not take that for "no").
+    """
+    try:
+        storage_for(base_path).read_record(SIGNATURE_ACCEPTED_NAME)
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        pass  # not JSON: there all the same
+    return True
+
+
+def consume_signature_acceptance(base_path: Location) -> None:
+    """Delete the ``accept-signature`` record of ``base_path`` (none: nothing to do), durably."""
+    storage_for(base_path).delete_record(SIGNATURE_ACCEPTED_NAME)
 
 
 # --- the rolled-back record -------------------------------------------------

@@ -29,8 +29,9 @@ was in memory is caught. Checks, in order, each recorded in the report:
   map must then be checked, or validation fails (``no_reference``).
 
 The result is the validation report: ``ok``, the checks run with their
-timings, each signature's inputs (and where they came from) and outputs, and
-on failure ``reason``, ``error`` and ``permanent``.
+timings, each signature's declared inputs and outputs (dtypes, shapes: what the
+supervisor's signature contract compares), the inputs fed (and where they
+came from) and the outputs' shapes, and on failure ``reason``, ``error`` and ``permanent``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from daemon.formats import bundle
 from daemon.protocol import (
     CheckDetails,
     CheckEntry,
+    DeclaredSignature,
+    DeclaredTensor,
     SignatureReport,
     ValidateRequest,
     ValidationOutcome,
@@ -585,6 +588,31 @@ def _example_for_graph(sess: Any) -> bytes | None:
     return data
 
 
+def declared(sig: Any) -> DeclaredSignature:
+    """A SignatureDef's inputs and outputs as it declares them (the signature contract's input)."""
+    return {
+        "inputs": {k: _declared_tensor(v) for k, v in sorted(sig.inputs.items())},
+        "outputs": {k: _declared_tensor(v) for k, v in sorted(sig.outputs.items())},
+    }
+
+
+def _declared_tensor(info: Any) -> DeclaredTensor:
+    """A TensorInfo's dtype name and shape (None: unknown rank; None in it: unknown size)."""
+    import tensorflow as tf
+
+    try:
+        dtype = tf.dtypes.as_dtype(info.dtype).name
+    except TypeError:
+        dtype = "unknown"  # DT_INVALID: a composite tensor's info carries none
+    encoding = info.WhichOneof("encoding") or "name"
+    if encoding != "name":
+        dtype = f"{encoding}:{dtype}"
+    shape: list[int | None] | None = None
+    if not info.tensor_shape.unknown_rank:
+        shape = [None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim]
+    return {"dtype": dtype, "shape": shape}
+
+
 def _run_signature(
     sess: Any,
     name: str,
@@ -597,7 +625,7 @@ def _run_signature(
     """Run one signature; its report entry and its outputs (empty when it failed)."""
     import numpy as np
 
-    entry: SignatureReport = {"method": sig.method_name}
+    entry: SignatureReport = {"method": sig.method_name, "declared": declared(sig)}
     problem = warmup_records.signature_rules(sig.method_name, sig)
     if problem:
         return _verdict(entry, ok=False, reason="signature_rules", error=problem), {}

@@ -133,6 +133,8 @@ class ModelConfig:
     export_policy: str = "latest"
     version_policy: str = "increment"
     keep_versions: int = 5
+    #: Let every SignatureDef change through the signature contract (rules/signatures.py).
+    allow_signature_change: bool = False
     min_interval_seconds: float = 0.0
     rtol: float = 1e-4
     atol: float = 1e-5
@@ -266,6 +268,7 @@ MODEL_SCHEMA: Schema = {
     "export_policy": ((str,), ModelConfig.export_policy, one_of(*EXPORT_POLICIES)),
     "version_policy": ((str,), ModelConfig.version_policy, one_of(*VERSION_POLICIES)),
     "keep_versions": ((int,), ModelConfig.keep_versions, non_negative),
+    "allow_signature_change": ((bool,), ModelConfig.allow_signature_change, None),
     "min_interval_seconds": ((int, float), ModelConfig.min_interval_seconds, non_negative),
     "rtol": ((int, float), ModelConfig.rtol, non_negative),
     "atol": ((int, float), ModelConfig.atol, non_negative),

@@ -257,6 +257,16 @@ _ALL: tuple[Failure, ...] = (
         "warmup_records is set",
     ),
     Failure(
+        "signature_changed",
+        ("validate",),
+        "permanent",
+        "the SignatureDefs break clients of the reference version (a signature, input or "
+        "output removed or renamed, an input added, a dtype, method or incompatible shape "
+        "changed; the diff is in the validation report); set allow_signature_change or run "
+        "ckpt-exporter accept-signature MODEL to let it through; transient (retried) when "
+        "the accept-signature record cannot be read",
+    ),
+    Failure(
         "validate_error",
         ("validate",),
         "permanent",

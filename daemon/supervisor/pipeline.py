@@ -11,7 +11,9 @@ once its phase's child finished (or kills it at its deadline). A phase's
 result decides the next step; every end of a job goes through
 :class:`~daemon.supervisor.outcomes.Outcomes`. An incremental export that
 fails validation is exported once more in full before the checkpoint is
-blamed.
+blamed. A passed validation is held to the signature contract
+(:mod:`daemon.rules.signatures`, against :func:`reference_version`) before
+the gate and the publication.
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ from pathlib import Path
 from typing import Any, cast
 
 from daemon import exitcodes, protocol
+from daemon.basepath import catalog
 from daemon.basepath.layout import REPORT_RELPATH
-from daemon.basepath.operations import tree_bytes
+from daemon.basepath.operations import (
+    consume_signature_acceptance,
+    signature_accepted,
+    tree_bytes,
+)
 from daemon.basepath.publish import new_temp_dir, reset_export_dir, staging_dir
 from daemon.durable import write_json_atomic
 from daemon.objectstore.client import CONFIGURATION_KINDS, ObjectStoreError
@@ -34,10 +41,12 @@ from daemon.protocol import (
     ExportRequest,
     ExportResult,
     FailureResult,
+    SignatureContract,
     ValidateRequest,
     ValidationOutcome,
     ValidationResult,
 )
+from daemon.rules import signatures
 from daemon.rules.failures import MODEL_FAILURES
 from daemon.rules.gate import command_argv
 from daemon.sources import SOURCES, Checkpoint
@@ -57,6 +66,21 @@ from daemon.supervisor.reporting import signature_summary, tail
 from daemon.supervisor.scheduling import Scheduler
 from daemon.supervisor.staging import CheckpointVanished, fetch_checkpoint, stage_checkpoint
 from daemon.supervisor.state import Job, ModelState
+
+
+def reference_version(st: ModelState) -> catalog.Published | None:
+    """The version whose signatures a new export of ``st``'s model must keep.
+
+    The one place that chooses it: today the newest version this daemon
+    published for the model (what clients get without a version or label).
+    """
+    return st.newest
+
+
+def reference_signatures(version: catalog.Published) -> Any:
+    """The validation report's ``signatures`` recorded in ``version``'s metadata, or None."""
+    validation = version.metadata.get("validation")
+    return validation.get("signatures") if isinstance(validation, dict) else None
 
 
 class Pipeline:
@@ -270,7 +294,13 @@ class Pipeline:
         self._exported(job, result)
 
     def _validate_done(self, job: Job, result: ValidationOutcome) -> None:
+        refused = None
+        if result["ok"] and "signatures" in result:
+            refused = self._signature_contract(job, result)
         self._write_report(job, result)
+        if refused is not None:
+            self._signature_refused(job, result, refused)
+            return
         if not result["ok"]:
             incremental = job.export_result.get("incremental", {}) if job.export_result else {}
             if incremental.get("template"):
@@ -281,6 +311,91 @@ class Pipeline:
         assert "signatures" in result  # a passed validation is a report
         self._phase_done(job, "validate")
         self._validated(job, result)
+
+    def _signature_contract(self, job: Job, result: ValidationResult) -> str | None:
+        """Hold the export's signatures to the contract; the refusal, or None to go on.
+
+        Records the verdict as the report's ``signature_contract``; a refusal
+        also turns the report into a failed one (``signature_changed``, the
+        changes that break clients in its error), so the report kept with
+        the moved-aside export says why. Returns ``"permanent"`` or
+        ``"transient"`` (the acceptance record could not be read) on refusal.
+        """
+        st, cfg = job.model, job.model.cfg
+        log = self.ctx.log.bind(**job.log_fields)
+        reference = reference_version(st)
+        contract: SignatureContract = {
+            "reference": None if reference is None else reference.version
+        }
+        result["signature_contract"] = contract
+        unreadable = None
+        try:
+            contract["acceptance"] = signature_accepted(cfg.base_path)
+        except OSError as e:
+            contract["acceptance"] = False
+            unreadable = f"the accept-signature record of {cfg.base_path} cannot be read: {e}"
+            log.warning("signature_acceptance_unreadable", error=unreadable)
+        if reference is None:
+            contract["skipped"] = "no version published yet"
+            return None
+        old = signatures.from_report(reference_signatures(reference))
+        new = signatures.from_report(result["signatures"])
+        if old is None or new is None:
+            whose = f"version {reference.version}" if old is None else "this export"
+            contract["skipped"] = (
+                f"{whose} records no declared signatures (validated before the signature "
+                "contract existed)"
+            )
+            why = contract["skipped"]
+            log.info("signature_check_skipped", reference=reference.version, why=why)
+            return None
+        changes = signatures.diff(old, new)
+        breaking = signatures.breaking(changes)
+        contract["changes"] = [str(c) for c in changes]
+        contract["breaking"] = [str(c) for c in breaking]
+        if not breaking:
+            if changes:
+                log.info(
+                    "signatures_extended", reference=reference.version, changes=contract["changes"]
+                )
+            return None
+        diff = signatures.render(breaking)
+        if cfg.allow_signature_change:
+            contract["allowed_by"] = "allow_signature_change"
+        elif contract["acceptance"]:
+            contract["allowed_by"] = "accept-signature"
+        if "allowed_by" in contract:
+            log.warning(
+                "signature_change_allowed",
+                reference=reference.version,
+                allowed_by=contract["allowed_by"],
+                diff=diff,
+            )
+            return None
+        message = (
+            f"the signatures break clients of version {reference.version}: {diff}. "
+            f"To publish the change anyway: `ckpt-exporter accept-signature {cfg.name}` "
+            "(the next version only) or allow_signature_change = true"
+        )
+        if unreadable is not None:
+            message = f"{message}; {unreadable}, retried"
+        result.update(
+            {
+                "ok": False,
+                "reason": "signature_changed",
+                "error": message,
+                "permanent": unreadable is None,
+            }
+        )
+        return "permanent" if unreadable is None else "transient"
+
+    def _signature_refused(self, job: Job, result: ValidationOutcome, how: str) -> None:
+        """The signature contract refused the export: rejected, or retried (see above)."""
+        message = str(result.get("error"))
+        if how == "permanent":
+            self.outcomes.fail(job, "signature_changed", message, permanent=True)
+        else:
+            self.outcomes.fail(job, "signature_changed", message, permanent=False)
 
     def _failed(self, job: Job, result: FailureResult | ValidationResult) -> None:
         """The phase's child reported a failure: end the job with its reason."""
@@ -503,7 +618,23 @@ class Pipeline:
             checkpoint_to_published_seconds=round(latency, 3),
         )
         job.published_version = outcome.version
+        self._consume_acceptance(job, outcome.version)
         self.outcomes.finish(job)
+
+    def _consume_acceptance(self, job: Job, version: int) -> None:
+        """A published export that saw an ``accept-signature`` record consumes it (one-shot)."""
+        contract = job.validation.get("signature_contract") if job.validation else None
+        if not contract or not contract.get("acceptance"):
+            return
+        fields = dict(job.log_fields, version=version)
+        try:
+            consume_signature_acceptance(job.model.cfg.base_path)
+        except OSError as e:
+            self.ctx.log.warning("signature_acceptance_not_consumed", **fields, error=str(e))
+            return
+        self.ctx.log.info(
+            "signature_acceptance_consumed", **fields, allowed_by=contract.get("allowed_by")
+        )
 
     def _phase_done(self, job: Job, phase: str) -> None:
         seconds = time.monotonic() - job.phase_started
