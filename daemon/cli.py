@@ -27,6 +27,7 @@ from typing import Any
 
 from daemon import __version__, exitcodes, logs, protocol
 from daemon.basepath.catalog import planning_history, published_versions
+from daemon.basepath.label_requests import read_labels, request_move
 from daemon.basepath.manifest import ManifestError, VerifyReport, verify_version
 from daemon.basepath.operations import (
     LOCK_TIMEOUT_SECONDS,
@@ -318,6 +319,7 @@ def model_status(cfg: Config) -> list[dict[str, Any]]:
                 "versions_on_disk": len(published),
                 "last_publish": _iso_utc(newest.metadata.get("published_at")) if newest else None,
                 "pinned": sorted(read_pins(m.base_path)),
+                "labels": _labels(cfg, m),
                 "rejected": len(rejected),
                 "rolled_back": len(rolled_back.fingerprints),
                 "newest_version_bytes": tree_bytes(newest.path) if newest else None,
@@ -325,6 +327,14 @@ def model_status(cfg: Config) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _labels(cfg: Config, m: ModelConfig) -> dict[str, int] | None:
+    """The labels the model config file gives the model now (None without [serving_config])."""
+    if cfg.serving is None:
+        return None
+    state = read_labels(m.base_path)
+    return dict(state.written) if state is not None else {}
 
 
 def _human_bytes(n: Any) -> str:
@@ -347,6 +357,7 @@ STATUS_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("versions_on_disk", "VERSIONS", str),
     ("last_publish", "LAST_PUBLISH", str),
     ("pinned", "PINNED", lambda v: ",".join(map(str, v)) or "-"),
+    ("labels", "LABELS", lambda v: ",".join(f"{k}={n}" for k, n in sorted(v.items())) or "-"),
     ("rejected", "REJECTED", str),
     ("rolled_back", "ROLLED_BACK", str),
     ("newest_version_bytes", "SIZE", _human_bytes),
@@ -396,6 +407,19 @@ def _pins_text(pins: frozenset[int]) -> str:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    serving = _load(args.config).serving
+
+    def by_label(m: ModelConfig) -> int:
+        assert serving is not None
+        target = args.to if args.to is not None else _previous_stable(m, serving.stable_label)
+        request_move(m.base_path, m.name, "rollback", target, lock_timeout=args.lock_timeout)
+        print(
+            f"{m.name}: asked the daemon to move {serving.canary_label} and "
+            f"{serving.stable_label} back to version {target} (nothing is deleted); "
+            "it does so at its next rescan, once that version is loaded"
+        )
+        return exitcodes.OK
+
     def action(m: ModelConfig) -> int:
         result = rollback(m.base_path, m.name, args.to, lock_timeout=args.lock_timeout)
         for mv in result.moved:
@@ -409,6 +433,45 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         )
         for w in result.warnings:
             _error(f"{m.name}: warning: {w}")
+        return exitcodes.OK
+
+    return _operation(args, by_label if serving is not None else action)
+
+
+def _previous_stable(m: ModelConfig, stable: str) -> int:
+    """The highest version of ``m`` below the one its stable label wants (for rollback)."""
+    state = read_labels(m.base_path)
+    current = state.want.get(stable) if state is not None else None
+    owned = sorted(p.version for p in published_versions(m.base_path, m.name))
+    below = [v for v in owned if current is None or v < current]
+    if not below:
+        raise OperationError(
+            f"model {m.name!r} has no version below {current} to roll back to "
+            f"(available: {', '.join(map(str, owned)) or 'none'})"
+        )
+    return below[-1]
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    serving = _load(args.config).serving
+
+    def action(m: ModelConfig) -> int:
+        if serving is None:
+            raise OperationError(
+                "promote moves version labels, which need a [serving_config] table "
+                "(README: Version labels)"
+            )
+        version = args.version
+        if version is None:
+            state = read_labels(m.base_path)
+            version = state.want.get(serving.canary_label) if state is not None else None
+            if version is None:
+                raise OperationError(f"model {m.name!r} has no canary version to promote yet")
+        request_move(m.base_path, m.name, "promote", version, lock_timeout=args.lock_timeout)
+        print(
+            f"{m.name}: asked the daemon to make version {version} {serving.stable_label}; "
+            "it does so at its next rescan, once that version is loaded"
+        )
         return exitcodes.OK
 
     return _operation(args, action)
@@ -565,15 +628,27 @@ def build_parser() -> argparse.ArgumentParser:
         "Move every version newer than the target into .ckpt-exporter/rolled-back/ "
         "(kept, not deleted), oldest first, so TF Serving goes straight from the newest "
         "version to the target, and record their checkpoints so the daemon never exports "
-        "them (or older ones) again. Versions not made by ckpt-exporter are never touched.",
+        "them (or older ones) again. Versions not made by ckpt-exporter are never touched. "
+        "With [serving_config], move the canary and stable labels back to the target "
+        "instead, deleting nothing.",
     )
     sp.add_argument(
         "--to",
         type=int,
         metavar="VERSION",
-        help="version to serve (default: the second-newest version of the model)",
+        help="version to serve (default: the second-newest version of the model; with "
+        "[serving_config], the highest version below the stable one)",
     )
     sp.set_defaults(func=cmd_rollback)
+
+    sp = operator(
+        "promote",
+        "make a version stable (with [serving_config])",
+        "Ask the daemon to point the stable label at VERSION (default: the canary) in "
+        "TF Serving's model config file, once the server has loaded it.",
+    )
+    sp.add_argument("version", type=int, nargs="?", metavar="VERSION")
+    sp.set_defaults(func=cmd_promote)
 
     sp = operator(
         "pin",

@@ -233,7 +233,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         {"model": [model()], "models": [model()]},
-        ["model: unknown top-level key", "[daemon] and [[models]]"],
+        ["model: unknown top-level key", "[daemon], [[models]] and [serving_config]"],
         id="unknown top-level key",
     ),
     # wrong types

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 from daemon.config.loading import DAEMON_SCHEMA, MODEL_SCHEMA, parse_config
+from daemon.config.serving import SERVING_SCHEMA
 from daemon.rules.gate import GATE_SCHEMA
 from daemon.sources import SOURCES
 
@@ -27,6 +28,7 @@ def test_every_config_key_is_documented_in_the_example() -> None:
     documented |= {"signature"} if "[models.signature]" in text else set()
     documented |= {"gate"} if "[models.gate]" in text else set()
     source_options = {k for kind in SOURCES.values() for k in kind.options} | set(GATE_SCHEMA)
+    source_options |= set(SERVING_SCHEMA)
     missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA) | source_options) - documented
     assert not missing, f"config.example.toml does not document {sorted(missing)}"
     unknown = documented - set(DAEMON_SCHEMA) - set(MODEL_SCHEMA) - source_options - {"inputs"}
@@ -41,7 +43,7 @@ def test_every_config_key_is_in_the_readme_tables() -> None:
         for ln in rows
         for k in re.findall(r"`\[?(?:models\.)?([a-z][a-z0-9_]*)\]?`", ln.split("|")[1])
     }
-    missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA)) - named
+    missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA) | set(SERVING_SCHEMA)) - named
     assert not missing, f"README.md's key tables lack {sorted(missing)}"
     # Source options are described with their source, in backticks.
     options = {k for kind in SOURCES.values() for k in kind.options}

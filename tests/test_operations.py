@@ -592,6 +592,7 @@ def test_status_json_and_table(tmp_path: Path) -> None:
         "versions_on_disk": 3,
         "last_publish": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(published_at)),
         "pinned": [1],
+        "labels": None,  # no [serving_config]: TF Serving serves the highest version
         "rejected": 2,
         "rolled_back": 0,
         "newest_version_bytes": 100 + 10 + 1000 + (base / "3" / METADATA_RELPATH).stat().st_size,
@@ -620,6 +621,7 @@ def test_status_json_and_table(tmp_path: Path) -> None:
         "VERSIONS",
         "LAST_PUBLISH",
         "PINNED",
+        "LABELS",
         "REJECTED",
         "ROLLED_BACK",
         "SIZE",
@@ -627,8 +629,8 @@ def test_status_json_and_table(tmp_path: Path) -> None:
     cells = line.split()
     assert cells[:7] == ["m", "ckpt-4", "4", "1", "1", "1", "1"]
     assert cells[7] == row["last_publish"]
-    assert cells[8:11] == ["1", "2", "2"]
-    assert " ".join(cells[11:]) == f"{row['newest_version_bytes']} B"
+    assert cells[8:12] == ["1", "-", "2", "2"]
+    assert " ".join(cells[12:]) == f"{row['newest_version_bytes']} B"
 
 
 def test_status_pending_honours_the_rolled_back_floor(tmp_path: Path) -> None:

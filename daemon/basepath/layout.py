@@ -10,6 +10,8 @@ names the server never parses as a version (see
     pins.json          versions that retention keeps
     rolled_back.json   checkpoints whose versions were rolled back
     rolled-back/       the rolled-back versions, kept whole for inspection
+    labels.json        with [serving_config]: the model's version labels, wanted and written
+    label_requests.json  a promote or rollback asked by an operator, taken by the daemon
     staging/<pid>-<job>/  a checkpoint pinned for one export, its requests and results
     failed/            failed exports kept for inspection (``keep_failed``)
     trash/             versions renamed out of sight on their way to deletion
@@ -59,6 +61,8 @@ REJECTED_NAME = "rejected.json"
 PINS_NAME = "pins.json"
 ROLLED_BACK_NAME = "rolled_back.json"
 ROLLED_BACK_DIRNAME = "rolled-back"
+LABELS_NAME = "labels.json"
+LABEL_REQUESTS_NAME = "label_requests.json"
 STAGING_DIRNAME = "staging"
 FAILED_DIRNAME = "failed"
 TRASH_DIRNAME = "trash"

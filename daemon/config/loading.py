@@ -26,13 +26,16 @@ from daemon.config.schema import (
     REQUIRED,
     Schema,
     apply_schema,
+    command_line,
     non_negative,
     nonempty,
     one_of,
     positive,
 )
+from daemon.config.serving import ServingConfig, parse_serving
 from daemon.objectstore.url import Location, parse_url, url_scheme
 from daemon.rules.gate import GATE_SCHEMA, Gate, parse_gate
+from daemon.rules.labels import parse_promote
 from daemon.sources import SOURCES
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -63,6 +66,8 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1:9725"
 #: name them: the model's own inputs, uint8 images, encoded image bytes, or
 #: serialized tf.train.Example.
 INPUT_TYPES = ("default", "image_tensor", "encoded_image", "tf_example")
+#: What a promote_command may name: {model}, {version}, {base_path}.
+PROMOTE_PLACEHOLDERS = ("model", "version", "base_path")
 
 
 class ConfigError(Exception):
@@ -144,6 +149,9 @@ class ModelConfig:
     golden_outputs: Path | None = None
     warmup_records: int = 0
     incremental_export: bool = True
+    #: With [serving_config]: when a canary version becomes stable (rules/labels.py).
+    promote: str = "immediately"
+    promote_command: tuple[str, ...] = ()
     gate: Gate = field(default_factory=Gate)
     #: The validated ``[models.<source>]`` table (defaults filled in; JSON-able).
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -154,6 +162,8 @@ class Config:
     path: Path | None
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     models: tuple[ModelConfig, ...] = ()
+    #: TF Serving's model config file and version labels; None: not written.
+    serving: ServingConfig | None = None
 
 
 # --- the schema -------------------------------------------------------------
@@ -278,6 +288,8 @@ MODEL_SCHEMA: Schema = {
     "golden_outputs": ((str,), "", None),
     "warmup_records": ((int,), 0, _warmup_records),
     "incremental_export": ((bool,), ModelConfig.incremental_export, None),
+    "promote": ((str,), ModelConfig.promote, parse_promote),
+    "promote_command": ((list,), [], command_line(*PROMOTE_PLACEHOLDERS)),
     "gate": ((dict,), {}, None),
 }
 
@@ -378,8 +390,10 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
     """Validate parsed TOML ``data``; relative paths resolve against ``root``."""
     problems: list[str] = []
     for key in data:
-        if key not in ("daemon", "models"):
-            problems.append(f"{key}: unknown top-level key; expected [daemon] and [[models]]")
+        if key not in ("daemon", "models", "serving_config"):
+            problems.append(
+                f"{key}: unknown top-level key; expected [daemon], [[models]] and [serving_config]"
+            )
     daemon_table = data.get("daemon", {})
     if not isinstance(daemon_table, dict):
         problems.append("daemon: must be a table ([daemon])")
@@ -462,7 +476,13 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
             gate=gate,
             **checks,
         )
+        values["promote_command"] = tuple(values["promote_command"])
         m = ModelConfig(**values)
+        if m.promote == "command" and not m.promote_command:
+            problems.append(
+                f'{where}.promote_command: missing with promote = "command": give the argv '
+                "that approves a version by exiting 0 ({model}, {version}, {base_path})"
+            )
         if m.checkpoint_dir == m.base_path:
             problems.append(f"{where}.base_path: must differ from checkpoint_dir")
         models.append(m)
@@ -480,9 +500,10 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
             )
         seen_bases[m.base_path] = m.name
 
+    serving = parse_serving(data.get("serving_config"), problems, locate, resolve, _location)
     if problems:
         raise ConfigError(source, problems)
-    return Config(path=None, daemon=daemon, models=tuple(models))
+    return Config(path=None, daemon=daemon, models=tuple(models), serving=serving)
 
 
 def load_config(path: Path) -> Config:
@@ -497,4 +518,4 @@ def load_config(path: Path) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML files are UTF-8
         raise ConfigError(str(path), [f"not valid TOML: {e}"]) from None
     cfg = parse_config(data, str(path), path.resolve().parent)
-    return Config(path=path.resolve(), daemon=cfg.daemon, models=cfg.models)
+    return replace(cfg, path=path.resolve())

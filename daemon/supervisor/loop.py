@@ -46,6 +46,7 @@ from daemon.rules.health import HealthSnapshot, evaluate
 from daemon.sources import Checkpoint
 from daemon.supervisor import systemd
 from daemon.supervisor.context import Context, Event
+from daemon.supervisor.labels import Labels
 from daemon.supervisor.launcher import Launcher, kill_group
 from daemon.supervisor.metrics import HTTPServer, Metrics
 from daemon.supervisor.models import Models
@@ -86,6 +87,7 @@ class Supervisor:
         self.outcomes = Outcomes(ctx, self.launcher)
         self.scheduler = Scheduler(ctx)
         self.pipeline = Pipeline(ctx, self.launcher, self.outcomes, self.publisher, self.scheduler)
+        self.labels = Labels(ctx)
         self.watcher = Watcher(self._hint, log, force_polling=force_polling)
         self.stop_deadline: float | None = None
         self.http: HTTPServer | None = None
@@ -255,6 +257,7 @@ class Supervisor:
         if time.monotonic() >= self._next_poll:
             self._poll_remote()
         self._advance_jobs()
+        self.labels.tick(self.models)
         # After the jobs moved on (one may have just finished) and before new
         # ones start, so that the next job finds its children started.
         self.launcher.refill()
@@ -293,6 +296,7 @@ class Supervisor:
                 # Someone may have rolled back, deleted or pinned versions since we last looked.
                 self.publisher.refresh(st)
                 st.rejected.update(read_rejected(st.cfg.base_path))
+                self.labels.take_requests(st)
         self._sync_watches()
 
     def _poll_remote(self) -> None:
@@ -313,6 +317,8 @@ class Supervisor:
         if not job.done:
             return
         st = job.model
+        if job.published_version is not None:
+            self.labels.published(st, job.published_version)
         if job.published_version is not None and self.on_published is not None:
             assert job.validation is not None
             self.on_published(
@@ -478,6 +484,7 @@ class Supervisor:
             self.outcomes.cleanup(job)
             st.job = None
         self.launcher.close()
+        self.labels.close()
         self.watcher.stop()
         if self.http is not None:
             self.http.stop()

@@ -84,7 +84,7 @@ class Models:
                 hint="the listener is bound at start; restart the service to move it",
             )
             daemon = dataclasses.replace(new.daemon, metrics_address=old.daemon.metrics_address)
-            new = Config(path=new.path, daemon=daemon, models=new.models)
+            new = dataclasses.replace(new, daemon=daemon)
         if (new.daemon.log_level, new.daemon.log_format) != (
             old.daemon.log_level,
             old.daemon.log_format,

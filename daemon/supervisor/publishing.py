@@ -240,11 +240,15 @@ class Publisher:
         }
 
     def retention(self, st: ModelState) -> None:
-        """Remove versions beyond ``keep_versions``, oldest first, never a pinned one."""
+        """Remove versions beyond ``keep_versions``, oldest first.
+
+        Never a pinned one, nor one the model config lists or a label wants
+        (TF Serving would fail to load a listed version that is gone).
+        """
         doomed = plan_retention(
             [p.version for p in st.published],
             st.cfg.keep_versions,
-            protected=read_pins(st.cfg.base_path),
+            protected=read_pins(st.cfg.base_path) | st.serving_versions,
         )
         if not doomed:
             return

@@ -112,6 +112,9 @@ class ModelState:
     retiring: bool = False  # removed by a reload; goes once its export ends
     paused: dict[str, Any] | None = None  # a model-kind failure, until reload
     metric_reader: MetricReader = field(default_factory=MetricReader)
+    #: With [serving_config]: the versions the model config lists or a label
+    #: wants, which retention keeps.
+    serving_versions: frozenset[int] = frozenset()
     #: Checkpoints whose incremental export failed validation: exported in full next.
     full_export_only: set[str] = field(default_factory=set)
 
