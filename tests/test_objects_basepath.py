@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -583,6 +586,30 @@ def test_an_expired_lease_is_taken_over_after_the_grace_and_by_one_taker_only(
     assert won.count(True) == 1
     for t in takers:
         t.release()
+
+
+def test_a_dead_holder_on_this_machine_loses_its_lease_at_once_elsewhere_at_expiry(
+    object_store: Case,
+) -> None:
+    """A daemon restarted after a crash does not wait out its own dead lease."""
+    store, _, url = object_store
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that was alive on this machine and is gone now
+    body = {"pid": dead.pid, "host": "h", "expires_at": time.time() + 300}
+    # Written from another machine (or PID namespace): its PID means nothing here.
+    store.put(lease_key(url), json.dumps(dict(body, machine="elsewhere/boot/1")).encode())
+    lock = ObjectStorage(url, store).publish_lock()
+    assert lock.try_acquire() is False
+    # A live holder on this machine keeps it, whatever its expiry.
+    alive = dict(body, pid=os.getppid(), machine=lease_module.MACHINE)
+    store.put(lease_key(url), json.dumps(alive).encode())
+    assert lock.try_acquire() is False
+    # Written here by the dead process: taken at once, the usual conditional way.
+    store.put(lease_key(url), json.dumps(dict(body, machine=lease_module.MACHINE)).encode())
+    assert lease_module.MACHINE  # this machine can tell (Linux /proc)
+    assert lock.try_acquire() is True
+    assert json.loads(store.get(lease_key(url)))["pid"] == os.getpid()
+    lock.release()
 
 
 def test_a_lease_that_is_not_ours_expires_a_ttl_after_its_last_write(

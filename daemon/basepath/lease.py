@@ -14,7 +14,10 @@ when. The rules, each one conditional write:
   object we read, so of two daemons taking over at once exactly one wins. A
   lease that cannot be read (the store failing) is never taken over; one
   whose content names no expiry (not written by us) expires ``ttl`` after
-  its last write;
+  its last write. One written from this very machine (host, boot and PID
+  namespace) by a process that is gone is taken over at once, the same
+  conditional way: a daemon restarted after a crash does not wait out its
+  own dead lease;
 - release: delete it, if we still hold it. A store failing then leaves the
   lease to expire on its own.
 
@@ -96,6 +99,7 @@ class LeaseLock:
                 "owner": self.owner,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "machine": MACHINE,
                 "expires_at": expires,
                 "ttl_seconds": self.ttl,
             }
@@ -156,7 +160,7 @@ class LeaseLock:
             # Not a lease of ours (garbage, another tool): it expires a lease's
             # time after its last write.
             expires = current.updated_ns / 1e9 + self.ttl
-        if time.time() < expires + TAKEOVER_GRACE_SECONDS:
+        if time.time() < expires + TAKEOVER_GRACE_SECONDS and not _holder_dead(_parse(raw)):
             return None
         try:
             # Replace only the expired lease we looked at: of two daemons
@@ -234,6 +238,48 @@ def _parse(raw: bytes) -> dict[str, object]:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _machine() -> str:
+    """Who can tell whether a PID is alive: this host, this boot, this PID namespace.
+
+    Two containers may share a host name, and a PID dead here may be alive
+    in another PID namespace; only a lease written from the very same
+    namespace of the same boot may be judged by its PID.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""  # cannot tell: never judged by PID
+    return f"{socket.gethostname()}/{boot}/{pidns}"
+
+
+#: This process's :func:`_machine` (fixed for its lifetime).
+MACHINE = _machine()
+
+
+def _holder_dead(data: dict[str, object]) -> bool:
+    """True when the lease was written on this machine by a process that is gone.
+
+    A daemon restarted after a crash then takes its own old lease at once
+    instead of waiting out the expiry (the takeover is still conditional on
+    the lease's token). A PID reused by another process reads as alive:
+    the lease is then left to expire, the safe side.
+    """
+    pid = data.get("pid")
+    if not MACHINE or data.get("machine") != MACHINE or not isinstance(pid, int):
+        return False
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _expires_at(data: dict[str, object]) -> float | None:

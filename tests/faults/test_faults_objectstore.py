@@ -22,7 +22,9 @@ the base prefix every 50 ms and loads the highest version. Proven:
    resumes the model and it publishes;
 4. two daemons on one S3 prefix and one checkpoint folder: each checkpoint
    committed once under a number of its own, publications never overlap, and
-   the lease of a SIGKILLed holder is taken over only after its expiry.
+   the lease of a SIGKILLed holder on another machine is taken over only
+   after its expiry (on the same machine a dead holder's lease is taken at
+   once: tests/test_objects_basepath.py).
 
 The daemons run with a short lease (``daemon.basepath.lease.LEASE_SECONDS``
 and ``TAKEOVER_GRACE_SECONDS`` set by a wrapper before ``daemon.cli.main``:
@@ -70,6 +72,9 @@ import os, sys
 import daemon.basepath.lease as lease
 lease.LEASE_SECONDS = float(os.environ["FAULTS_LEASE_SECONDS"])
 lease.TAKEOVER_GRACE_SECONDS = float(os.environ["FAULTS_LEASE_GRACE_SECONDS"])
+# Stand in for another machine: a dead holder's lease is then judged by its
+# expiry only, never by its PID.
+lease.MACHINE = os.environ.get("FAULTS_MACHINE", lease.MACHINE)
 from daemon.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -86,6 +91,7 @@ class ShortLeaseDaemon(LiveDaemon):
         lease: float,
         grace: float,
         env: dict[str, str] | None = None,
+        machine: str | None = None,
     ) -> None:
         # LiveDaemon.__init__ with another command line (and optionally environment).
         self.log_path = log_path
@@ -96,6 +102,8 @@ class ShortLeaseDaemon(LiveDaemon):
         full_env = dict(child_env() if env is None else env)
         full_env["FAULTS_LEASE_SECONDS"] = str(lease)
         full_env["FAULTS_LEASE_GRACE_SECONDS"] = str(grace)
+        if machine is not None:
+            full_env["FAULTS_MACHINE"] = machine
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SHORT_LEASE_MAIN, "run", "--config", str(config)],
             env=full_env,
@@ -116,8 +124,11 @@ def start_daemon(
     lease: float = 4.0,
     grace: float = 0.5,
     env: dict[str, str] | None = None,
+    machine: str | None = None,
 ) -> ShortLeaseDaemon:
-    d = ShortLeaseDaemon(config, kit.tmp / f"{name}.log", lease=lease, grace=grace, env=env)
+    d = ShortLeaseDaemon(
+        config, kit.tmp / f"{name}.log", lease=lease, grace=grace, env=env, machine=machine
+    )
     kit.daemons.append(d)
     return d
 
@@ -627,7 +638,11 @@ def test_two_daemons_on_one_prefix_publish_each_checkpoint_once_and_take_over_a_
         daemon={"rescan_interval_seconds": 0.5},
     )
     with kit_for(tmp_path) as kit, LeaseWatcher(store, base) as watcher:
-        ds = {n: start_daemon(kit, config, n, lease=lease, grace=grace) for n in ("a", "b")}
+        # As if on two machines: the survivor cannot see that the holder died.
+        ds = {
+            n: start_daemon(kit, config, n, lease=lease, grace=grace, machine=f"host-{n}")
+            for n in ("a", "b")
+        }
         _wait_committed(ds["a"], store, base, 3)
         # Then a holder is SIGKILLed in the middle of a publish: the instant its claim appears.
         killed: ShortLeaseDaemon | None = None
@@ -646,7 +661,7 @@ def test_two_daemons_on_one_prefix_publish_each_checkpoint_once_and_take_over_a_
                 break
             # It committed and let go before the kill landed: start it again, try the next.
             ds[next(n for n, d in ds.items() if d is victim)] = start_daemon(
-                kit, config, f"again-{name}", lease=lease, grace=grace
+                kit, config, f"again-{name}", lease=lease, grace=grace, machine=f"host-{name}"
             )
         assert killed is not None, "no kill landed while the holder held the lease"
         partial = max(new)
