@@ -33,6 +33,7 @@ from daemon.basepath.operations import (
     LOCK_TIMEOUT_SECONDS,
     LockBusy,
     OperationError,
+    accept_signature,
     load_rolled_back,
     pin_version,
     read_pins,
@@ -500,6 +501,20 @@ def cmd_unpin(args: argparse.Namespace) -> int:
     return _operation(args, action)
 
 
+def cmd_accept_signature(args: argparse.Namespace) -> int:
+    args.model = args.model_name or args.model
+
+    def action(m: ModelConfig) -> int:
+        accept_signature(m.base_path, m.name)
+        print(
+            f"{m.name}: the next version published may change its signatures "
+            "(once: publishing it consumes the acceptance)"
+        )
+        return exitcodes.OK
+
+    return _operation(args, action)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo.run import run_demo
 
@@ -662,6 +677,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = operator("unpin", "let retention remove a pinned version again", "Remove a pin.")
     sp.add_argument("version", type=int, metavar="VERSION")
     sp.set_defaults(func=cmd_unpin)
+
+    sp = operator(
+        "accept-signature",
+        "let the next version change its SignatureDefs (once)",
+        "Let the next version of MODEL the daemon publishes break the signature contract "
+        "(a signature, input or output removed or renamed, a dtype, method or shape "
+        "changed): writes .ckpt-exporter/signature_accepted.json, which publishing that "
+        "version consumes. A checkpoint already refused as signature_changed stays "
+        "rejected; the next one is exported.",
+    )
+    sp.add_argument("model_name", nargs="?", metavar="MODEL", help="model name (or --model)")
+    sp.set_defaults(func=cmd_accept_signature)
 
     sp = sub.add_parser("demo", help="train a tiny model and run the daemon on it")
     sp.add_argument("--workspace", help="folder for the demo (default: a new temporary one)")

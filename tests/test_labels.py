@@ -10,6 +10,7 @@ a version it has not loaded, as the server does. No config is ever refused.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +197,22 @@ def test_no_config_is_ever_refused_over_a_random_history(seed: int) -> None:
         server.read(entry, now)
     if len(published) > 1:
         assert server.labels == dict(state.want)
+
+
+def test_the_signature_contract_compares_with_the_stable_version(tmp_path: Path) -> None:
+    from daemon.basepath.catalog import Published
+    from daemon.config.loading import ModelConfig
+    from daemon.sources import SOURCES
+    from daemon.supervisor.pipeline import reference_version
+    from daemon.supervisor.state import ModelState
+
+    cfg = ModelConfig(name="m", checkpoint_dir=tmp_path / "c", base_path=tmp_path / "b")
+    st = ModelState(cfg=cfg, source=SOURCES["tf_checkpoint"].scanner({}))
+    st.published = [Published(v, tmp_path / "b" / str(v), {}) for v in (1, 2, 3)]
+    assert reference_version(st) is st.published[-1]  # no labels: the newest
+    st.stable_version = 2
+    ref = reference_version(st)
+    assert ref is not None and ref.version == 2
+    st.stable_version = 9  # gone from the base path meanwhile: the newest again
+    ref = reference_version(st)
+    assert ref is not None and ref.version == 3

@@ -148,6 +148,7 @@ class Labels:
             self.entries[name] = entry
             planned[name] = new
             st.serving_versions = frozenset(new.listed) | frozenset(new.want.values())
+            st.stable_version = new.written.get(serving.stable_label)
         if self._write(models, serving):
             self._record(models, planned)
 

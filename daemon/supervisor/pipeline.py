@@ -71,9 +71,15 @@ from daemon.supervisor.state import Job, ModelState
 def reference_version(st: ModelState) -> catalog.Published | None:
     """The version whose signatures a new export of ``st``'s model must keep.
 
-    The one place that chooses it: today the newest version this daemon
-    published for the model (what clients get without a version or label).
+    The one place that chooses it: the version labelled stable in TF
+    Serving's model config (with ``[serving_config]``), else the newest
+    version this daemon published for the model (what clients get without a
+    version or label).
     """
+    if st.stable_version is not None:
+        for p in st.published:
+            if p.version == st.stable_version:
+                return p
     return st.newest
 
 

@@ -115,6 +115,8 @@ class ModelState:
     #: With [serving_config]: the versions the model config lists or a label
     #: wants, which retention keeps.
     serving_versions: frozenset[int] = frozenset()
+    #: With [serving_config]: the version the config file labels stable now.
+    stable_version: int | None = None
     #: Checkpoints whose incremental export failed validation: exported in full next.
     full_export_only: set[str] = field(default_factory=set)
 
