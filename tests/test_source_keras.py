@@ -43,11 +43,15 @@ def test_settled_archives_are_candidates_with_the_step_from_their_name(tmp_path:
 
 
 def test_a_file_being_written_is_waited_for_and_a_corrupt_one_is_named(tmp_path: Path) -> None:
-    archive(tmp_path / "new.keras", age=None)
+    # A whole archive counts at once, without settle_seconds; one cut short is waited for.
+    archive(tmp_path / "whole.keras", age=None)
+    data = (tmp_path / "whole.keras").read_bytes()
+    (tmp_path / "new.keras").write_bytes(data[: len(data) - 1])
     (tmp_path / "broken.keras").write_bytes(b"PK\x03\x04 truncated")
     os.utime(tmp_path / "broken.keras", (HOUR_AGO, HOUR_AGO))
     result = KerasFileSource({"settle_seconds": 30}).scan(tmp_path)
-    assert result.checkpoints == [] and result.incomplete == ["new.keras"]
+    assert [c.name for c in result.checkpoints] == ["whole.keras"]
+    assert result.incomplete == ["new.keras"]
     assert result.recheck_at is not None and 25 < result.recheck_at - time.time() <= 30
     (problem,) = result.problems
     assert problem.startswith(f"{tmp_path / 'broken.keras'}: not a readable .keras archive")

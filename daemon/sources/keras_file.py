@@ -9,15 +9,35 @@ Three kinds of file, told apart by name:
 - other ``*.h5`` are legacy whole-model HDF5 files, loaded like archives.
 
 Completeness, in the supervisor (no TensorFlow, no h5py): Keras writes these
-files in place, with no state file and no rename, so a file counts once it
-stopped changing for ``settle_seconds`` and its container looks whole: a zip
-archive whose central directory reads and lists ``config.json`` for
-``.keras``, the HDF5 signature for ``.h5``. A file still changing is waited
-for; a settled file that fails that check is reported once and skipped.
+files in place, with no state file and no rename, so the scanner reads each
+container's own end-of-write marks (standard-library codecs in
+:mod:`daemon.formats`) and takes a complete file at once:
+
+- ``.keras`` (a zip, :mod:`daemon.formats.zip_archive`): the end record at
+  the very end, a central directory that agrees with it (ZIP64 too) and
+  every member's local header where the directory says; and ``config.json``
+  among the members;
+- ``.h5`` (:mod:`daemon.formats.hdf5`): the superblock (at 0, 512, 1024,
+  ...) is not marked open for writing, its checksum matches (versions 2
+  and 3), and its end-of-file address equals the file's size.
+
+A file in which these are missing or disagree is being written: it is
+waited for (rescanned on the writer's events, at the latest once it has not
+changed for ``settle_seconds``). ``settle_seconds`` is only a fallback: a
+file that still fails the check after that long is reported once and
+skipped (truncated or corrupt), and one the check cannot decide (another
+HDF5 superblock version, an undefined end-of-file address, bytes beyond it,
+a multi-disk zip) counts once it has not changed for ``settle_seconds`` and
+its container reads (a zip listing ``config.json``, the HDF5 signature).
+
+A file rewritten in place under the same name (``save_best_only``) is
+truncated first, so it fails the check until the rewrite ends. The file is
+checked and hashed through one descriptor between two ``stat`` calls; if its
+inode, size, mtime or ctime moved in between, it counts as being written.
 
 The step is the first group of ``step_regex`` in the file name (default: the
 first number, as in ``model-epoch-12.keras``); order is by write time. The
-fingerprint is a hash of the whole file, cached by (size, mtime).
+fingerprint is a hash of the whole file, cached by (inode, size, mtime, ctime).
 
 Keras' ``safe_mode`` (no arbitrary code from lambda layers in the file) stays
 on unless ``safe_mode = false``.
@@ -36,11 +56,12 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config.schema import non_negative, nonempty, string_list
+from daemon.formats import hdf5, zip_archive
+from daemon.formats.completeness import Completeness, ReadAt, Verdict, incomplete
 from daemon.objectstore.url import ObjectURL
 from daemon.protocol import EXPORTERS_PACKAGE
 from daemon.sources.base import Checkpoint, ScanResult, SourceKind
 
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 WEIGHTS_SUFFIX = ".weights.h5"
 
 
@@ -73,7 +94,8 @@ class KerasFileSource:
         self.pattern: str = options.get("pattern", "*.keras")
         self.step_re = re.compile(options.get("step_regex", r"(\d+)"))
         self.settle_seconds: float = float(options.get("settle_seconds", 5.0))
-        self._fp_cache: dict[Path, tuple[int, int, str]] = {}
+        #: path -> (its identity when hashed, fingerprint).
+        self._fp_cache: dict[Path, tuple[tuple[int, int, int, int, int], str]] = {}
 
     def scan(self, directory: Path | ObjectURL) -> ScanResult:
         """The complete files matching ``pattern`` in the local folder ``directory``.
@@ -100,16 +122,31 @@ class KerasFileSource:
             if not stat.S_ISREG(st.st_mode):
                 continue
             seen.add(path)
-            settled_at = st.st_mtime_ns + int(self.settle_seconds * 1e9)
-            if now_ns < settled_at:
-                result.incomplete.append(path.name)
-                at = settled_at / 1e9
-                result.recheck_at = min(result.recheck_at or at, at)
+            try:
+                inspected = self._inspect(path)
+            except FileNotFoundError:
                 continue
-            problem = _container_problem(path)
-            if problem is not None:
-                result.problems.append(f"{path}: {problem}; skipped")
+            except OSError as e:
+                result.problems.append(f"{path}: cannot be read ({e}); skipped")
                 continue
+            if inspected is None:
+                continue  # no longer a regular file
+            st, check, fingerprint = inspected
+            if fingerprint is None:
+                settled_at = st.st_mtime_ns + int(self.settle_seconds * 1e9)
+                if now_ns < settled_at:
+                    result.incomplete.append(path.name)
+                    at = settled_at / 1e9
+                    result.recheck_at = min(result.recheck_at or at, at)
+                    continue
+                # The fallback: unchanged for settle_seconds and still not complete.
+                problem = _container_problem(path)
+                if problem is None and check.verdict is Verdict.INCOMPLETE:
+                    problem = f"not completely written ({check.reason})"
+                if problem is not None:
+                    result.problems.append(f"{path}: {problem}; skipped")
+                    continue
+                fingerprint = self._fingerprint_path(path, st)
             m = self.step_re.search(path.name)
             result.checkpoints.append(
                 Checkpoint(
@@ -117,7 +154,7 @@ class KerasFileSource:
                     step=int(m.group(1)) if m and m.group(1).isdigit() else None,
                     files=(path,),
                     written_ns=st.st_mtime_ns,
-                    fingerprint=self._fingerprint(path, st),
+                    fingerprint=fingerprint,
                 )
             )
         for path in set(self._fp_cache) - seen:
@@ -126,26 +163,79 @@ class KerasFileSource:
         result.checkpoints.sort(key=lambda c: c.order_key)
         return result
 
-    def _fingerprint(self, path: Path, st: os.stat_result) -> str:
+    def _inspect(self, path: Path) -> tuple[os.stat_result, Completeness, str | None] | None:
+        """The file's stat, its completeness and, if complete, its fingerprint.
+
+        One descriptor for the check and the hash; the file must keep its
+        inode, size, mtime and ctime from before the check until after the
+        hash (and its name must still lead to it), or it counts as being
+        written. None when ``path`` is no longer a regular file.
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            check = check_file(path.name, lambda offset, n: os.pread(fd, n, offset), st.st_size)
+            if not check.complete:
+                return st, check, None
+            fingerprint = self._fingerprint(path, st, fd)
+            if _identity(os.fstat(fd)) != _identity(st) or _identity(path.stat()) != _identity(st):
+                self._fp_cache.pop(path, None)
+                return st, incomplete("changed while it was read"), None
+            return st, check, fingerprint
+        finally:
+            os.close(fd)
+
+    def _fingerprint(self, path: Path, st: os.stat_result, fd: int) -> str:
         cached = self._fp_cache.get(path)
-        if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
-            return cached[2]
+        if cached and cached[0] == _identity(st):
+            return cached[1]
         h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        offset = 0
+        while block := os.pread(fd, 1 << 20, offset):
+            h.update(block)
+            offset += len(block)
         fp = "sha256:" + h.hexdigest()
-        self._fp_cache[path] = (st.st_size, st.st_mtime_ns, fp)
+        self._fp_cache[path] = (_identity(st), fp)
         return fp
+
+    def _fingerprint_path(self, path: Path, st: os.stat_result) -> str:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            return self._fingerprint(path, st, fd)
+        finally:
+            os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file is written or replaced: (dev, inode, size, mtime, ctime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def check_file(name: str, read_at: ReadAt, size: int) -> Completeness:
+    """Whether the Keras file ``name`` (its suffix says which container) is complete.
+
+    ``.h5``: :func:`daemon.formats.hdf5.check_file`; otherwise a ``.keras``
+    archive: :func:`daemon.formats.zip_archive.check_archive`, and complete
+    only if it lists ``config.json``.
+    """
+    if name.endswith(".h5"):
+        return hdf5.check_file(read_at, size)
+    check, members = zip_archive.check_archive(read_at, size)
+    if check.complete and "config.json" not in members:
+        return incomplete("a zip without config.json, not a .keras archive")
+    return check
 
 
 def _container_problem(path: Path) -> str | None:
-    """Why ``path`` is not a whole .keras/.h5 container (cheap checks), or None."""
+    """Why ``path`` is not a whole .keras/.h5 container (the settle fallback's check), or None."""
     try:
         if path.name.endswith(".h5"):
             with path.open("rb") as f:
-                ok = f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
-            return None if ok else "not an HDF5 file"
+                size = os.fstat(f.fileno()).st_size
+                found = hdf5.superblock_offset(lambda o, n: os.pread(f.fileno(), n, o), size)
+            return None if found is not None else "not an HDF5 file"
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
     except (OSError, zipfile.BadZipFile) as e:
