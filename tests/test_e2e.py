@@ -143,7 +143,7 @@ def test_training_run_becomes_versions_atomically_and_restart_exports_nothing_tw
 
 
 @pytest.mark.parametrize("builder", ["extra_layer", "wrong_shape"])
-def test_builder_that_does_not_match_the_checkpoint_is_rejected(
+def test_builder_that_does_not_match_the_checkpoint_pauses_the_model(
     tmp_path: Path, builder: str
 ) -> None:
     train(tmp_path / "ckpts", 1)
@@ -152,14 +152,15 @@ def test_builder_that_does_not_match_the_checkpoint_is_rejected(
     assert r.returncode == 65, r.stdout + r.stderr
     assert "was not published" in r.stdout
     events = [json.loads(ln) for ln in r.stderr.splitlines() if ln.startswith("{")]
-    rejected = [e for e in events if e["event"] == "export_rejected"]
-    assert len(rejected) == 1 and rejected[0]["reason"] == "restore_mismatch", rejected
-    assert "ckpt-5" in rejected[0]["checkpoint"]
+    paused = [e for e in events if e["event"] == "model_paused"]
+    # No version was ever published with this builder: the builder is blamed, not ckpt-5.
+    assert len(paused) == 1 and paused[0]["reason"] == "builder_mismatch", events
+    assert "ckpt-5" in paused[0]["error"]
+    assert not [e for e in events if e["event"] == "export_rejected"]
     base = tmp_path / "serving" / "m"
     assert version_dirs(base) == {}
     assert _temp_dirs(base) == []
-    record = json.loads((base / ".ckpt-exporter" / "rejected.json").read_text())
-    assert [v["reason"] for v in record.values()] == ["restore_mismatch"]
+    assert not (base / ".ckpt-exporter" / "rejected.json").exists()
 
 
 def test_builder_that_raises_is_rejected_with_its_message(tmp_path: Path) -> None:
@@ -295,14 +296,17 @@ def test_a_builder_module_that_cannot_be_found_stops_the_start_with_78(tmp_path:
     assert not (tmp_path / "serving").exists()
 
 
-def test_object_store_urls_stop_the_start_with_78_and_create_nothing(tmp_path: Path) -> None:
-    config = write_config(tmp_path, checkpoint_dir="gs://bucket/run", base_path="s3://bucket/m")
+def test_unsupported_urls_stop_the_start_with_78_and_create_nothing(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, checkpoint_dir="hdfs://namenode/run", base_path="gs://Not_A_Bucket/m"
+    )
     for command in ("run", "check-config"):
         r = cli(command, "--config", str(config), timeout=60)
         assert r.returncode == 78, r.stdout + r.stderr
-        assert "models[0] (m).checkpoint_dir: 'gs://bucket/run' is an object-store URL" in r.stderr
-        assert "models[0] (m).base_path: 's3://bucket/m' is an object-store URL" in r.stderr
-    # Before, the daemon made a folder ./s3:/bucket/m and waited for ./gs:/bucket/run.
+        assert "models[0] (m).checkpoint_dir: unsupported URL scheme hdfs://" in r.stderr
+        assert "models[0] (m).base_path: 'Not_A_Bucket'" in r.stderr
+        assert "not a valid bucket name" in r.stderr
+    # Not a folder named ./hdfs:/namenode/run waited for, nor ./gs:/Not_A_Bucket/m made.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
 
 
