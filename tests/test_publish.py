@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -210,6 +212,37 @@ def test_pinned_files_survive_the_trainer_deleting_them(tmp_path: Path) -> None:
         f.unlink()  # max_to_keep
     for name, data in contents.items():
         assert (tmp_path / "staging" / name).read_bytes() == data
+
+
+def test_a_file_rewritten_in_place_is_copied_not_linked(tmp_path: Path) -> None:
+    """Keras' ModelCheckpoint truncates best.keras and writes it again: a link would change."""
+    ckpt = _checkpoint(tmp_path / "ckpts")
+    contents = {f.name: f.read_bytes() for f in ckpt.files}
+    _, method = stage_checkpoint(ckpt, tmp_path / "staging", copy=True)
+    assert method == "copy"
+    for f in ckpt.files:
+        with f.open("r+b") as out:  # the trainer's next save, into the same inode
+            out.truncate(0)
+            out.write(b"the next checkpoint")
+    for name, data in contents.items():
+        assert (tmp_path / "staging" / name).read_bytes() == data
+
+
+def test_a_file_rewritten_during_its_copy_is_not_pinned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = _checkpoint(tmp_path / "ckpts")
+    real_copy = shutil.copy2
+
+    def copy_while_the_trainer_writes(src: Path, dst: Path) -> Any:
+        done = real_copy(src, dst)
+        with open(src, "ab") as f:  # a concurrent writer, mid-pin
+            f.write(b"more")
+        return done
+
+    monkeypatch.setattr("daemon.supervisor.staging.shutil.copy2", copy_while_the_trainer_writes)
+    with pytest.raises(CheckpointVanished, match="rewritten while it was being pinned"):
+        stage_checkpoint(ckpt, tmp_path / "staging", copy=True)
 
 
 def test_pinning_a_checkpoint_already_deleted(tmp_path: Path) -> None:

@@ -119,7 +119,11 @@ class SourceKind:
       store (``gs://``, ``s3://``: an :class:`~daemon.objectstore.url.ObjectURL`),
       polled by listing, and the supervisor fetches each checkpoint into
       staging (:func:`daemon.supervisor.staging.fetch_checkpoint`) before the
-      export; False: local directories only.
+      export; False: local directories only;
+    - ``rewrites_in_place``: a trainer may write a new checkpoint into the
+      same file (Keras' ``ModelCheckpoint`` truncates ``best.keras`` and
+      writes it again), so staging copies the files instead of hard-linking
+      them: a link would change under the export.
     """
 
     name: str
@@ -132,3 +136,4 @@ class SourceKind:
     weights_in_checkpoint: bool = False
     reusable_exporter: bool = False
     remote_dirs: bool = False
+    rewrites_in_place: bool = False

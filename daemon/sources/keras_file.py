@@ -256,4 +256,5 @@ KIND = SourceKind(
     },
     builder="optional",
     check=_check,
+    rewrites_in_place=True,
 )

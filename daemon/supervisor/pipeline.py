@@ -147,7 +147,8 @@ class Pipeline:
         log = self.ctx.log.bind(**job.log_fields)
         job.staging = staging_dir(job.model.cfg.base_path, job.id)
         try:
-            job.staged, method = stage_checkpoint(job.ckpt, job.staging)
+            copy = SOURCES[job.model.cfg.source].rewrites_in_place
+            job.staged, method = stage_checkpoint(job.ckpt, job.staging, copy=copy)
         except CheckpointVanished as e:
             log.info("checkpoint_vanished", detail=str(e))
             self.outcomes.cleanup(job)

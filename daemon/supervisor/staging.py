@@ -75,13 +75,17 @@ class CheckpointVanished(Exception):
     """A checkpoint file disappeared (or was replaced) before it could be pinned or fetched."""
 
 
-def stage_checkpoint(ckpt: Checkpoint, staging: Path) -> tuple[Path, str]:
+def stage_checkpoint(ckpt: Checkpoint, staging: Path, *, copy: bool = False) -> tuple[Path, str]:
     """Link (or copy) every file of ``ckpt`` into ``staging``.
 
     Files keep their path relative to the folder holding ``ckpt.prefix``, so
     a checkpoint that is a directory tree (a SavedModel) is pinned as one.
-    Returns the pinned prefix (same basename, inside ``staging``) and the
-    method used (``"link"``, ``"copy"`` or ``"mixed"``). Raises
+    ``copy``: never link (the source rewrites files in place, see
+    :attr:`~daemon.sources.base.SourceKind.rewrites_in_place`); a file whose
+    identity (inode, size, times) changed during its copy was being
+    rewritten, and is :class:`CheckpointVanished` too (the scan finds the new
+    one). Returns the pinned prefix (same basename, inside ``staging``) and
+    the method used (``"link"``, ``"copy"`` or ``"mixed"``). Raises
     :class:`CheckpointVanished` if the trainer deleted a file first.
     A checkpoint on an object store is a ValueError: see :func:`fetch_checkpoint`.
     """
@@ -94,6 +98,10 @@ def stage_checkpoint(ckpt: Checkpoint, staging: Path) -> tuple[Path, str]:
         assert isinstance(src, Path)
         dst = staging / src.relative_to(prefix.parent)
         dst.parent.mkdir(parents=True, exist_ok=True)
+        if copy:
+            _copy_unchanged(src, dst)
+            methods.add("copy")
+            continue
         try:
             os.link(src, dst)
             methods.add("link")
@@ -102,13 +110,26 @@ def stage_checkpoint(ckpt: Checkpoint, staging: Path) -> tuple[Path, str]:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP):
                 raise
-            try:
-                shutil.copy2(src, dst)
-            except FileNotFoundError as e2:
-                raise CheckpointVanished(f"{src} was deleted before it could be pinned") from e2
+            _copy_unchanged(src, dst)
             methods.add("copy")
     method = methods.pop() if len(methods) == 1 else "mixed"
     return staging / prefix.name, method
+
+
+def _copy_unchanged(src: Path, dst: Path) -> None:
+    """Copy ``src``; CheckpointVanished when it is deleted or rewritten meanwhile."""
+
+    def identity(st: os.stat_result) -> tuple[int, ...]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    try:
+        before = identity(os.stat(src))
+        shutil.copy2(src, dst)
+        after = identity(os.stat(src))
+    except FileNotFoundError as e:
+        raise CheckpointVanished(f"{src} was deleted before it could be pinned") from e
+    if before != after:
+        raise CheckpointVanished(f"{src} was rewritten while it was being pinned")
 
 
 # --- fetching a checkpoint from an object store ----------------------------------
