@@ -192,10 +192,11 @@ class ValidateRequest(ChildRequest):
 DtypeAndShape: TypeAlias = list[str | list[int | None]]
 
 #: What an export was made from or with: the Keras or ``tf.Module`` model the
-#: builder returned, a SavedModel as it was, a command's SavedModel, a TF1
-#: graph, or a template's graph over linked checkpoint tensors.
+#: builder returned, a serving module with its own signatures, a SavedModel as
+#: it was, a command's SavedModel, a TF1 graph, or a template's graph over
+#: linked checkpoint tensors.
 ExportKind: TypeAlias = Literal[
-    "keras", "tf.Module", "saved_model", "command", "tf1_checkpoint", "linked"
+    "keras", "tf.Module", "serving_module", "saved_model", "command", "tf1_checkpoint", "linked"
 ]
 
 

@@ -255,6 +255,7 @@ def test_model_failures_are_todays_set() -> None:
         "builder_error",
         "no_signature",
         "command_failed",
+        "builder_mismatch",
         "sample_inputs",
         "warmup_unavailable",
         "gate_unusable",

@@ -177,6 +177,18 @@ def object_graph_digest(checkpoint: bundle.Bundle) -> str:
     return "sha256:" + hashlib.sha256(checkpoint.read(OBJECT_GRAPH_KEY)).hexdigest()
 
 
+def variable_name(obj: Any) -> str | None:
+    """The name a SavedModel gives variable ``obj`` (without ``:0``), or None if it has none.
+
+    A Keras 3 variable wraps its tf.Variable in the property ``value``; on a
+    plain tf.Variable (a tf.Module's, tf-keras') ``value`` is a method.
+    """
+    inner = getattr(obj, "value", None)
+    v = obj if inner is None or callable(inner) else inner
+    name = getattr(v, "name", None)
+    return name.split(":")[0] if isinstance(name, str) and name else None
+
+
 def restored_from(status: Any, prefix: str) -> dict[str, str]:
     """``variable name -> checkpoint key`` of what ``tf.train.Checkpoint.read`` restored.
 
@@ -194,13 +206,9 @@ def restored_from(status: Any, prefix: str) -> dict[str, str]:
         graph.ParseFromString(bundle.read_index(prefix).read_string(OBJECT_GRAPH_KEY))
         for node_id, obj in by_node.items():
             keys = [a.checkpoint_key for a in graph.nodes[node_id].attributes]
-            # A Keras 3 variable wraps its tf.Variable in the property ``value``;
-            # on a plain tf.Variable (a tf.Module's, tf-keras') ``value`` is a method.
-            inner = getattr(obj, "value", None)
-            v = obj if inner is None or callable(inner) else inner
-            name = getattr(v, "name", None)
+            name = variable_name(obj)
             if len(keys) == 1 and keys[0].endswith("/.ATTRIBUTES/VARIABLE_VALUE") and name:
-                out[name.split(":")[0]] = keys[0]
+                out[name] = keys[0]
     except Exception:  # a private attribute changed, a damaged index: no map, nothing worse
         return {}
     return out

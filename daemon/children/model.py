@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from daemon.children import incremental, reference, runtime, samples, serving_inputs
@@ -77,26 +78,186 @@ def _input_specs(obj: Any, signature: list[SignatureInput]) -> list[Any]:
     )
 
 
-def build(req: ExportRequest) -> Any:
-    """Import the request's ``builder``, call it, and check what it returned."""
+def _call_builder(req: ExportRequest) -> Any:
     builder = import_builder(req["builder"], req["python_path"])
-    import keras
-    import tensorflow as tf
-
     try:
-        obj = builder()
+        return builder()
     except Exception as e:
         raise runtime.ChildFailure(
             "builder_error",
             f"builder {req['builder']!r} raised {type(e).__name__}: {e}",
         ) from e
-    if not isinstance(obj, (keras.Model, tf.Module)):
+
+
+def _is_model(obj: Any) -> bool:
+    import keras
+    import tensorflow as tf
+
+    return isinstance(obj, (keras.Model, tf.Module))
+
+
+def build(req: ExportRequest) -> Any:
+    """Import the request's ``builder``, call it, and check that it returned one model."""
+    obj = _call_builder(req)
+    if not _is_model(obj):
         raise runtime.ChildFailure(
             "builder_error",
             f"builder {req['builder']!r} returned {type(obj).__name__}; it must return a "
             "keras.Model or a tf.Module",
         )
     return obj
+
+
+@dataclass
+class Built:
+    """What a ``tf_checkpoint`` builder returned, taken apart.
+
+    ``served`` is written as the SavedModel; ``target`` is where the
+    checkpoint's object ``checkpoint_key`` is restored: ``served`` itself
+    (the builder returned a model), or the object a serving module wraps
+    (the builder returned ``(module, target)`` or ``(module, target,
+    signatures)``). ``signatures`` (None for a plain model: the daemon traces
+    ``serving_default`` itself) are the module's own serving functions by
+    signature key, exported as they are; ``canonical`` caches them as
+    TensorFlow's SavedModel writer wraps them (called by keyword, returning
+    dicts named as the SignatureDefs' outputs).
+    """
+
+    served: Any
+    target: Any
+    signatures: dict[str, Any] | None = None
+    canonical: dict[str, Any] | None = None
+    #: What is saved for a serving module (:func:`_save_root`), made once.
+    root: Any = None
+
+
+#: Why a serving module's builder result was refused, and what to return instead.
+_MODULE_HELP = (
+    "a tf_checkpoint builder returns a model, or (module, restore_target) or "
+    "(module, restore_target, signatures): module is the tf.Module exported (a Model "
+    "Garden ExportModule, say), restore_target the object inside it that the checkpoint's "
+    "checkpoint_key restores (module.model), signatures the module's serving functions by "
+    'signature key (module.get_inference_signatures({"image_tensor": "serving_default"})); '
+    "without signatures, its tf.functions with an input_signature are exported"
+)
+
+
+def build_served(req: ExportRequest) -> Built:
+    """Call the request's ``builder``: a model, or a serving module and its restore target."""
+    obj = _call_builder(req)
+    if _is_model(obj):
+        return Built(obj, obj)
+    where = f"builder {req['builder']!r}"
+    if not isinstance(obj, tuple) or len(obj) not in (2, 3):
+        raise runtime.ChildFailure(
+            "builder_error", f"{where} returned {type(obj).__name__}; {_MODULE_HELP}"
+        )
+    module, target = obj[0], obj[1]
+    if not _is_model(module) or not _is_model(target):
+        raise runtime.ChildFailure(
+            "builder_error",
+            f"{where} returned ({type(module).__name__}, {type(target).__name__}, ...); "
+            f"{_MODULE_HELP}",
+        )
+    if req["signature"] or req.get("input_type", "default") != "default":
+        raise runtime.ChildFailure(
+            "no_signature",
+            f"{where} returned a serving module, which brings its own signatures and input "
+            "handling: remove input_type and [models.signature] from the model's config",
+        )
+    given = obj[2] if len(obj) == 3 else None
+    built = Built(module, target, _module_signatures(module, given, where))
+    outside = _variables_outside(built)
+    if outside:
+        raise runtime.ChildFailure(
+            "builder_error",
+            f"{where}: the serving module's signatures read variables its restore target "
+            f"does not hold ({', '.join(outside)}); every variable exported must come from "
+            "the checkpoint: make them constants, or return the object that holds them all "
+            "as the target",
+        )
+    return built
+
+
+def _tf_variable(v: Any) -> Any:
+    """The tf.Variable behind ``v`` (a Keras 3 variable wraps one as ``value``)."""
+    inner = getattr(v, "value", None)
+    return v if inner is None or callable(inner) else inner
+
+
+def _variables_outside(built: Built) -> list[str]:
+    """The first few variables the signatures read that the restore target does not hold."""
+    inside = {id(_tf_variable(v)) for v in built.target.variables}
+    outside = [v for v in _save_root(built).variables if id(v) not in inside]
+    return [variable_label(v) for v in outside[:3]] + (
+        [f"{len(outside) - 3} more"] if len(outside) > 3 else []
+    )
+
+
+def variable_label(v: Any) -> str:
+    """A variable as a message names it: its path (or name), dtype and shape; never its value."""
+    name = str(getattr(v, "path", None) or getattr(v, "name", "?")).split(":")[0]
+    dtype = getattr(getattr(v, "dtype", None), "name", None) or str(getattr(v, "dtype", "?"))
+    try:
+        shape = list(v.shape)
+    except (AttributeError, TypeError, ValueError):
+        shape = "?"  # type: ignore[assignment]
+    return f"{name} {dtype} {shape}"
+
+
+def _module_signatures(module: Any, given: Any, where: str) -> dict[str, Any]:
+    """The serving module's signatures by key: ``given``, or its input-signature tf.functions.
+
+    Without ``given``, each ``tf.function`` attribute of the module's class
+    that has an ``input_signature`` is a signature named after it, except
+    that a single one, or else ``serve`` or else ``__call__``, becomes
+    ``serving_default``.
+    """
+    import tensorflow as tf
+
+    if given is None:
+        found: dict[str, Any] = {}
+        for name in sorted(dir(type(module))):
+            attr = getattr(type(module), name, None)
+            if isinstance(attr, tf.types.experimental.PolymorphicFunction) and (
+                attr.input_signature is not None
+            ):
+                found[name] = getattr(module, name)
+        default = next(
+            (n for n in ((*found,) if len(found) == 1 else ("serve", "__call__")) if n in found),
+            None,
+        )
+        if default is None:
+            raise runtime.ChildFailure(
+                "no_signature",
+                f"{where}: the serving module {type(module).__name__} has no tf.function with "
+                f"an input_signature to serve ({sorted(found) or 'none'}; one alone, or one "
+                f"named serve or __call__, becomes serving_default); {_MODULE_HELP}",
+            )
+        given = {("serving_default" if n == default else n): f for n, f in found.items()}
+    if not isinstance(given, dict) or "serving_default" not in given:
+        raise runtime.ChildFailure(
+            "no_signature",
+            f"{where}: the signatures returned must be a dict with a 'serving_default' key "
+            f"(got {type(given).__name__}"
+            f"{' with ' + str(sorted(map(str, given))) if isinstance(given, dict) else ''})",
+        )
+    return {str(k): v for k, v in given.items()}
+
+
+def _canonical(built: Built) -> dict[str, Any]:
+    """``built``'s signatures as ``tf.saved_model.save`` wraps them (cached on ``built``)."""
+    if built.canonical is None:
+        from tensorflow.python.saved_model import signature_serialization
+
+        assert built.signatures is not None
+        try:
+            built.canonical = signature_serialization.canonicalize_signatures(built.signatures)[0]
+        except (ValueError, TypeError) as e:
+            raise runtime.ChildFailure(
+                "no_signature", f"the serving module's signatures cannot be exported: {e}"
+            ) from e
+    return built.canonical
 
 
 #: What a reusable exporter keeps between requests: ``key`` (the exporter key),
@@ -108,22 +269,24 @@ _kept: dict[str, Any] = {}
 _MAX_CODE_FILES = 5000
 
 
-def model_for(req: ExportRequest) -> tuple[Any, bool]:
+def model_for(req: ExportRequest) -> tuple[Built, bool]:
     """The request's model: the one kept from the previous request with its key, or a new one.
 
-    Returns ``(model, reused)``. Without an ``exporter_key`` nothing is kept.
+    Returns ``(built, reused)`` (:func:`build_served`). Without an
+    ``exporter_key`` nothing is kept.
     """
     key = req.get("exporter_key")
     if key is not None and _kept.get("key") == key:
-        return _kept["model"], True
+        built: Built = _kept["model"]
+        return built, True
     _kept.clear()
     before = set(sys.modules)
-    obj = build(req)
+    built = build_served(req)
     # Recorded even when nothing is kept: an export's weights map names them.
     _kept["code_files"] = _code_files([sys.modules[n] for n in sys.modules.keys() - before])
     if key is not None:
-        _kept.update(key=key, model=obj, endpoint=None)
-    return obj, False
+        _kept.update(key=key, model=built, endpoint=None)
+    return built, False
 
 
 def kept_code_files() -> dict[str, list[int]]:
@@ -153,19 +316,29 @@ class ModelExport(ExportOptional):
     the exporter adds the rest of an :class:`~daemon.protocol.ExporterResult`.
     """
 
-    kind: Literal["keras", "tf.Module"]
+    kind: Literal["keras", "tf.Module", "serving_module"]
 
 
 def export_model(obj: Any, req: ExportRequest) -> ModelExport:
     """Write ``obj`` (restored already) as a SavedModel to ``req["export_dir"]``.
 
-    Steps 3 and 4 of the module contract; returns the result fields that
-    describe the export (inputs, outputs, kind, ``save_seconds``).
+    ``obj`` is a model, or a :class:`Built` (a serving module's signatures
+    are exported as they are). Steps 3 and 4 of the module contract; returns
+    the result fields that describe the export (inputs, outputs, kind,
+    ``save_seconds``).
     """
     import keras
     import tensorflow as tf
 
     t0 = time.monotonic()
+    # The reference comes from the in-memory model, through the serving
+    # function a full export of this model traced in this process if there
+    # is one (the same computation, without Python's per-layer cost).
+    kept = _kept.get("model") is obj
+    if isinstance(obj, Built):
+        if obj.signatures is not None:
+            return _export_module(obj, req, t0)
+        obj = obj.served
     model_specs = _input_specs(obj, req["signature"])
     is_keras = isinstance(obj, keras.Model)
     several = len(model_specs) > 1
@@ -182,19 +355,8 @@ def export_model(obj: Any, req: ExportRequest) -> ModelExport:
         req, {s.name: (s.dtype.name, serving_inputs.dims(s)) for s in specs}, feeds
     )
     export_dir = req["export_dir"]
-    incremental_result: Incremental = {}
-    # Incremental: the reference comes from the in-memory model, through the
-    # serving function a full export of this model traced in this process if
-    # there is one (the same computation, without Python's per-layer cost).
-    kept = _kept.get("model") is obj
     endpoint: Any = (_kept.get("endpoint") if kept else None) or serve
-    template = req.get("template")
-    if template:
-        try:
-            written = incremental.write(obj, template, export_dir)
-            incremental_result = {"template": template, "variables": written}
-        except incremental.Fallback as e:
-            incremental_result = {"fallback": str(e)}
+    incremental_result = _incremental(obj, req)
     if "template" not in incremental_result:
         if is_keras:
             archive = keras.export.ExportArchive()
@@ -219,3 +381,83 @@ def export_model(obj: Any, req: ExportRequest) -> ModelExport:
         "incremental": incremental_result,
         "save_seconds": round(t_export - t0, 3),
     }
+
+
+def _incremental(obj: Any, req: ExportRequest) -> Incremental:
+    """With a template version: write ``obj``'s weights under its graph; what happened."""
+    template = req.get("template")
+    if not template:
+        return {}
+    try:
+        written = incremental.write(obj, template, req["export_dir"])
+    except incremental.Fallback as e:
+        return {"fallback": str(e)}
+    return {"template": template, "variables": written}
+
+
+def _export_module(built: Built, req: ExportRequest, t0: float) -> ModelExport:
+    """Write a serving module with its own signatures; the reference through ``serving_default``.
+
+    The signatures are saved as the builder gave them; the reference outputs
+    come from the same functions as ``tf.saved_model.save`` wraps them
+    (inputs by signature key, outputs named as in the SignatureDef), run on
+    the restored module in memory.
+    """
+    import tensorflow as tf
+
+    serving = _canonical(built)["serving_default"]
+    specs: dict[str, Any] = dict(serving.structured_input_signature[1])
+    feeds = {
+        k: runtime.synth_input(k, s.dtype.name, serving_inputs.dims(s)) for k, s in specs.items()
+    }
+    feeds = samples.reference_inputs(
+        req, {k: (s.dtype.name, serving_inputs.dims(s)) for k, s in specs.items()}, feeds
+    )
+    root = _save_root(built)
+    incremental_result = _incremental(root, req)
+    if "template" not in incremental_result:
+        tf.saved_model.save(root, req["export_dir"], signatures=built.signatures)
+    t_export = time.monotonic()
+    outputs = serving(**{k: tf.constant(feeds[k], dtype=s.dtype) for k, s in specs.items()})
+    reference.save(req["reference"], feeds, outputs)
+    return {
+        "inputs": {k: [s.dtype.name, serving_inputs.dims(s)] for k, s in specs.items()},
+        "outputs": sorted(outputs),
+        "kind": "serving_module",
+        "incremental": incremental_result,
+        "save_seconds": round(t_export - t0, 3),
+    }
+
+
+def _save_root(built: Built) -> Any:
+    """What ``tf.saved_model.save`` writes for a serving module (made once, kept on ``built``).
+
+    Not the module itself: a ``tf.Module`` does not see the variables of a
+    Keras 3 model it holds (they are not tf.Variables), and TF Serving's
+    graph-mode loader then finds the signatures reading variables that were
+    never restored ("Could not find variable"). As Keras' own
+    ``ExportArchive`` does, a stand-in module tracks the tf.Variables the
+    signatures read (and the module's lookup tables and assets), so the
+    SavedModel's variables, its ``variables`` here, are exactly those.
+    """
+    import tensorflow as tf
+
+    if built.root is not None:
+        return built.root
+    assert built.signatures is not None
+    used: dict[int, Any] = {}
+    for fn in built.signatures.values():
+        concrete = fn if hasattr(fn, "graph") else fn.get_concrete_function()
+        for v in concrete.variables:
+            used.setdefault(id(v), v)
+    root = tf.Module(name="serving")
+    root.variables_used = list(used.values())
+    kinds = (tf.saved_model.experimental.TrackableResource, tf.saved_model.Asset)
+    try:
+        root.resources = [
+            t for t in tf.train.TrackableView(built.served).descendants() if isinstance(t, kinds)
+        ]
+    except Exception:  # a trackable this TensorFlow cannot walk: tables, if any, stay untracked
+        root.resources = []
+    built.root = root
+    return root

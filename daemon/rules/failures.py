@@ -29,6 +29,15 @@ or, for the few reasons raised both ways, at most of them (the description
 says when). A permanent failure whose reason is of kind ``"model"`` pauses
 the model instead of rejecting the checkpoint.
 
+A restore that does not fit (``tf_checkpoint``) blames the builder, not the
+checkpoint, until the builder has proven itself: ``builder_mismatch``
+(model) while no version made with the model's export key (the builder, its
+module's bytes, its settings) has been published, ``restore_mismatch``
+(permanent) once one has, since the builder then fits this model's
+checkpoints and the odd one out is the checkpoint. A wrong builder so pauses
+the model at its first checkpoint instead of rejecting every checkpoint of
+the run.
+
 Pure: standard library only, no I/O.
 """
 
@@ -123,6 +132,15 @@ _ALL: tuple[Failure, ...] = (
         "left no saved_model.pb; fix it, then reload",
     ),
     Failure(
+        "builder_mismatch",
+        ("export",),
+        "model",
+        "the builder's model (its restore target) does not match the checkpoint (objects "
+        "missing or unbound, shapes that differ, no object checkpoint_key) and no version "
+        "made with this builder and settings (export key) has been published: the builder "
+        "is taken to be wrong; fix it or checkpoint_key, then reload",
+    ),
+    Failure(
         "sample_inputs",
         ("export", "validate"),
         "model",
@@ -161,7 +179,9 @@ _ALL: tuple[Failure, ...] = (
         "restore_mismatch",
         ("export",),
         "permanent",
-        "the builder's model does not match the checkpoint (objects missing or of another shape)",
+        "the checkpoint does not match the builder's model although a version made with the "
+        "same builder and settings (export key) was published: this checkpoint is rejected; "
+        "a TF1 graph that cannot be restored",
     ),
     Failure(
         "no_variables",

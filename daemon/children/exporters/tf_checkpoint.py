@@ -10,19 +10,21 @@ tried first; otherwise, or when it does not apply, the checkpoint's object
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
 from daemon.children import incremental, reference, runtime
-from daemon.children.model import export_model, kept_code_files, model_for
+from daemon.children.model import export_model, kept_code_files, model_for, variable_label
 from daemon.protocol import ExporterResult, ExportRequest, Incremental
 
 
 def export(req: ExportRequest) -> ExporterResult:
     """Restore the pinned checkpoint into the builder's model and export it.
 
-    Fails permanently unless every variable of the model was restored from
-    the object the trainer saved under ``checkpoint_key``.
+    Fails unless every variable of the restore target (the model, or the
+    object a serving module wraps) was restored from the object the trainer
+    saved under ``checkpoint_key`` (see :func:`_restore` for whom it blames).
     """
     t0 = time.monotonic()
     link_fallback = None
@@ -40,11 +42,16 @@ def export(req: ExportRequest) -> ExporterResult:
             link_fallback = str(e)  # then the TensorFlow path, incremental or full
         else:
             return _linked_result(req, template, linked, time.monotonic() - t0)
-    obj, reused = model_for(req)
+    built, reused = model_for(req)
     t_build = time.monotonic()
-    n_vars, status = _restore(obj, req["checkpoint_key"], req["checkpoint"])
+    # A template is a published version made with this model's export key
+    # (the same builder, module bytes and settings): the builder is known to
+    # fit this model's checkpoints, so a mismatch is this checkpoint's fault.
+    n_vars, status = _restore(
+        built.target, req["checkpoint_key"], req["checkpoint"], builder_proven=bool(template)
+    )
     t_restore = time.monotonic()
-    result = export_model(obj, req)
+    result = export_model(built, req)
     if link_fallback is not None:
         result["incremental"]["link_fallback"] = link_fallback
     why_not = incremental.record_weights_map(
@@ -145,24 +152,35 @@ def _saved_counters(prefix: str) -> dict[str, int]:
     return out
 
 
-def _restore(obj: Any, key: str, prefix: str) -> tuple[int, Any]:
-    """Restore ``prefix``'s object ``key`` into ``obj``; the variable count and the load status."""
+def _restore(obj: Any, key: str, prefix: str, *, builder_proven: bool) -> tuple[int, Any]:
+    """Restore ``prefix``'s object ``key`` into ``obj``; the variable count and the load status.
+
+    Who is blamed when they do not match (objects missing or unbound,
+    shapes that differ, no object ``key``): the builder, ``builder_mismatch``
+    (the model pauses, the checkpoint stays pending), unless
+    ``builder_proven``, that is unless a version made with this model's
+    export key (the same builder, the same bytes of its module, the same
+    settings) has been published: then the builder is known to fit this
+    model's checkpoints and this one is rejected, ``restore_mismatch``.
+    """
     import tensorflow as tf
 
-    variables = list(obj.variables)
+    variables = _variables(obj)
     if not variables:
         raise runtime.ChildFailure(
-            "no_variables",
+            "builder_mismatch",
             "the builder returned a model without variables; build it before returning "
             "(for Keras: start from keras.Input(...) or call model.build(input_shape))",
         )
     keys = _checkpoint_keys(prefix)
     if key not in keys:
-        raise runtime.ChildFailure(
-            "restore_mismatch",
-            f"checkpoint {prefix} has no object {key!r} (it has {', '.join(keys) or 'nothing'});"
-            " set checkpoint_key to the name the trainer gave tf.train.Checkpoint",
+        raise _mismatch(
+            builder_proven,
+            f"checkpoint {os.path.basename(prefix)} has no object {key!r} (it has "
+            f"{', '.join(keys[:10]) or 'nothing'}); set checkpoint_key to the name the trainer "
+            "gave tf.train.Checkpoint",
         )
+    status = None
     try:
         # A shape mismatch raises in read(); a variable the checkpoint lacks, in the assert.
         status = tf.train.Checkpoint(**{key: obj}).read(prefix)
@@ -170,9 +188,97 @@ def _restore(obj: Any, key: str, prefix: str) -> tuple[int, Any]:
     except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
         raise _unreadable(prefix, e) from e  # checksum mismatch, short read
     except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise runtime.ChildFailure(
-            "restore_mismatch",
-            f"the builder's model does not match checkpoint {prefix} under {key!r}: "
-            f"{str(e)[:2000]}",
+        unrestored = _unrestored(variables, status, prefix)
+        raise _mismatch(
+            builder_proven,
+            mismatch_message(os.path.basename(prefix), key, len(variables), unrestored, e),
         ) from e
     return len(variables), status
+
+
+def _variables(obj: Any) -> list[Any]:
+    """``obj``'s variables; for a ``tf.Module`` holding a Keras 3 model, found by walking it.
+
+    ``tf.Module.variables`` collects tf.Variables only, so a module that
+    wraps a Keras 3 model lists none of the model's.
+    """
+    import keras
+    import tensorflow as tf
+
+    variables = list(obj.variables)
+    if variables:
+        return variables
+    try:
+        found = tf.train.TrackableView(obj).descendants()
+    except Exception:  # a trackable this TensorFlow cannot walk
+        return []
+    return [t for t in found if isinstance(t, (tf.Variable, keras.Variable))]
+
+
+def _mismatch(builder_proven: bool, message: str) -> runtime.ChildFailure:
+    """The failure for a model that does not fit the checkpoint (see :func:`_restore`)."""
+    if builder_proven:
+        return runtime.ChildFailure(
+            "restore_mismatch",
+            f"{message}. A version made with this builder was published, so this checkpoint "
+            "is rejected: it is not shaped like the ones the builder fitted",
+        )
+    return runtime.ChildFailure(
+        "builder_mismatch",
+        f"{message}. No version has been published with this builder yet, so the builder "
+        "(or checkpoint_key) is taken to be wrong: the model pauses and its checkpoints stay "
+        "pending; fix the builder, then reload",
+    )
+
+
+#: Variables a restore-mismatch message names (then "and N more"), and its longest length.
+MISMATCH_NAMED = 5
+MISMATCH_MAX_CHARS = 1500
+#: How much of TensorFlow's own message is kept.
+_TF_MESSAGE_CHARS = 600
+#: What is left of a value after the object reprs are cut (a repr without brackets).
+_VALUES = re.compile(r"\b(numpy|value)=.*", re.S)
+
+
+def mismatch_message(
+    checkpoint: str, key: str, n_variables: int, unrestored: list[str], error: BaseException
+) -> str:
+    """A restore mismatch, short: a few unrestored variables with shapes, never their values.
+
+    ``unrestored`` labels the variables the restore did not reach (dtype and
+    shape each). TensorFlow's own message follows on one line, cut where it
+    starts listing objects (``<tf.Variable ... numpy=array(...)>``, a Keras
+    variable's ``value=[...]``: their values) and at
+    :data:`_TF_MESSAGE_CHARS`; the whole is at most :data:`MISMATCH_MAX_CHARS`.
+    """
+    parts = [f"the builder's model does not match checkpoint {checkpoint} under {key!r}"]
+    if unrestored:
+        named = ", ".join(unrestored[:MISMATCH_NAMED])
+        more = len(unrestored) - MISMATCH_NAMED
+        parts.append(
+            f"{len(unrestored)} of its {n_variables} variables were not restored: {named}"
+            + (f" and {more} more" if more > 0 else "")
+        )
+    text = " ".join(str(error).split())  # one line
+    text = _VALUES.sub("", text.split("<", 1)[0]).rstrip(" :[,(")
+    if len(text) > _TF_MESSAGE_CHARS:
+        text = text[: _TF_MESSAGE_CHARS - 3] + "..."
+    if text:
+        parts.append(f"{type(error).__name__}: {text}")
+    message = "; ".join(parts)
+    if len(message) > MISMATCH_MAX_CHARS:
+        message = message[: MISMATCH_MAX_CHARS - 3] + "..."
+    return message
+
+
+def _unrestored(variables: list[Any], status: Any, prefix: str) -> list[str]:
+    """Labels (name, dtype, shape) of ``variables`` that the restore did not reach.
+
+    Known from the load status' matching when ``read`` returned one; after a
+    shape mismatch (``read`` raised) nothing is known and TensorFlow's
+    message names the variable.
+    """
+    if status is None:
+        return []
+    restored = set(incremental.restored_from(status, prefix))
+    return [variable_label(v) for v in variables if incremental.variable_name(v) not in restored]
