@@ -122,6 +122,18 @@ def test_rollback_moves_both_labels_back_in_two_steps_and_deletes_nothing() -> N
     assert 3 in state.decided
 
 
+def test_a_version_published_by_someone_else_is_seen_once() -> None:
+    assert rules.newest_unseen(LabelState(), []) is None
+    # [serving_config] set on a base path with versions: the newest becomes canary.
+    assert rules.newest_unseen(LabelState(), [1, 2, 5]) == 5
+    state = rules.after_publish(LabelState(), 5, CANARY, STABLE)
+    assert rules.newest_unseen(state, [1, 2, 5]) is None
+    assert rules.newest_unseen(state, [1, 2, 5, 6]) == 6  # `ckpt-exporter export`
+    # A version a rollback left behind is not taken for a new one.
+    rolled = rules.roll_back(rules.after_publish(state, 6, CANARY, STABLE), 5, CANARY, STABLE)
+    assert rules.newest_unseen(rolled, [1, 2, 5, 6]) is None
+
+
 def test_json_round_trip_and_bad_records() -> None:
     state = LabelState(
         want={CANARY: 2, STABLE: 1},

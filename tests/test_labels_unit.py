@@ -127,3 +127,16 @@ def test_the_config_file_in_a_bucket_is_replaced_whole_and_a_second_writer_notic
     assert store.get(target.prefix) == b"# edited by hand\n"  # not overwritten blindly
     assert write_config(target, one)  # unconditional again, as on the daemon's next turn
     assert store.get(target.prefix).decode() == one
+
+
+def test_versions_published_by_someone_else_get_labels_too(tmp_path: Path) -> None:
+    labels, st, path = _unit(tmp_path)
+    for v in (1, 2):  # before [serving_config] was set
+        make_version(st.cfg.base_path, v)
+    st.published = published_versions(st.cfg.base_path, "m")
+    _settle(labels, st)
+    assert _entry(path) == ModelEntry(versions=(2,), labels={"canary": 2, "stable": 2})
+    make_version(st.cfg.base_path, 3)  # `ckpt-exporter export`, not this daemon's loop
+    st.published = published_versions(st.cfg.base_path, "m")
+    _settle(labels, st)
+    assert _entry(path) == ModelEntry(versions=(3,), labels={"canary": 3, "stable": 3})

@@ -176,6 +176,21 @@ def after_publish(state: LabelState, version: int, canary: str, stable: str) -> 
     return replace(state, want=want)
 
 
+def newest_unseen(state: LabelState, published: Collection[int]) -> int | None:
+    """The newest published version the labels have never considered, or None.
+
+    A version published by another publisher (``ckpt-exporter export``, a
+    second daemon), or before ``[serving_config]`` was set, becomes the
+    canary like the daemon's own; one a rollback left behind does not (it is
+    ``decided``).
+    """
+    newest = max(published, default=None)
+    if newest is None:
+        return None
+    known = [*state.want.values(), *state.listed, *state.decided]
+    return newest if newest > max(known, default=0) else None
+
+
 def due_promotion(state: LabelState, rule: str, now: float, canary: str, stable: str) -> int | None:
     """The canary version a time rule promotes now, or None.
 

@@ -17,7 +17,9 @@ rescan. On every turn of the loop :meth:`Labels.tick`:
    written, so a label never moves early.
 
 Publication calls :meth:`Labels.published`: the new version becomes the
-canary. The versions a config lists are kept from retention
+canary; so does a newer version someone else published (``ckpt-exporter
+export``, another daemon), or the newest one when ``[serving_config]`` is
+first set. The versions a config lists are kept from retention
 (``ModelState.serving_versions``).
 """
 
@@ -140,9 +142,12 @@ class Labels:
         for name, st in models.items():
             if st.retiring:
                 continue
+            present = {p.version for p in st.published}
+            unseen = rules.newest_unseen(self._state(st), present)
+            if unseen is not None:
+                self.published(st, unseen)
             self._run_rules(st, serving, now)
             state = self._state(st)
-            present = {p.version for p in st.published}
             loaded = self._loaded_now(st, state, serving, now)
             entry, new = rules.plan(state, now, serving.load_wait_seconds, loaded, present)
             self.entries[name] = entry
