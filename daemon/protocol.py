@@ -151,6 +151,9 @@ class ExportRequest(ChildRequest):
     #: A published version whose graph this export may reuse (daemon.children.incremental),
     #: or None: a full export.
     template: str | None
+    #: Height and width of a synthesised image input whose size is unknown
+    #: (daemon.children.samples.image_shape); absent: 224.
+    synthetic_image_size: NotRequired[int]
     #: The key under which a reusable worker keeps its model for the next request;
     #: only where workers are reused.
     exporter_key: NotRequired[str]
@@ -181,6 +184,8 @@ class ValidateRequest(ChildRequest):
     #: The pinned checkpoint, for weight parity; None where the source's weights
     #: are not a TensorFlow checkpoint.
     checkpoint: NotRequired[str | None]
+    #: As :class:`ExportRequest`'s, for the inputs the validator synthesises.
+    synthetic_image_size: NotRequired[int]
     #: Started with the export (warm, early): preload ``graph_of``, then wait for
     #: ``go`` on stdin before validating (EOF: exit without a result).
     wait_for_export: NotRequired[bool]

@@ -12,6 +12,12 @@ value range the model needs).
 model's ``rtol``/``atol``: a checkpoint whose answers moved too far is not
 published.
 
+Without ``sample_inputs`` the inputs are synthesised
+(:func:`~daemon.children.runtime.synth_input`: unknown dimensions = 1), except
+that an image input of unknown height or width gets ``synthetic_image_size``
+for them (:func:`image_shape`): real preprocessing (crops, aspect-preserving
+resizes) refuses a 1x1 image.
+
 Contract: a file that cannot be read, or an array that does not fit its
 input (dtype kind, rank, known dimensions), raises
 :class:`~daemon.children.runtime.ChildFailure` with reason ``sample_inputs`` naming the
@@ -30,6 +36,38 @@ from daemon.children import runtime
 from daemon.protocol import ExportRequest
 
 DEFAULT_SIGNATURE = "serving_default"
+#: Height and width of a synthesised image of unknown size (``synthetic_image_size``).
+DEFAULT_IMAGE_SIZE = 224
+#: The dtypes of an image input: uint8 pixels or floats.
+IMAGE_DTYPES = ("uint8", "float16", "bfloat16", "float32", "float64")
+
+
+def image_shape(dtype: str, shape: Sequence[int | None], size: int) -> list[int] | None:
+    """The shape to synthesise an image input of unknown height or width at, else None.
+
+    An image input is ``[batch, height, width, channels]`` of uint8 or a float
+    dtype with 1 or 3 channels. Its unknown height and width become ``size``
+    and an unknown batch 1. None for any other input, and for an image whose
+    height and width are known: those keep :func:`~daemon.children.runtime.synth_input`'s
+    rule (unknown dimensions = 1).
+    """
+    if dtype not in IMAGE_DTYPES or len(shape) != 4:
+        return None
+    batch, height, width, channels = (None if d is None or d < 0 else int(d) for d in shape)
+    if channels not in (1, 3) or (height is not None and width is not None):
+        return None
+    return [
+        1 if batch is None else batch,
+        size if height is None else height,
+        size if width is None else width,
+        channels,
+    ]
+
+
+def synthesise(key: str, dtype: str, shape: Sequence[int | None], image_size: int) -> Any:
+    """A deterministic input for ``key``, an image of unknown size at ``image_size``."""
+    sized = image_shape(dtype, shape, image_size)
+    return runtime.synth_input(key, dtype, shape if sized is None else sized)
 
 
 def load_npz(path: str | None, what: str) -> dict[str, dict[str, Any]]:
@@ -165,10 +203,18 @@ def reference_inputs(
     """The inputs the exporter records its reference outputs on.
 
     The request's ``sample_inputs`` for ``serving_default`` when the model has
-    them (all of them, checked against ``specs``), else ``synthesised``.
+    them (all of them, checked against ``specs``), else ``synthesised``, in
+    which an image input of unknown height or width is synthesised again at
+    the request's ``synthetic_image_size`` (:func:`image_shape`).
     """
     path = req.get("sample_inputs")
     given = inputs_for(
         load_npz(path, "sample_inputs"), DEFAULT_SIGNATURE, specs, str(path), required=True
     )
-    return dict(synthesised) if given is None else given
+    if given is not None:
+        return given
+    size = req.get("synthetic_image_size", DEFAULT_IMAGE_SIZE)
+    return {
+        k: synthesise(k, *specs[k], size) if k in specs and image_shape(*specs[k], size) else v
+        for k, v in synthesised.items()
+    }

@@ -382,7 +382,8 @@ def _validate(
                     f"{path} has no 'serving_default' signature (it has "
                     f"{sorted(sigs) or 'none'}); requests without a signature name would fail",
                 )
-        inputs = _Inputs(sess, sigs, ref, samples_by_sig, where)
+        image_size = req.get("synthetic_image_size", samples.DEFAULT_IMAGE_SIZE)
+        inputs = _Inputs(sess, sigs, ref, samples_by_sig, where, image_size)
         with checks.run("signatures", count=len(sigs)) as entry:
             outputs: dict[str, dict[str, Any]] = {}
             for name, sig in sorted(sigs.items()):
@@ -474,7 +475,8 @@ class _Inputs:
     user's ``sample_inputs`` for that signature; the reference value of a
     ``serving_default`` input fed through the same tensor (an Estimator's
     ``classification`` signature and ``serving_default`` share one); else
-    synthesised from the SignatureDef: numbers from a seeded generator, and
+    synthesised from the SignatureDef: numbers from a seeded generator (an
+    image of unknown size at ``image_size``, see :func:`samples.image_shape`), and
     strings as a ``tf.Example`` built from the graph's ``ParseExample`` op,
     so that a classify or regress signature parses what it is given.
     """
@@ -486,10 +488,12 @@ class _Inputs:
         ref: reference.Reference,
         samples_by_sig: dict[str, dict[str, Any]],
         where: str,
+        image_size: int = samples.DEFAULT_IMAGE_SIZE,
     ) -> None:
         self.sess = sess
         self.samples = samples_by_sig
         self.where = where
+        self.image_size = image_size
         self.by_tensor: dict[str, Any] = {}
         default = sigs["serving_default"]
         for key, info in default.inputs.items():
@@ -520,7 +524,7 @@ class _Inputs:
                 shape = [1 if d is None or d < 0 else d for d in dims]
                 out[key] = np.full(shape, self.example(), dtype=object)
             else:
-                out[key] = runtime.synth_input(key, dtype, dims)
+                out[key] = samples.synthesise(key, dtype, dims, self.image_size)
         return out, "synthesised"
 
     def example(self) -> bytes | None:

@@ -44,6 +44,8 @@ LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXPORT_POLICIES = ("latest", "all")
 VERSION_POLICIES = ("increment", "step")
+#: Largest synthetic_image_size: a float32 RGB image of 4096x4096 is 192 MiB.
+MAX_SYNTHETIC_IMAGE_SIZE = 4096
 # dtypes a synthesised signature input may have (tf.dtypes names).
 DTYPES = (
     "float16",
@@ -148,6 +150,8 @@ class ModelConfig:
     sample_inputs: Path | None = None
     golden_outputs: Path | None = None
     warmup_records: int = 0
+    #: Height and width of a synthesised image input of unknown size (children/samples.py).
+    synthetic_image_size: int = 224
     incremental_export: bool = True
     #: With [serving_config]: when a canary version becomes stable (rules/labels.py).
     promote: str = "immediately"
@@ -244,6 +248,12 @@ def _warmup_records(v: Any) -> str | None:
     return f"must be from 0 (none) to {n} (TF Serving reads at most {n})"
 
 
+def _image_size(v: Any) -> str | None:
+    if 1 <= v <= MAX_SYNTHETIC_IMAGE_SIZE:
+        return None
+    return f"must be from 1 to {MAX_SYNTHETIC_IMAGE_SIZE} (pixels)"
+
+
 DAEMON_SCHEMA: Schema = {
     "metrics_address": ((str,), DaemonConfig.metrics_address, _address),
     "log_format": ((str,), DaemonConfig.log_format, one_of(*LOG_FORMATS)),
@@ -287,6 +297,7 @@ MODEL_SCHEMA: Schema = {
     "sample_inputs": ((str,), "", None),
     "golden_outputs": ((str,), "", None),
     "warmup_records": ((int,), 0, _warmup_records),
+    "synthetic_image_size": ((int,), ModelConfig.synthetic_image_size, _image_size),
     "incremental_export": ((bool,), ModelConfig.incremental_export, None),
     "promote": ((str,), ModelConfig.promote, parse_promote),
     "promote_command": ((list,), [], command_line(*PROMOTE_PLACEHOLDERS)),

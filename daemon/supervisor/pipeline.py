@@ -224,12 +224,13 @@ class Pipeline:
             "sample_inputs": _str_or_none(cfg.sample_inputs),
             "warmup_records": cfg.warmup_records,
             "template": template,
+            "synthetic_image_size": cfg.synthetic_image_size,
         }
 
     def _validate_request(self, job: Job, graph_of: str | None) -> ValidateRequest:
         cfg = job.model.cfg
         assert job.temp_dir is not None and job.staging is not None
-        return {
+        request: ValidateRequest = {
             "result": str(job.staging / "validate.result.json"),
             "saved_model": str(job.temp_dir),
             "reference": str(job.staging / "reference.npz"),
@@ -242,7 +243,9 @@ class Pipeline:
             "graph_of": graph_of,
             # Weight parity against the staged copy, where the source allows.
             "checkpoint": str(job.staged) if SOURCES[cfg.source].weights_in_checkpoint else None,
+            "synthetic_image_size": cfg.synthetic_image_size,
         }
+        return request
 
     # --- advance --------------------------------------------------------------
 
