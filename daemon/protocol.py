@@ -184,6 +184,10 @@ class ValidateRequest(ChildRequest):
     #: The pinned checkpoint, for weight parity; None where the source's weights
     #: are not a TensorFlow checkpoint.
     checkpoint: NotRequired[str | None]
+    #: "all" (default): every saved variable must come from ``checkpoint``;
+    #: "partial": at least one must, the others are counted and named; "off":
+    #: not checked (the check is recorded as skipped).
+    weight_parity: NotRequired[Literal["all", "partial", "off"]]
     #: As :class:`ExportRequest`'s, for the inputs the validator synthesises.
     synthetic_image_size: NotRequired[int]
     #: Started with the export (warm, early): preload ``graph_of``, then wait for
@@ -350,6 +354,8 @@ class CheckDetails(TypedDict, total=False):
     replayed: dict[str, int]
     #: weight_parity: the checkpoint compared with.
     checkpoint: str
+    #: weight_parity: why it was not run (``weight_parity = "off"``).
+    skipped: str
 
 
 class CheckEntry(CheckDetails, total=False):
@@ -408,6 +414,11 @@ class WeightParity(TypedDict):
     #: "key": each against the tensor the export's weights map names;
     #: "value": each against any tensor of the checkpoint, by dtype, shape and bytes.
     matched_by: Literal["key", "value"]
+    #: Variables proven to come from the checkpoint: all of them, except with
+    #: ``weight_parity = "partial"`` (absent in reports older than that mode).
+    matched: NotRequired[int]
+    #: ``weight_parity = "partial"``: the first unmatched variables, by name.
+    unmatched: NotRequired[list[str]]
 
 
 class WarmupReplay(TypedDict):

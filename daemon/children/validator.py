@@ -26,7 +26,10 @@ was in memory is caught. Checks, in order, each recorded in the report:
   exactly the value of the one tensor the map names for it. Output parity
   alone cannot see a restore that matched nothing: the exporter's reference
   comes from the same model. A linked export has no reference outputs; its
-  map must then be checked, or validation fails (``no_reference``).
+  map must then be checked, or validation fails (``no_reference``). The
+  request's ``weight_parity`` (a ``command`` source's option) may ask for
+  less: ``"partial"`` passes when at least one variable matched and counts
+  and names the others, ``"off"`` records the check as skipped.
 
 The result is the validation report: ``ok``, the checks run with their
 timings, each signature's declared inputs and outputs (dtypes, shapes: what the
@@ -88,7 +91,9 @@ def _signatures(reader: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {k: (dtypes[k].name, tuple(shapes[k])) for k in shapes if k not in _NOT_VARIABLES}
 
 
-def weight_parity(saved_model: str, checkpoint: str) -> WeightParity:
+def weight_parity(
+    saved_model: str, checkpoint: str, mode: Literal["all", "partial"] = "all"
+) -> WeightParity:
     """Check that every variable of ``saved_model`` came from ``checkpoint``.
 
     Matching is by exact value (dtype, shape and bytes), not by name: the
@@ -106,6 +111,11 @@ def weight_parity(saved_model: str, checkpoint: str) -> WeightParity:
     tensor of its dtype and shape before it is called unmatched, so the
     checksum never decides a verdict. An index this reader does not
     understand (or a partitioned variable) falls back to TensorFlow's reader.
+
+    ``mode = "partial"`` is for exports that legitimately hold variables of
+    their own (an external exporter's preprocessing constants): it fails
+    only when no variable matched (the restore reached nothing), and
+    otherwise reports how many matched and names the first unmatched.
     """
     prefix = os.path.join(saved_model, "variables", "variables")
     try:
@@ -124,7 +134,8 @@ def weight_parity(saved_model: str, checkpoint: str) -> WeightParity:
         names, unmatched = _unmatched_by_bytes(saved, source)
     else:
         names, unmatched = _unmatched_by_reader(saved_model, prefix, checkpoint)
-    if unmatched:
+    matched = len(names) - len(unmatched)
+    if unmatched and (mode == "all" or matched == 0):
         shown = ", ".join(unmatched[:5]) + (
             f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
         )
@@ -135,7 +146,16 @@ def weight_parity(saved_model: str, checkpoint: str) -> WeightParity:
             "their initializer) or they were changed after it",
         )
     by: Literal["key", "value"] = "key" if fast and record is not None else "value"
-    return {"ok": True, "variables": len(names), "checkpoint": checkpoint, "matched_by": by}
+    result: WeightParity = {
+        "ok": True,
+        "variables": len(names),
+        "checkpoint": checkpoint,
+        "matched_by": by,
+        "matched": matched,
+    }
+    if unmatched:
+        result["unmatched"] = unmatched[:5]
+    return result
 
 
 def _unmatched_by_map(
@@ -430,9 +450,26 @@ def _validate(
                     entry["records"] = replayed["records"]
                     entry["replayed"] = replayed["replayed"]
     checkpoint = req.get("checkpoint")
-    if checkpoint:
+    mode = req.get("weight_parity", "all")
+    if checkpoint and mode == "off" and not no_outputs:
+        skipped = 'weight_parity = "off": the exporter may transform the weights'
+        with checks.run("weight_parity", checkpoint=checkpoint, skipped=skipped):
+            pass
+    elif checkpoint:
         with checks.run("weight_parity", checkpoint=checkpoint):
-            report["weights"] = weight_parity(path, checkpoint)
+            try:
+                report["weights"] = weight_parity(
+                    path, checkpoint, "partial" if mode == "partial" else "all"
+                )
+            except runtime.ChildFailure as e:
+                if "weight_parity" not in req or e.reason != "weight_mismatch":
+                    raise
+                raise runtime.ChildFailure(
+                    e.reason,
+                    f"{e}. If the exporter adds or transforms variables on purpose, set "
+                    'weight_parity = "partial" (or "off") in the source\'s options',
+                    permanent=e.permanent,
+                ) from e
         if no_outputs and report["weights"]["matched_by"] != "key":
             raise runtime.ChildFailure(
                 "no_reference",

@@ -111,7 +111,9 @@ class SourceKind:
       config file's folder like every other path of the config;
     - ``weights_in_checkpoint``: the pinned checkpoint is a TensorFlow
       checkpoint holding every exported variable, so the validator can
-      prove each one came from it (weight parity);
+      prove each one came from it (weight parity); a source whose options
+      have ``weight_parity`` (``command``) may ask for less (see
+      :mod:`daemon.sources.command`);
     - ``reusable_exporter``: the exporter builds the model once and restores
       each checkpoint into it, so one export worker may serve many exports
       of the model (``exporter_max_exports``, see :mod:`daemon.supervisor.warm_pool`);

@@ -21,6 +21,16 @@ the command or its config is most likely at fault, not the checkpoint) until
 a reload. A command that runs past ``export_timeout_seconds`` is killed with
 the worker's whole process group and retried. Literal braces in an argument
 are written ``{{`` and ``}}``.
+
+The checkpoint is a TensorFlow checkpoint, so the validator proves the
+export's weights against it (weight parity, ``weights_in_checkpoint``):
+with ``weight_parity = "all"`` (the default) every variable the SavedModel
+saves must hold the value of a tensor of the checkpoint, as for
+``tf_checkpoint``; ``"partial"`` is for exporters that add variables of their
+own (preprocessing constants): at least one variable must match, and the
+report counts and names the others; ``"off"`` is for exporters that
+transform the weights (quantise, fold batch norms): the report records the
+check as skipped.
 """
 
 from __future__ import annotations
@@ -29,12 +39,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from daemon.config.schema import REQUIRED, command_line
+from daemon.config.schema import REQUIRED, command_line, one_of
 from daemon.protocol import EXPORTERS_PACKAGE
 from daemon.sources.base import SourceKind
 from daemon.sources.tf_checkpoint import TFCheckpointSource
 
 PLACEHOLDERS = ("checkpoint", "checkpoint_dir", "output_dir")
+WEIGHT_PARITY = ("all", "partial", "off")
 
 
 def _subdir(v: Any) -> str | None:
@@ -50,6 +61,8 @@ KIND = SourceKind(
     options={
         "argv": ((list,), REQUIRED, command_line(*PLACEHOLDERS)),
         "saved_model_subdir": ((str,), "", _subdir),
+        "weight_parity": ((str,), "all", one_of(*WEIGHT_PARITY)),
     },
     builder="unused",
+    weights_in_checkpoint=True,
 )

@@ -245,6 +245,8 @@ class Pipeline:
             "checkpoint": str(job.staged) if SOURCES[cfg.source].weights_in_checkpoint else None,
             "synthetic_image_size": cfg.synthetic_image_size,
         }
+        if "weight_parity" in cfg.options:  # a source that may relax it (command)
+            request["weight_parity"] = cfg.options["weight_parity"]
         return request
 
     # --- advance --------------------------------------------------------------
@@ -475,7 +477,7 @@ class Pipeline:
             seconds=round(job.durations["validate"], 3),
             signatures=signature_summary(result),
             # How many exported variables were proven to come from the checkpoint.
-            weights_matched=weights["variables"] if weights else None,
+            weights_matched=weights.get("matched", weights["variables"]) if weights else None,
             warmup_records=warmup["records"] if warmup else None,
             warm=bool(result.get("warm")),
         )
