@@ -159,7 +159,10 @@ class ObjectStorage:
 
     def local_copy(self, name: str) -> Path | None:
         path = self.local / PUBLISHED_DIRNAME / name
-        return path if path.is_dir() else None
+        try:
+            return path if path.is_dir() else None
+        except OSError:  # is_dir raises on EACCES: no usable copy
+            return None
 
     # --- records --------------------------------------------------------------
 

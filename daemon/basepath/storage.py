@@ -331,7 +331,7 @@ class PosixStorage:
 
     def local_copy(self, name: str) -> Path | None:
         path = self.base_path / name
-        return path if path.is_dir() else None
+        return path if _is_dir(path) else None
 
     # --- records --------------------------------------------------------------
 
@@ -551,6 +551,14 @@ class PosixLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``, False where it cannot be told (``is_dir`` raises on EACCES)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def prune_oldest(paths: Iterable[Path], keep: int) -> None:
