@@ -127,7 +127,13 @@ def test_weight_parity_by_bytes_and_by_tensorflows_reader_agree(
         outcome = validator.weight_parity(str(sm), checkpoint)
     except runtime.ChildFailure as e:
         outcome = e.reason
-    expected = {"ok": True, "variables": 8, "checkpoint": checkpoint, "matched_by": "value"}
+    expected = {
+        "ok": True,
+        "variables": 8,
+        "checkpoint": checkpoint,
+        "matched_by": "value",
+        "matched": 8,
+    }
     assert outcome == ("weight_mismatch" if unmatched else expected)
 
 
