@@ -35,8 +35,10 @@ e2e: install
 faults: install
 	$(BIN)/python -m pytest -q -m "faults and not e2e and not objectstore"
 
-# The object-store clients against real servers on 127.0.0.1 (moto's S3,
-# fake-gcs-server), with a fault-injecting proxy (about 1 minute).
+# Everything against real object-store servers on 127.0.0.1 (moto's S3,
+# fake-gcs-server), started and stopped by the tests: the clients (with a
+# fault-injecting proxy), the base-path backend, the daemon end to end and its
+# object-store faults (about 10 minutes on 2 cores).
 objectstores: install
 	$(BIN)/python -m pytest -q -m objectstore
 
@@ -46,8 +48,8 @@ bench: install
 
 # Lint and the fast tests (about 2 minutes on 2 cores). The heavy suites have
 # targets of their own, which CI runs too: make e2e (real trainers, daemons and
-# signals, about 14 minutes), make faults (about 5 minutes) and make
-# objectstores (about 1 minute).
+# signals, about 18 minutes), make faults (about 7 minutes) and make
+# objectstores (about 10 minutes).
 test: lint
 	$(BIN)/python -m pytest -q -m "not e2e and not faults and not objectstore"
 
