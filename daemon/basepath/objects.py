@@ -71,10 +71,15 @@ from daemon.basepath.layout import (
     ROLLED_BACK_DIRNAME,
     STAGING_DIRNAME,
     STATE_DIRNAME,
-    TEMP_PREFIX,
 )
 from daemon.basepath.lease import LeaseLock, held_lease
-from daemon.basepath.storage import PUBLISH_ATTEMPTS, owner_alive, prune_oldest
+from daemon.basepath.storage import (
+    PUBLISH_ATTEMPTS,
+    keep_failed_in,
+    new_export_dir_in,
+    remove_stale_exports_in,
+    remove_stale_staging_in,
+)
 from daemon.durable import write_json_atomic
 from daemon.objectstore.client import ObjectStore, ObjectStoreError
 from daemon.objectstore.clients import client_for
@@ -191,12 +196,7 @@ class ObjectStorage:
     # --- local folders --------------------------------------------------------
 
     def new_export_dir(self) -> Path:
-        # Tagged with our PID like a POSIX export folder, so that a later
-        # start tells a crashed export from a live one.
-        self.local.mkdir(parents=True, exist_ok=True)
-        path = self.local / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        path.mkdir()
-        return path
+        return new_export_dir_in(self.local)
 
     def reset_export_dir(self, export_dir: Path) -> None:
         shutil.rmtree(export_dir, ignore_errors=True)
@@ -214,15 +214,7 @@ class ObjectStorage:
     def keep_failed(self, export_dir: Path, label: str, keep: int) -> Path | None:
         # Kept locally: a failed export is for a person on this machine to
         # inspect, and uploading it would only cost time and storage.
-        failed = self.local / FAILED_DIRNAME
-        if keep <= 0 or not export_dir.exists():
-            shutil.rmtree(export_dir, ignore_errors=True)
-            return None
-        failed.mkdir(parents=True, exist_ok=True)
-        dst = failed / f"{time.strftime('%Y%m%dT%H%M%S')}-{label}-{uuid.uuid4().hex[:6]}"
-        os.rename(export_dir, dst)
-        prune_oldest(failed.iterdir(), keep)
-        return dst
+        return keep_failed_in(self.local / FAILED_DIRNAME, export_dir, label, keep)
 
     # --- publication ----------------------------------------------------------
 
@@ -444,25 +436,10 @@ class ObjectStorage:
         return removed
 
     def remove_stale_exports(self) -> list[Path]:
-        removed: list[Path] = []
-        try:
-            children = list(self.local.iterdir())
-        except FileNotFoundError:
-            return removed
-        for p in children:
-            if p.name.startswith(TEMP_PREFIX) and not owner_alive(p.name[len(TEMP_PREFIX) :]):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-        return removed
+        return remove_stale_exports_in(self.local)
 
     def remove_stale_staging(self) -> None:
-        try:
-            children = list((self.local / STAGING_DIRNAME).iterdir())
-        except FileNotFoundError:
-            return
-        for p in children:
-            if not owner_alive(p.name):
-                shutil.rmtree(p, ignore_errors=True)
+        remove_stale_staging_in(self.local / STAGING_DIRNAME)
 
     def empty_trash(self) -> None:
         """Nothing to do: a version is deleted in place, in the safe order."""

@@ -367,12 +367,8 @@ class PosixStorage:
 
     def new_export_dir(self) -> Path:
         # Inside the base path so that publication is a rename within one
-        # filesystem; named so that parse_version rejects it; tagged with our
-        # PID so a later start can tell a crashed export from a live one.
-        self.base_path.mkdir(parents=True, exist_ok=True)
-        path = self.base_path / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        path.mkdir()
-        return path
+        # filesystem.
+        return new_export_dir_in(self.base_path)
 
     def reset_export_dir(self, export_dir: Path) -> None:
         shutil.rmtree(export_dir, ignore_errors=True)
@@ -414,18 +410,8 @@ class PosixStorage:
         raise FileExistsError(f"could not claim a free version number in {self.base_path}")
 
     def keep_failed(self, export_dir: Path, label: str, keep: int) -> Path | None:
-        # Only the newest `keep` are kept so that a model that fails every
-        # time cannot fill the disk.
-        failed = self._state() / FAILED_DIRNAME
-        if keep <= 0 or not export_dir.exists():
-            shutil.rmtree(export_dir, ignore_errors=True)
-            return None
-        failed.mkdir(parents=True, exist_ok=True)
-        dst = failed / f"{time.strftime('%Y%m%dT%H%M%S')}-{label}-{uuid.uuid4().hex[:6]}"
-        # Within one filesystem, and under a name TF Serving never parses.
-        os.rename(export_dir, dst)
-        prune_oldest(failed.iterdir(), keep)
-        return dst
+        # In the state folder: within one filesystem, under a name TF Serving never parses.
+        return keep_failed_in(self._state() / FAILED_DIRNAME, export_dir, label, keep)
 
     # --- staging ------------------------------------------------------------------
 
@@ -484,30 +470,12 @@ class PosixStorage:
         return removed
 
     def remove_stale_exports(self) -> list[Path]:
-        removed: list[Path] = []
-        try:
-            children = list(self.base_path.iterdir())
-        except FileNotFoundError:
-            return removed
-        for p in children:
-            if not p.name.startswith(TEMP_PREFIX):
-                continue
-            if owner_alive(p.name[len(TEMP_PREFIX) :]):
-                continue
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-        return removed
+        return remove_stale_exports_in(self.base_path)
 
     def remove_stale_staging(self) -> None:
         # A second daemon starting on this base path must not pull the pinned
         # checkpoint from under a live export.
-        try:
-            children = list((self._state() / STAGING_DIRNAME).iterdir())
-        except FileNotFoundError:
-            return
-        for p in children:
-            if not owner_alive(p.name):
-                shutil.rmtree(p, ignore_errors=True)
+        remove_stale_staging_in(self._state() / STAGING_DIRNAME)
 
     def empty_trash(self) -> None:
         shutil.rmtree(self._state() / TRASH_DIRNAME, ignore_errors=True)
@@ -551,6 +519,63 @@ class PosixLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+# --- local folders handed out by every backend -------------------------------------
+
+
+def new_export_dir_in(root: Path) -> Path:
+    """A new empty export folder in ``root`` (created if needed).
+
+    Named so that ``parse_version`` rejects it, and tagged with our PID so a
+    later start can tell a crashed export from a live one
+    (:func:`remove_stale_exports_in`).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    return path
+
+
+def keep_failed_in(failed: Path, export_dir: Path, label: str, keep: int) -> Path | None:
+    """Move ``export_dir`` into the folder ``failed``, keeping its newest ``keep`` entries.
+
+    Only the newest ``keep`` are kept so that a model that fails every time
+    cannot fill the disk; 0 keeps none (``export_dir`` is deleted).
+    """
+    if keep <= 0 or not export_dir.exists():
+        shutil.rmtree(export_dir, ignore_errors=True)
+        return None
+    failed.mkdir(parents=True, exist_ok=True)
+    dst = failed / f"{time.strftime('%Y%m%dT%H%M%S')}-{label}-{uuid.uuid4().hex[:6]}"
+    os.rename(export_dir, dst)
+    prune_oldest(failed.iterdir(), keep)
+    return dst
+
+
+def remove_stale_exports_in(root: Path) -> list[Path]:
+    """Remove the export folders in ``root`` whose process is gone; returns them."""
+    removed: list[Path] = []
+    try:
+        children = list(root.iterdir())
+    except FileNotFoundError:
+        return removed
+    for p in children:
+        if p.name.startswith(TEMP_PREFIX) and not owner_alive(p.name[len(TEMP_PREFIX) :]):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def remove_stale_staging_in(staging_root: Path) -> None:
+    """Remove the staging folders (``<pid>-<job>``) in ``staging_root`` whose process is gone."""
+    try:
+        children = list(staging_root.iterdir())
+    except FileNotFoundError:
+        return
+    for p in children:
+        if not owner_alive(p.name):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _is_dir(path: Path) -> bool:
