@@ -22,7 +22,8 @@ A write whose condition fails raises kind ``"precondition"`` and changes nothing
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -167,6 +168,33 @@ class ObjectStore(Protocol):
     def copy(self, source_key: str, dest_key: str) -> None:
         """Copy object ``source_key`` to ``dest_key`` inside the bucket (server side)."""
         ...
+
+
+@contextmanager
+def counted(
+    scheme: str,
+    operation: str,
+    library_errors: tuple[type[BaseException], ...],
+    translate: Callable[[BaseException], ObjectStoreError],
+) -> Iterator[None]:
+    """Count one operation in the traffic counters, by outcome, for a backend.
+
+    A client library's own failure (one of ``library_errors``) leaves as the
+    :class:`ObjectStoreError` that ``translate`` makes of it, so callers only
+    ever see errors by kind.
+    """
+    from daemon.objectstore.traffic import TRAFFIC
+
+    try:
+        yield
+    except ObjectStoreError as e:
+        TRAFFIC.request(scheme, operation, e.kind)
+        raise
+    except library_errors as e:
+        err = translate(e)
+        TRAFFIC.request(scheme, operation, err.kind)
+        raise err from e
+    TRAFFIC.request(scheme, operation, "ok")
 
 
 def iter_keys(store: ObjectStore, prefix: str) -> Iterator[ObjectInfo]:

@@ -60,7 +60,7 @@ from google.cloud import storage
 from google.cloud.storage import exceptions as storage_exceptions
 from google.cloud.storage import retry as storage_retry
 
-from daemon.objectstore.client import ErrorKind, Listing, ObjectInfo, ObjectStoreError
+from daemon.objectstore.client import ErrorKind, Listing, ObjectInfo, ObjectStoreError, counted
 from daemon.objectstore.traffic import TRAFFIC
 
 MiB = 1024 * 1024
@@ -225,16 +225,8 @@ class GCSStore:
     def _op(self, operation: str, key: str) -> Iterator[None]:
         """Count the operation and turn every library failure into an ObjectStoreError."""
         self._local.retried = 0
-        try:
+        with counted(self.scheme, operation, _API_ERRORS, lambda e: self._error(e, operation, key)):
             yield
-        except ObjectStoreError as e:
-            TRAFFIC.request(self.scheme, operation, e.kind)
-            raise
-        except _API_ERRORS as e:
-            err = self._error(e, operation, key)
-            TRAFFIC.request(self.scheme, operation, err.kind)
-            raise err from e
-        TRAFFIC.request(self.scheme, operation, "ok")
 
     def _error(self, exc: BaseException, operation: str, key: str) -> ObjectStoreError:
         kind, detail = error_kind(exc)

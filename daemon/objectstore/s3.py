@@ -63,7 +63,7 @@ import boto3
 import botocore.exceptions as bx
 from botocore.config import Config
 
-from daemon.objectstore.client import ErrorKind, Listing, ObjectInfo, ObjectStoreError
+from daemon.objectstore.client import ErrorKind, Listing, ObjectInfo, ObjectStoreError, counted
 from daemon.objectstore.traffic import TRAFFIC
 
 MiB = 1024 * 1024
@@ -228,16 +228,13 @@ class S3Store:
     def _op(self, operation: str, key: str) -> Iterator[None]:
         """Count the operation and turn every botocore failure into an ObjectStoreError."""
         self._local.retried = 0
-        try:
+        with counted(
+            self.scheme,
+            operation,
+            (bx.BotoCoreError, bx.ClientError),
+            lambda e: self._error(e, operation, key),
+        ):
             yield
-        except ObjectStoreError as e:
-            TRAFFIC.request(self.scheme, operation, e.kind)
-            raise
-        except (bx.BotoCoreError, bx.ClientError) as e:
-            err = self._error(e, operation, key)
-            TRAFFIC.request(self.scheme, operation, err.kind)
-            raise err from e
-        TRAFFIC.request(self.scheme, operation, "ok")
 
     def _error(self, exc: BaseException, operation: str, key: str) -> ObjectStoreError:
         kind, detail = error_kind(exc)
