@@ -37,6 +37,8 @@ from typing import Any, Literal, NotRequired, Required, TypeAlias, TypedDict
 
 #: The export worker: one checkpoint in, one SavedModel out.
 WORKER = "daemon.children.worker"
+#: Run in a model's ``worker_python``: reports its TensorFlow and builder module.
+INTERPRETER = "daemon.children.interpreter"
 #: The validator: loads an export the way TF Serving does and proves it.
 VALIDATOR = "daemon.children.validator"
 #: The process that imports TensorFlow once and forks workers and validators.
@@ -484,6 +486,22 @@ class ValidationResult(TypedDict):
     signature_contract: NotRequired[SignatureContract]
 
 
+class InterpreterReport(TypedDict):
+    """What ``daemon.children.interpreter`` prints about a model's ``worker_python``."""
+
+    #: ``[major, minor, micro]``.
+    python: list[int]
+    executable: str
+    #: ``tf.__version__`` as imported, or None with ``tensorflow_error`` saying why.
+    tensorflow: str | None
+    tensorflow_error: str | None
+    #: Installed distributions an export depends on (name -> version).
+    libraries: dict[str, str]
+    #: Where the builder's module would be imported from there, or why not.
+    builder_file: str | None
+    builder_problem: str | None
+
+
 #: The worker's result file: ``ok`` tells which.
 ExportOutcome: TypeAlias = ExportResult | FailureResult
 #: The validator's result file: a report (``ok`` either way), or a failure
@@ -491,9 +509,41 @@ ExportOutcome: TypeAlias = ExportResult | FailureResult
 ValidationOutcome: TypeAlias = ValidationResult | FailureResult
 
 
-def child_command(module: str, request: Path) -> list[str]:
-    """The argv that runs a child module cold, with the supervisor's interpreter."""
-    return [sys.executable, "-m", module, str(request)]
+#: How a child starts under another interpreter (a model's ``worker_python``):
+#: that interpreter has its own packages (the trainer's TensorFlow, its
+#: training code) but not this one's, and adding this environment's
+#: site-packages to its path would put this TensorFlow before its own. So the
+#: ``daemon`` package alone is registered from its folder (argv 1 and 2),
+#: then the child module runs as ``python -m`` would run it (argv 3 on).
+_BOOTSTRAP = (
+    "import importlib.util, runpy, sys\n"
+    "spec = importlib.util.spec_from_file_location(\n"
+    "    'daemon', sys.argv[1], submodule_search_locations=[sys.argv[2]])\n"
+    "package = importlib.util.module_from_spec(spec)\n"
+    "sys.modules['daemon'] = package\n"
+    "spec.loader.exec_module(package)\n"
+    "module, sys.argv = sys.argv[3], sys.argv[3:]\n"
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+)
+
+
+def child_command(module: str, request: Path, python: str | None = None) -> list[str]:
+    """The argv that runs a child module cold: ``python -m MODULE REQUEST``.
+
+    With ``python`` (another interpreter), this ``daemon`` package is loaded
+    into it by :data:`_BOOTSTRAP`; the child code imports only the standard
+    library, TensorFlow, Keras and NumPy besides ``daemon`` itself.
+    """
+    return module_command(module, [str(request)], python)
+
+
+def module_command(module: str, args: list[str], python: str | None = None) -> list[str]:
+    """``python -m MODULE ARGS...``, with this interpreter or (bootstrapped) with ``python``."""
+    if python is None:
+        return [sys.executable, "-m", module, *args]
+    package = Path(__file__).resolve().parent
+    init = str(package / "__init__.py")
+    return [python, "-c", _BOOTSTRAP, init, str(package), module, *args]
 
 
 def read_result(path: Path) -> dict[str, Any] | None:

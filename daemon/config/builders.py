@@ -20,11 +20,13 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import sys
 from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from pathlib import Path
 
-from daemon.config.loading import Config, ConfigError
+from daemon.config import interpreters
+from daemon.config.loading import Config, ConfigError, ModelConfig
 
 #: How Python finds modules in a folder: the public equivalents of what
 #: ``sys.path_hooks`` installs for plain directories.
@@ -83,7 +85,7 @@ def _locate(spec: str, python_path: Sequence[Path]) -> tuple[ModuleSpec | None, 
     where = ", ".join(str(p) for p in python_path) or "none"
     return None, (
         f"module {module_name!r} not found (python_path: {where}; then the working directory "
-        f"{os.getcwd()} and the daemon's Python environment); fix the module name or add "
+        f"{os.getcwd()} and the packages of {sys.executable}); fix the module name or add "
         "its folder to python_path"
     )
 
@@ -101,14 +103,30 @@ def builder_file(spec: str, python_path: Sequence[Path]) -> Path | None:
     return Path(found.origin)
 
 
+def model_builder_file(m: ModelConfig) -> Path | None:
+    """:func:`builder_file` of model ``m``, located by its ``worker_python`` where it has one."""
+    if not m.builder:
+        return None
+    if m.worker_python is None:
+        return builder_file(m.builder, m.python_path)
+    report = interpreters.report_for(m)
+    found = report["builder_file"] if report is not None else None
+    return Path(found) if found else None
+
+
 def check_builders(cfg: Config) -> None:
-    """Raise :class:`ConfigError` naming every model whose builder module is missing."""
+    """Raise :class:`ConfigError` naming every model whose builder module is missing.
+
+    A model with ``worker_python`` has its interpreter checked and its
+    builder located there instead (:func:`interpreters.check_interpreters`).
+    """
     problems = []
     for i, m in enumerate(cfg.models):
-        if not m.builder:
+        if not m.builder or m.worker_python is not None:
             continue
         problem = builder_problem(m.builder, m.python_path)
         if problem is not None:
             problems.append(f"models[{i}] ({m.name}).builder: {problem}")
     if problems:
         raise ConfigError(str(cfg.path) if cfg.path else "config", problems)
+    interpreters.check_interpreters(cfg)

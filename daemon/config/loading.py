@@ -136,6 +136,9 @@ class ModelConfig:
     builder: str = ""
     source: str = "tf_checkpoint"
     python_path: tuple[Path, ...] = ()
+    #: Another interpreter that runs this model's export worker (the trainer's
+    #: environment); None: the daemon's own (daemon/config/interpreters.py).
+    worker_python: Path | None = None
     checkpoint_key: str = "model"
     export_policy: str = "latest"
     version_policy: str = "increment"
@@ -284,6 +287,7 @@ MODEL_SCHEMA: Schema = {
     "source": ((str,), ModelConfig.source, one_of(*SOURCES)),
     "builder": ((str,), "", _builder),
     "python_path": ((list,), [], None),
+    "worker_python": ((str,), "", None),
     "checkpoint_key": ((str,), ModelConfig.checkpoint_key, nonempty),
     "export_policy": ((str,), ModelConfig.export_policy, one_of(*EXPORT_POLICIES)),
     "version_policy": ((str,), ModelConfig.version_policy, one_of(*VERSION_POLICIES)),
@@ -397,6 +401,15 @@ def _validation_files(
     return out
 
 
+def _interpreter(value: str, root: Path) -> Path | None:
+    """``worker_python`` made absolute, but not resolved: a venv's ``bin/python`` is a
+    symlink to the base interpreter, and only the venv's own path starts it as the venv.
+    """
+    if not value:
+        return None
+    return Path(os.path.abspath(root / Path(value).expanduser()))
+
+
 def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
     """Validate parsed TOML ``data``; relative paths resolve against ``root``."""
     problems: list[str] = []
@@ -476,6 +489,7 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
         )
         problems.extend(gate_problems)
         values.update(
+            worker_python=_interpreter(values["worker_python"], root),
             checkpoint_dir=checkpoint_dir,
             base_path=locate(values["base_path"]),
             python_path=tuple(resolve(x) for x in pp),

@@ -68,22 +68,31 @@ class Launcher:
     # --- starting -------------------------------------------------------------
 
     def spawn(
-        self, job: Job, phase: str, module: str, request: Request, worker_key: str | None = None
+        self,
+        job: Job,
+        phase: str,
+        module: str,
+        request: Request,
+        worker_key: str | None = None,
+        python: str | None = None,
     ) -> None:
         """Start ``module`` on ``request`` for ``job``'s ``phase``: kept worker, fork, or cold.
 
         ``worker_key``: an export worker kept under this key may take the request.
+        ``python``: another interpreter (a model's ``worker_python``); such a
+        child always starts cold, since the zygotes run the daemon's own.
         """
         assert job.staging is not None
         req_path = self.write_request(job, phase, request)
         settings = self.warm_settings(module)
         warm = None
-        if worker_key is not None:
+        if worker_key is not None and python is None:
             warm, retired = self.warm.take_kept(worker_key, settings)
             if retired is not None:
                 self.exporter_retired(*retired)
         reused = warm is not None
-        warm = warm or self.warm.take(module, settings)
+        if python is None:
+            warm = warm or self.warm.take(module, settings)
         proc = None
         if warm is not None:
             try:
@@ -93,7 +102,8 @@ class Launcher:
                 warm_stop(warm)
                 warm, reused = None, False
         if proc is None:
-            proc = self._spawn_cold(module, req_path, job.staging / f"{phase}.log")
+            argv = protocol.child_command(module, req_path, python)
+            proc = self._spawn_cold(argv, job.staging / f"{phase}.log")
         job.proc = proc
         # The PID, so that "what is process 12345 doing?" has an answer in the log.
         self.ctx.log.info(
@@ -106,12 +116,12 @@ class Launcher:
         )
         self.watch(job, phase, warm)
 
-    def _spawn_cold(self, module: str, req_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    def _spawn_cold(self, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         with log_path.open("wb") as out:
             # A session of its own: Ctrl-C in a terminal reaches only the
             # supervisor, which then stops the child deliberately.
             return subprocess.Popen(
-                protocol.child_command(module, req_path),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -135,10 +135,12 @@ class Pipeline:
             self.outcomes.fail(job, "temp_dir_failed", message, permanent=False)
             return
         request = job.export_request = self._export_request(job, job.template)
-        job.worker_key = reuse.worker_key(self.ctx.config.daemon, st.cfg.source, request)
+        python = str(st.cfg.worker_python) if st.cfg.worker_python else None
+        if python is None:
+            job.worker_key = reuse.worker_key(self.ctx.config.daemon, st.cfg.source, request)
         if job.worker_key is not None:
             request["exporter_key"] = job.worker_key
-        self.launcher.spawn(job, "export", protocol.WORKER, request, job.worker_key)
+        self.launcher.spawn(job, "export", protocol.WORKER, request, job.worker_key, python)
         if job.template is not None:
             self.launcher.start_validator_early(job, self._validate_request(job, job.template))
 
@@ -514,7 +516,8 @@ class Pipeline:
         assert job.export_request is not None
         request = job.export_request.copy()
         request["template"] = None
-        self.launcher.spawn(job, "export", protocol.WORKER, request, job.worker_key)
+        python = str(st.cfg.worker_python) if st.cfg.worker_python else None
+        self.launcher.spawn(job, "export", protocol.WORKER, request, job.worker_key, python)
 
     def _write_report(self, job: Job, result: ValidationOutcome) -> None:
         """Put the validation report into the export folder (published or kept with it).

@@ -32,7 +32,7 @@ from daemon.basepath.manifest import (
 )
 from daemon.basepath.operations import RolledBack, load_rolled_back, read_pins
 from daemon.basepath.publish import BasePathLock, publish, remove_version
-from daemon.config.builders import builder_file
+from daemon.config.builders import model_builder_file
 from daemon.objectstore.client import CONFIGURATION_KINDS, ObjectStoreError
 from daemon.objectstore.url import Location
 from daemon.rules.versions import VersionError, next_version, plan_retention, step_version
@@ -185,7 +185,7 @@ class Publisher:
         )
         builder = builder_provenance(
             cfg.builder,
-            builder_file(cfg.builder, cfg.python_path) if cfg.builder else None,
+            model_builder_file(cfg),
             job.export_result.get("code_files", {}),
         )
         checkpoint = {
@@ -199,7 +199,7 @@ class Publisher:
             checkpoint=checkpoint,
             builder=builder,
             config_digest=config_sha256(cfg),
-            libraries={"ckpt-exporter": __version__, **library_versions()},
+            libraries={"ckpt-exporter": __version__, **library_versions(cfg)},
             gate=gate,
         )
         write_manifest(job.temp_dir, manifest)

@@ -23,7 +23,8 @@ from daemon import __version__
 from daemon.basepath.catalog import Published
 from daemon.basepath.layout import OBJECT_GRAPH_TENSOR, WEIGHTS_MAP_RELPATH
 from daemon.basepath.storage import storage_for
-from daemon.config.builders import builder_file
+from daemon.config import interpreters
+from daemon.config.builders import model_builder_file
 from daemon.config.loading import DaemonConfig, ModelConfig
 from daemon.objectstore.url import Location
 from daemon.protocol import ExportRequest
@@ -52,17 +53,10 @@ def export_key(identity: Mapping[str, Any], builder_file: Path | None) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that trace the graph (read without importing them)."""
-    from importlib import metadata
-
-    out = {}
-    for dist in ("tensorflow", "tensorflow-cpu", "keras"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+def library_versions(cfg: ModelConfig | None = None) -> dict[str, str]:
+    """Versions of the libraries that trace ``cfg``'s graph: its ``worker_python``'s, or ours."""
+    report = interpreters.report_for(cfg) if cfg is not None else None
+    return report["libraries"] if report is not None else interpreters.installed_versions()
 
 
 def graph_key(cfg: ModelConfig) -> str | None:
@@ -79,7 +73,7 @@ def graph_key(cfg: ModelConfig) -> str | None:
         return None
     identity = {
         "tool_version": __version__,
-        "libraries": library_versions(),
+        "libraries": library_versions(cfg),
         "source": cfg.source,
         "builder": cfg.builder,
         "python_path": [str(p) for p in cfg.python_path],
@@ -87,7 +81,7 @@ def graph_key(cfg: ModelConfig) -> str | None:
         "signature": [dataclasses.asdict(s) for s in cfg.signature],
         "input_type": cfg.input_type,
     }
-    return export_key(identity, builder_file(cfg.builder, cfg.python_path))
+    return export_key(identity, model_builder_file(cfg))
 
 
 def template(base_path: Location, published: list[Published], key: str | None) -> str | None:
