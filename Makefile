@@ -9,9 +9,6 @@ $(BIN)/ckpt-exporter: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	# Warmup records need TF Serving's protos; --no-deps keeps it from adding
-	# the `tensorflow` wheel next to `tensorflow-cpu` (see pyproject.toml).
-	$(BIN)/pip install --quiet --no-deps 'tensorflow-serving-api>=2.16'
 	@touch $@
 
 install: $(BIN)/ckpt-exporter

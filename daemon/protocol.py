@@ -118,6 +118,15 @@ class SignatureInput(TypedDict):
     shape: list[int | None]
 
 
+class ImagePreprocessingSpec(TypedDict):
+    """``(float(pixels) * scale - mean) / std`` per channel, or ``function`` ("module:function")."""
+
+    scale: float
+    mean: list[float]
+    std: list[float]
+    function: str
+
+
 class ExportRequest(ChildRequest):
     """The worker's request: export one pinned checkpoint into ``export_dir``."""
 
@@ -156,6 +165,9 @@ class ExportRequest(ChildRequest):
     #: Height and width of a synthesised image input whose size is unknown
     #: (daemon.children.samples.image_shape); absent: 224.
     synthetic_image_size: NotRequired[int]
+    #: What an ``image_tensor`` / ``encoded_image`` input's pixels become
+    #: (daemon.config.images); absent or None: another input type.
+    image_preprocessing: NotRequired[ImagePreprocessingSpec | None]
     #: The key under which a reusable worker keeps its model for the next request;
     #: only where workers are reused.
     exporter_key: NotRequired[str]

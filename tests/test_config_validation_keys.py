@@ -241,5 +241,5 @@ def test_warmup_records_need_the_serving_protos(
     assert parse(tmp_path, warmup_records=0).warmup_records == 0  # not needed without records
     assert problems_of(tmp_path, warmup_records=3) == [
         f"{WHERE}.warmup_records: needs the tensorflow-serving-api protos, which are not "
-        "installed: pip install --no-deps tensorflow-serving-api (or set it to 0)"
+        "installed: pip install tensorflow-serving-api (or set it to 0)"
     ]

@@ -6,6 +6,7 @@ import re
 import tomllib
 from pathlib import Path
 
+from daemon.config.images import SCHEMA as IMAGE_SCHEMA
 from daemon.config.loading import DAEMON_SCHEMA, MODEL_SCHEMA, parse_config
 from daemon.config.serving import SERVING_SCHEMA
 from daemon.rules.gate import GATE_SCHEMA
@@ -27,8 +28,9 @@ def test_every_config_key_is_documented_in_the_example() -> None:
     documented = set(re.findall(r"^[#\s]*([a-z][a-z0-9_]*)\s*=", text, re.M))
     documented |= {"signature"} if "[models.signature]" in text else set()
     documented |= {"gate"} if "[models.gate]" in text else set()
+    documented |= {"image_preprocessing"} if "[models.image_preprocessing]" in text else set()
     source_options = {k for kind in SOURCES.values() for k in kind.options} | set(GATE_SCHEMA)
-    source_options |= set(SERVING_SCHEMA)
+    source_options |= set(SERVING_SCHEMA) | set(IMAGE_SCHEMA)
     missing = (set(DAEMON_SCHEMA) | set(MODEL_SCHEMA) | source_options) - documented
     assert not missing, f"config.example.toml does not document {sorted(missing)}"
     unknown = documented - set(DAEMON_SCHEMA) - set(MODEL_SCHEMA) - source_options - {"inputs"}

@@ -73,6 +73,7 @@ CONFIG_FIELDS = (
     "checkpoint_key",
     "signature",
     "input_type",
+    "image_preprocessing",
     "sample_inputs",
     "warmup_records",
     "incremental_export",

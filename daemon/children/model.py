@@ -348,8 +348,12 @@ def export_model(obj: Any, req: ExportRequest) -> ModelExport:
             return _as_dict(obj(list(args) if several else args[0], training=False))
         return _as_dict(obj(*args))
 
+    preprocessing = req.get("image_preprocessing")
+    function = None
+    if preprocessing is not None and preprocessing["function"]:
+        function = import_builder(preprocessing["function"], req["python_path"])
     specs, serve, feeds = serving_inputs.serving_signature(
-        req.get("input_type", "default"), model_specs, call
+        req.get("input_type", "default"), model_specs, call, preprocessing, function
     )
     feeds = samples.reference_inputs(
         req, {s.name: (s.dtype.name, serving_inputs.dims(s)) for s in specs}, feeds

@@ -34,8 +34,8 @@ def _apis() -> Any:
     except ImportError as e:
         raise runtime.ChildFailure(
             "warmup_unavailable",
-            "warmup records need the tensorflow-serving-api protos: pip install --no-deps "
-            f"tensorflow-serving-api (its own dependencies come with TensorFlow) ({e})",
+            "warmup records need the tensorflow-serving-api protos: pip install "
+            f"tensorflow-serving-api ({e})",
         ) from e
     return prediction_log_pb2
 

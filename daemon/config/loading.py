@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon.basepath.layout import MAX_WARMUP_RECORDS
+from daemon.config.images import ImagePreprocessing
+from daemon.config.images import parse as parse_images
 from daemon.config.schema import (
     REQUIRED,
     Schema,
@@ -150,6 +152,8 @@ class ModelConfig:
     atol: float = 1e-5
     signature: tuple[InputSpec, ...] = ()
     input_type: str = "default"
+    #: What image inputs' pixels become (daemon/config/images.py); None: not an image input.
+    image_preprocessing: ImagePreprocessing | None = None
     sample_inputs: Path | None = None
     golden_outputs: Path | None = None
     warmup_records: int = 0
@@ -298,6 +302,7 @@ MODEL_SCHEMA: Schema = {
     "atol": ((int, float), ModelConfig.atol, non_negative),
     "signature": ((dict,), {}, None),
     "input_type": ((str,), ModelConfig.input_type, one_of(*INPUT_TYPES)),
+    "image_preprocessing": ((dict,), {}, None),
     "sample_inputs": ((str,), "", None),
     "golden_outputs": ((str,), "", None),
     "warmup_records": ((int,), 0, _warmup_records),
@@ -396,7 +401,7 @@ def _validation_files(
     if values["warmup_records"] and importlib.util.find_spec("tensorflow_serving") is None:
         problems.append(
             f"{where}.warmup_records: needs the tensorflow-serving-api protos, which are not "
-            "installed: pip install --no-deps tensorflow-serving-api (or set it to 0)"
+            "installed: pip install tensorflow-serving-api (or set it to 0)"
         )
     return out
 
@@ -472,6 +477,7 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
             continue
         sig = _parse_signature(values["signature"], f"{where}.signature", problems)
         n = len(problems)
+        images = parse_images(values["image_preprocessing"], values["input_type"], where, problems)
         checks = _validation_files(values, where, problems, resolve)
         gate_values = apply_schema(values["gate"], GATE_SCHEMA, f"{where}.gate", problems)
         if len(problems) > n:
@@ -499,6 +505,7 @@ def parse_config(data: Mapping[str, Any], source: str, root: Path) -> Config:
             atol=float(values["atol"]),
             options=options,
             gate=gate,
+            image_preprocessing=images,
             **checks,
         )
         values["promote_command"] = tuple(values["promote_command"])

@@ -81,7 +81,7 @@ def parse_serving(
     if importlib.util.find_spec("tensorflow_serving") is None:
         problems.append(
             f"{where}: writing TF Serving's model config needs the tensorflow-serving-api "
-            "protos, which are not installed: pip install --no-deps tensorflow-serving-api"
+            "protos, which are not installed: pip install tensorflow-serving-api"
         )
     base = resolve(values["base_config"]) if values["base_config"] else None
     if base is not None and not base.is_file():

@@ -222,6 +222,9 @@ class Pipeline:
                 {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in cfg.signature
             ],
             "input_type": cfg.input_type,
+            "image_preprocessing": (
+                cfg.image_preprocessing.spec() if cfg.image_preprocessing else None
+            ),
             "model": cfg.name,
             "sample_inputs": _str_or_none(cfg.sample_inputs),
             "warmup_records": cfg.warmup_records,

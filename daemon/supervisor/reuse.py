@@ -80,6 +80,9 @@ def graph_key(cfg: ModelConfig) -> str | None:
         "checkpoint_key": cfg.checkpoint_key,
         "signature": [dataclasses.asdict(s) for s in cfg.signature],
         "input_type": cfg.input_type,
+        "image_preprocessing": (
+            cfg.image_preprocessing.spec() if cfg.image_preprocessing else None
+        ),
     }
     return export_key(identity, model_builder_file(cfg))
 
