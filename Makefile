@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install lint unit e2e faults objectstores bench clean
+.PHONY: demo test install lint unit e2e faults objectstores thirdparty bench clean
 
 $(BIN)/ckpt-exporter: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ lint: install
 	$(BIN)/mypy daemon
 
 unit: install
-	$(BIN)/python -m pytest -q -m "not e2e and not faults and not objectstore"
+	$(BIN)/python -m pytest -q -m "not e2e and not faults and not objectstore and not thirdparty"
 
 # Each test runs in one suite: objectstore-marked tests only in make
 # objectstores, a test marked both e2e and faults only in make e2e.
@@ -39,6 +39,28 @@ faults: install
 objectstores: install
 	$(BIN)/python -m pytest -q -m objectstore
 
+# Real third-party stacks, each in an environment of its own as a trainer's
+# would be (about 10 minutes and 4 GB of downloads the first time): Model
+# Garden (tf-models-official pins its own TensorFlow; the daemon runs its
+# export worker there through worker_python) and Keras 3 on JAX.
+MG_VENV  ?= .venv-modelgarden
+JAX_VENV ?= .venv-jax
+
+$(MG_VENV)/bin/python:
+	$(PYTHON) -m venv $(MG_VENV)
+	$(MG_VENV)/bin/pip install --quiet --upgrade pip
+	$(MG_VENV)/bin/pip install --quiet 'tf-models-official~=2.20.0'
+
+$(JAX_VENV)/bin/python:
+	$(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_VENV)/bin/pip install --quiet --upgrade pip
+	$(JAX_VENV)/bin/pip install --quiet 'jax>=0.4.30' 'keras>=3.5'
+
+thirdparty: install $(MG_VENV)/bin/python $(JAX_VENV)/bin/python
+	CKPT_EXPORTER_MODELGARDEN_PYTHON=$(abspath $(MG_VENV))/bin/python \
+	CKPT_EXPORTER_JAX_PYTHON=$(abspath $(JAX_VENV))/bin/python \
+	$(BIN)/python -m pytest -q -m thirdparty
+
 # The benchmark suite (about 15 minutes on 2 cores): a table on stdout, JSON in bench/results.json.
 bench: install
 	$(BIN)/python bench/run.py
@@ -48,7 +70,7 @@ bench: install
 # signals, about 18 minutes), make faults (about 7 minutes) and make
 # objectstores (about 10 minutes).
 test: lint
-	$(BIN)/python -m pytest -q -m "not e2e and not faults and not objectstore"
+	$(BIN)/python -m pytest -q -m "not e2e and not faults and not objectstore and not thirdparty"
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) $(MG_VENV) $(JAX_VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

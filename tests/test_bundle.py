@@ -231,3 +231,28 @@ def test_weight_parity_by_weights_map_names_a_variable_holding_another_tensor(
     map_file.write_text(json.dumps(dict(record, object_graph="sha256:0")))
     with pytest.raises(runtime.ChildFailure, match="object graph differs"):
         validator.weight_parity(str(sm), checkpoint)
+
+
+def test_scalar_integers_are_read_as_tensorflow_wrote_them(tmp_path: Path) -> None:
+    """Step counters, read without TensorFlow for a linked export's metadata."""
+    import tensorflow as tf
+
+    ckpt = tf.train.Checkpoint(
+        step=tf.Variable(2**40 + 3, dtype=tf.int64),
+        small=tf.Variable(-7, dtype=tf.int32),
+        byte=tf.Variable(200, dtype=tf.uint8),
+        lr=tf.Variable(0.5),
+        vec=tf.Variable([1, 2], dtype=tf.int64),
+    )
+    prefix = ckpt.write(str(tmp_path / "c"))
+    b = bundle.read_index(prefix)
+
+    def key(name: str) -> str:
+        return f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
+
+    assert b.read_int(key("step")) == 2**40 + 3
+    assert b.read_int(key("small")) == -7
+    assert b.read_int(key("byte")) == 200
+    assert b.read_int(key("lr")) is None  # a float
+    assert b.read_int(key("vec")) is None  # not a scalar
+    assert b.read_int(key("absent")) is None

@@ -51,6 +51,17 @@ _FOOTER_SIZE = 48
 _BLOCK_TRAILER_SIZE = 5  # compression type, CRC32C
 _NO_COMPRESSION = 0
 _DT_STRING = 7  # tensorflow.DataType.DT_STRING
+#: tensorflow.DataType's integer types: enum value -> (bytes, signed).
+_INT_DTYPES = {
+    3: (4, True),  # DT_INT32
+    4: (1, False),  # DT_UINT8
+    5: (2, True),  # DT_INT16
+    6: (1, True),  # DT_INT8
+    9: (8, True),  # DT_INT64
+    17: (2, False),  # DT_UINT16
+    22: (4, False),  # DT_UINT32
+    23: (8, False),  # DT_UINT64
+}
 #: ``kTensorBundleVersion``: what TensorFlow's BundleWriter records as producer.
 _BUNDLE_VERSION = 1
 
@@ -107,6 +118,21 @@ class Bundle:
         if pos + 4 + length != len(data):
             raise BundleFormatError(f"{name}: the string's length does not match its entry")
         return data[pos + 4 :]
+
+    def read_int(self, name: str) -> int | None:
+        """The value of scalar integer tensor ``name`` (a step counter); None if it is not one.
+
+        Stored as the value's bytes in the writer's byte order, which for
+        every platform TensorFlow builds for is little-endian.
+        """
+        e = self.entries.get(name)
+        if e is None or e.shape != () or e.dtype not in _INT_DTYPES:
+            return None
+        size, signed = _INT_DTYPES[e.dtype]
+        data = self.read(name)
+        if len(data) != size:
+            raise BundleFormatError(f"{name}: {len(data)} bytes for a {size}-byte integer")
+        return int.from_bytes(data, "little", signed=signed)
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from daemon.children import incremental, reference, runtime
 from daemon.children.model import export_model, kept_code_files, model_for, variable_label
+from daemon.formats import bundle
 from daemon.protocol import ExporterResult, ExportRequest, Incremental
 
 
@@ -138,17 +139,16 @@ def _unreadable(prefix: str, e: Exception) -> runtime.ChildFailure:
 
 
 def _saved_counters(prefix: str) -> dict[str, int]:
-    """Step counters saved in the checkpoint, if the trainer tracked any."""
-    import tensorflow as tf
+    """Step counters saved in the checkpoint, if the trainer tracked any.
 
-    reader = tf.train.load_checkpoint(prefix)
+    Read from the bundle without TensorFlow: a linked export imports none.
+    """
+    checkpoint = bundle.read_index(prefix)
     out = {}
     for key in ("step", "global_step", "save_counter"):
-        name = f"{key}/.ATTRIBUTES/VARIABLE_VALUE"
-        if reader.has_tensor(name):
-            value = reader.get_tensor(name)
-            if getattr(value, "shape", None) == ():
-                out[key] = int(value)
+        value = checkpoint.read_int(f"{key}/.ATTRIBUTES/VARIABLE_VALUE")
+        if value is not None:
+            out[key] = value
     return out
 
 
