@@ -45,19 +45,31 @@ objectstores: install
 # export worker there through worker_python) and Keras 3 on JAX.
 MG_VENV  ?= .venv-modelgarden
 JAX_VENV ?= .venv-jax
+TRAINER_VENV ?= .venv-trainer
 
 $(MG_VENV)/bin/python:
 	$(PYTHON) -m venv $(MG_VENV)
 	$(MG_VENV)/bin/pip install --quiet --upgrade pip
 	$(MG_VENV)/bin/pip install --quiet 'tf-models-official~=2.20.0'
 
+# A trainer's environment with plain `tensorflow`, then the daemon installed
+# into it as a user would: tests/test_install.py checks that this added no
+# second TensorFlow distribution.
+$(TRAINER_VENV)/bin/ckpt-exporter: pyproject.toml
+	$(PYTHON) -m venv $(TRAINER_VENV)
+	$(TRAINER_VENV)/bin/pip install --quiet --upgrade pip
+	$(TRAINER_VENV)/bin/pip install --quiet "tensorflow==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("tensorflow"))')"
+	$(TRAINER_VENV)/bin/pip install --quiet .
+	@touch $@
+
 $(JAX_VENV)/bin/python:
 	$(PYTHON) -m venv $(JAX_VENV)
 	$(JAX_VENV)/bin/pip install --quiet --upgrade pip
 	$(JAX_VENV)/bin/pip install --quiet 'jax>=0.4.30' 'keras>=3.5'
 
-thirdparty: install $(MG_VENV)/bin/python $(JAX_VENV)/bin/python
+thirdparty: install $(MG_VENV)/bin/python $(JAX_VENV)/bin/python $(TRAINER_VENV)/bin/ckpt-exporter
 	CKPT_EXPORTER_MODELGARDEN_PYTHON=$(abspath $(MG_VENV))/bin/python \
+	CKPT_EXPORTER_TRAINER_PYTHON=$(abspath $(TRAINER_VENV))/bin/python \
 	CKPT_EXPORTER_JAX_PYTHON=$(abspath $(JAX_VENV))/bin/python \
 	$(BIN)/python -m pytest -q -m thirdparty
 
@@ -73,4 +85,4 @@ test: lint
 	$(BIN)/python -m pytest -q -m "not e2e and not faults and not objectstore and not thirdparty"
 
 clean:
-	rm -rf $(VENV) $(MG_VENV) $(JAX_VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) $(MG_VENV) $(JAX_VENV) $(TRAINER_VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
