@@ -355,6 +355,9 @@ class CheckDetails(TypedDict, total=False):
     placement: Literal["full", "pruned"]
     #: serving_load: the graph was imported ahead, while the export ran.
     preloaded: bool
+    #: serving_load reused the session of a byte-identical graph this
+    #: validator passed before: only the restore op ran (daemon.children.validator).
+    kept: bool
     #: signatures: how many were run.
     count: int
     #: signatures: the names of those that failed.

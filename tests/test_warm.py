@@ -6,6 +6,7 @@ daemon really hands them its requests, and /proc says what they are.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from conftest import child_env, niceness, pid_gone, train, version_dirs, write_c
 
 import daemon.supervisor.warm_pool
 import daemon.supervisor.zygote_handle
+from daemon.basepath.layout import REPORT_RELPATH
 from daemon.supervisor.warm_pool import WARM_MODULES, WarmChild, WarmPool, code_changed
 
 LIMITS = {"nice": 3, "io_class": "default", "threads": 1}
@@ -309,9 +311,19 @@ def test_one_export_worker_serves_successive_exports_until_its_count_is_reached(
     assert [e["reused"] for e in exported] == [0, 1, 0]
     assert [bool(e["incremental_from"]) for e in exported] == [False, True, True]
     assert pid_gone(pids[0])
-    # Validators stay single-use: one process per validation, none of them an exporter.
+    # Validators are kept the same way, under the graph key: the first passed
+    # version 1, kept its session and validated version 2 (same graph) by
+    # restoring 2's variables into it, then exited by count; a new one took 3.
+    # None of them is an exporter.
     validators = _pids(ev, "validate")
-    assert len(set(validators)) == 3 and not set(validators) & set(pids)
+    assert validators[0] == validators[1] != validators[2], validators
+    assert not set(validators) & set(pids)
+    reports = [
+        json.loads((v / REPORT_RELPATH).read_text())
+        for _, v in sorted(version_dirs(tmp_path / "serving" / "m").items())
+    ]
+    loads = [next(c for c in r["checks"] if c["check"] == "serving_load") for r in reports]
+    assert [c["kept"] for c in loads] == [False, True, False]
     # Each version holds its own checkpoint's weights: weight parity proved all
     # 8 saved variables (Keras' export saves each of the 4 weights twice) against
     # the checkpoint the version was made from, and the trainer changes them all.
@@ -348,3 +360,12 @@ def test_an_idle_kept_export_worker_exits_and_single_use_workers_are_never_kept(
     pids = _pids(ev, "export")
     assert len(set(pids)) == 2 and all(pid_gone(p) for p in pids)
     assert [e["reused"] for e in ev if e["event"] == "exported"] == [0, 0]
+    # Single-use validators too: the second, started with its incremental export,
+    # imported version 1's graph while the weights were written.
+    validators = _pids(ev, "validate")
+    assert len(set(validators)) == 2
+    loads = [
+        json.loads((v / REPORT_RELPATH).read_text())["checks"][0]
+        for _, v in sorted(version_dirs(tmp2 / "serving" / "m").items())
+    ]
+    assert [(c["preloaded"], c["kept"]) for c in loads] == [(False, False), (True, False)]

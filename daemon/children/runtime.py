@@ -213,6 +213,12 @@ class _Reuse:
 _reuse: _Reuse | None = None
 
 
+def reusable() -> bool:
+    """Whether this child may get another request after this one (:func:`next_request`)."""
+    r = _reuse
+    return r is not None and r.served < r.max_requests
+
+
 def next_request(code: int) -> ExportRequest | None:
     """After a request ended with exit code ``code``: the next request, or None to exit.
 

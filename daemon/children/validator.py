@@ -48,7 +48,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Unpack
+from typing import Any, Literal, NoReturn, Unpack, cast
 
 from daemon import exitcodes
 from daemon.basepath.layout import WARMUP_RELPATH, WEIGHTS_MAP_RELPATH
@@ -311,16 +311,79 @@ def preload(graph_of: str) -> _Session | None:
     return s
 
 
-def _load(s: _Session, path: str) -> Any:
-    """Load the SavedModel at ``path`` into ``s`` as TF Serving does; its MetaGraphDef."""
-    import tensorflow as tf
+@dataclass
+class _Kept:
+    """A reusable validator's session of the last graph it passed, for the next request.
+
+    Kept only where nothing but the variables can differ between two loads of
+    that graph (:func:`_keepable`); reused only for an export whose
+    ``saved_model.pb`` has exactly the bytes of :attr:`graph`. Then
+    :func:`_load` runs only the restore op, which assigns *every* variable of
+    the graph from the new ``variables/`` (or fails), so nothing of the
+    previous version remains: what the server would load from scratch is
+    what the kept session holds.
+    """
+
+    session: _Session
+    graph: bytes
+    meta: Any
+
+
+_kept: _Kept | None = None
+
+
+def _graph_bytes(path: str) -> bytes | None:
+    try:
+        return Path(path, "saved_model.pb").read_bytes()
+    except OSError:
+        return None
+
+
+def _take_kept(path: str) -> _Kept | None:
+    """The kept session, if ``path``'s graph is byte for byte the one it holds; else None.
+
+    A kept session that does not fit is closed: one graph in memory at a time.
+    """
+    global _kept
+    kept, _kept = _kept, None
+    if kept is None:
+        return None
+    if _graph_bytes(path) == kept.graph:
+        return kept
+    kept.session.sess.close()
+    return None
+
+
+def _keepable(s: _Session, meta: Any) -> bool:
+    """Whether loading this graph again would do nothing but run its restore op.
+
+    True when it has no asset files and no init op, or an init op that is a
+    NoOp with no inputs (a TF2 export without lookup tables): then skipping
+    the init ops on a reuse is exactly running them.
+    """
     from tensorflow.python.saved_model import loader_impl
 
+    if s.saver is None or meta.asset_file_def or loader_impl.get_asset_tensors("", meta):
+        return False  # no restore op to rely on, or assets the init ops read
+    with s.graph.as_default():
+        op = loader_impl.get_init_op(meta)
+    return op is None or (op.type == "NoOp" and not op.inputs and not op.control_inputs)
+
+
+def _load(s: _Session, path: str) -> Any:
+    """Load the SavedModel at ``path`` into ``s`` as TF Serving does; its MetaGraphDef.
+
+    The steps of ``tf.compat.v1.saved_model.loader.load``, one by one, so
+    that the Saver (the restore op) stays in ``s`` for a kept session: import
+    the graph (unless :func:`preload` did), run the restore op, then the init
+    ops, from ``path``.
+    """
+    from tensorflow.python.saved_model import loader_impl
+
+    loader = loader_impl.SavedModelLoader(path)
     with s.graph.as_default():
         if s.saver is None:
-            return tf.compat.v1.saved_model.loader.load(s.sess, ["serve"], path)
-        # The rest of loader.load(): restore op, then init ops, from ``path``.
-        loader = loader_impl.SavedModelLoader(path)
+            s.saver, _ = loader.load_graph(s.graph, ["serve"])
         loader.restore_variables(s.sess, s.saver)
         loader.run_init_ops(s.sess, ["serve"])
         return loader.get_meta_graph_def_from_tags(["serve"])
@@ -355,11 +418,9 @@ def validate(req: ValidateRequest, preloaded: _Session | None = None) -> Validat
 def _validate(
     req: ValidateRequest, report: ValidationResult, checks: _Checks, preloaded: _Session | None
 ) -> None:
-
+    global _kept
     path = req["saved_model"]
-    where = req.get("sample_inputs") or ""
     samples_by_sig = samples.load_npz(req.get("sample_inputs"), "sample_inputs")
-    golden = samples.load_npz(req.get("golden_outputs"), "golden_outputs")
     ref = reference.load(req["reference"]) if req.get("reference") else reference.Reference()
     no_outputs = bool(req.get("reference")) and not ref.outputs
     if no_outputs:
@@ -375,22 +436,55 @@ def _validate(
                 f"the exporter recorded no outputs for {path} and it has no weights map "
                 "to check instead",
             )
-    rtol, atol = float(req.get("rtol", 1e-4)), float(req.get("atol", 1e-5))
-
     placement = _placement(path, req.get("graph_of"))
+    kept = _take_kept(path)
     s = preloaded
-    if s is not None and placement != "pruned":
-        s.sess.close()  # the export's graph is not the one imported ahead
+    if s is not None and (placement != "pruned" or kept is not None):
+        s.sess.close()  # the export's graph is not the one imported ahead, or is kept
         s = None
-    s = s or _open(placement)
-    with s.graph.as_default(), s.sess as sess:
+    s = kept.session if kept is not None else s or _open(placement)
+    try:
+        meta = _validate_in(s, kept, req, report, checks, placement, ref, samples_by_sig)
+    except BaseException:
+        s.sess.close()
+        raise
+    if runtime.reusable() and _keepable(s, meta):
+        _kept = _Kept(s, _graph_bytes(path) or b"", meta)
+    else:
+        s.sess.close()
+    _weights(req, report, checks, no_outputs)
+    report["ok"] = True
+
+
+def _validate_in(
+    s: _Session,
+    kept: _Kept | None,
+    req: ValidateRequest,
+    report: ValidationResult,
+    checks: _Checks,
+    placement: Literal["full", "pruned"],
+    ref: reference.Reference,
+    samples_by_sig: dict[str, dict[str, Any]],
+) -> Any:
+    """Load into ``s`` (only the restore op where ``kept``), run the signatures, golden
+    outputs and warmup; the MetaGraphDef."""
+    path = req["saved_model"]
+    where = req.get("sample_inputs") or ""
+    golden = samples.load_npz(req.get("golden_outputs"), "golden_outputs")
+    rtol, atol = float(req.get("rtol", 1e-4)), float(req.get("atol", 1e-5))
+    with s.graph.as_default():
+        sess = s.sess
         with checks.run(
-            "serving_load", tags=["serve"], placement=placement, preloaded=s.saver is not None
+            "serving_load",
+            tags=["serve"],
+            placement=placement,
+            preloaded=s.saver is not None and kept is None,
+            kept=kept is not None,
         ):
             if not os.path.isfile(os.path.join(path, "saved_model.pb")):
                 raise runtime.ChildFailure("not_a_saved_model", f"{path} has no saved_model.pb")
             try:
-                meta = _load(s, path)
+                meta = _restore_kept(s, kept, path) if kept is not None else _load(s, path)
             except Exception as e:
                 raise runtime.ChildFailure(
                     "load_failed", f"TF Serving's loader would fail on {path}: {e}"
@@ -449,6 +543,22 @@ def _validate(
                 if replayed:
                     entry["records"] = replayed["records"]
                     entry["replayed"] = replayed["replayed"]
+    return meta
+
+
+def _restore_kept(s: _Session, kept: _Kept, path: str) -> Any:
+    """The reuse of a kept session: only the restore op, from ``path``'s variables."""
+    from tensorflow.python.saved_model import loader_impl
+
+    loader_impl.SavedModelLoader(path).restore_variables(s.sess, s.saver)
+    return kept.meta
+
+
+def _weights(
+    req: ValidateRequest, report: ValidationResult, checks: _Checks, no_outputs: bool
+) -> None:
+    """The ``weight_parity`` check (module docstring); raises ChildFailure when it fails."""
+    path = req["saved_model"]
     checkpoint = req.get("checkpoint")
     mode = req.get("weight_parity", "all")
     if checkpoint and mode == "off" and not no_outputs:
@@ -475,7 +585,6 @@ def _validate(
                 "no_reference",
                 f"{path} has no reference outputs and its weights map could not be checked",
             )
-    report["ok"] = True
 
 
 def _placement(path: str, graph_of: str | None) -> Literal["full", "pruned"]:
@@ -773,15 +882,32 @@ def _compare_golden(
 
 def main(argv: list[str]) -> int:
     # Validation never needs the GPU the trainer is using.
-    req = runtime.begin(argv, validator=True)
+    req: ValidateRequest | None = runtime.begin(argv, validator=True)
+    code = exitcodes.OK
+    while req is not None:
+        code, go_on = serve_one(req)
+        if not go_on:
+            break
+        # A reusable validator (see daemon.supervisor.warm_pool) after a success.
+        req = cast("ValidateRequest | None", runtime.next_request(code))
+    return code
+
+
+def _holds(graph_of: str) -> bool:
+    """Whether the kept session already holds ``graph_of``'s graph (no preload needed)."""
+    return _kept is not None and _graph_bytes(graph_of) == _kept.graph
+
+
+def serve_one(req: ValidateRequest) -> tuple[int, bool]:
+    """Validate one request and write its result: the exit code, and False to exit at once."""
     preloaded = None
     if req.get("wait_for_export"):
         # Started with the export (see preload): wait for the supervisor's go,
         # which comes once the export succeeded; EOF means it did not.
         graph_of = req.get("graph_of")
-        preloaded = preload(graph_of) if graph_of else None
+        preloaded = preload(graph_of) if graph_of and not _holds(graph_of) else None
         if not runtime.wait_for_go():
-            return exitcodes.OK
+            return exitcodes.OK, False
     result: ValidationOutcome
     try:
         result = validate(req, preloaded)
@@ -795,7 +921,7 @@ def main(argv: list[str]) -> int:
             "validate_error", f"{type(e).__name__}: {e}\n{tb}", permanent=True
         )
     result["warm"] = bool(req.get("warm"))
-    return runtime.finish(Path(req["result"]), result)
+    return runtime.finish(Path(req["result"]), result), True
 
 
 def run(argv: list[str]) -> NoReturn:

@@ -178,7 +178,8 @@ class Launcher:
         any other end of the job stops it (:meth:`stop_early`). Without a
         zygote to fork it from, validation starts after the export as usual.
         """
-        warm = self.warm.take(protocol.VALIDATOR, self.warm_settings(protocol.VALIDATOR))
+        settings = self.warm_settings(protocol.VALIDATOR)
+        warm = self._kept_validator(job, settings) or self.warm.take(protocol.VALIDATOR, settings)
         if warm is None:
             return
         request = request.copy()
@@ -220,7 +221,48 @@ class Launcher:
             warm_stop(job.early)
             job.early = None
 
+    def drop_child(self, job: Job) -> None:
+        """The job is over: a reusable child it still holds (not kept) is stopped.
+
+        A reusable validator that passed an export the signature contract then
+        refused, say, waits for another request that will never come.
+        """
+        c, job.child = job.child, None
+        if c is not None and c.done is not None and c.proc.poll() is None:
+            warm_stop(c)
+
     # --- the pool -------------------------------------------------------------
+
+    @staticmethod
+    def validator_key(job: Job) -> str | None:
+        """The key a validator of ``job``'s export is kept under: its graph key, or None."""
+        return None if job.graph_key is None else f"validator:{job.graph_key}"
+
+    def _kept_validator(self, job: Job, settings: str) -> WarmChild | None:
+        key = self.validator_key(job)
+        if key is None:
+            return None
+        warm, retired = self.warm.take_kept(key, settings)
+        if retired is not None:
+            self.exporter_retired(*retired)
+        return warm
+
+    def keep_validator(self, job: Job) -> None:
+        """Keep a reusable validator that passed ``job``'s export for the model's next one.
+
+        It holds that graph's session (where it could keep one, see
+        :mod:`daemon.children.validator`); the next export of the same graph
+        key is handed to it. Without a graph key it is stopped.
+        """
+        c, job.child = job.child, None
+        if c is None or c.module != protocol.VALIDATOR or c.proc.poll() is not None:
+            return
+        key = self.validator_key(job)
+        if c.done is None or key is None:
+            warm_stop(c)
+            return
+        for e in self.warm.keep(c, key, {}, self.ctx.config.daemon.concurrency):
+            self.exporter_retired(e, "evicted")
 
     def keep_exporter(self, job: Job, code_files: dict[str, list[int]]) -> None:
         """Give a reusable export worker that finished its export back to the pool."""
@@ -266,7 +308,9 @@ class Launcher:
         self.ctx.metrics.warm_children_bytes.set(self.warm.rss_bytes())
 
     def exporter_retired(self, c: WarmChild, reason: str) -> None:
-        self.ctx.log.info("exporter_retired", pid=c.proc.pid, exports=c.exports, reason=reason)
+        """Log a kept child's end: ``exporter_retired`` or ``validator_retired``."""
+        event = "validator_retired" if c.module == protocol.VALIDATOR else "exporter_retired"
+        self.ctx.log.info(event, pid=c.proc.pid, exports=c.exports, reason=reason)
 
     def close(self) -> None:
         self.warm.close()

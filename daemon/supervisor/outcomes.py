@@ -113,8 +113,10 @@ class Outcomes:
         st.dirty = True
 
     def cleanup(self, job: Job) -> None:
-        """Stop an early validator and remove the job's unpublished export and staging."""
+        """Stop an early validator (and a reusable child not kept); remove the job's
+        unpublished export and staging."""
         self.launcher.stop_early(job)
+        self.launcher.drop_child(job)
         base = job.model.cfg.base_path
         if job.temp_dir is not None:
             discard_export(job.temp_dir, base)

@@ -470,10 +470,12 @@ class Pipeline:
         )
         if not self.launcher.release_validator(job):
             request = self._validate_request(job, incremental.get("template"))
-            self.launcher.spawn(job, "validate", protocol.VALIDATOR, request)
+            key = self.launcher.validator_key(job)
+            self.launcher.spawn(job, "validate", protocol.VALIDATOR, request, key)
 
     def _validated(self, job: Job, result: ValidationResult) -> None:
         job.validation = result
+        self.launcher.keep_validator(job)
         weights, warmup = result.get("weights"), result.get("warmup")
         self.ctx.metrics.validations.labels(job.model.cfg.name, "passed").inc()
         self.ctx.log.info(

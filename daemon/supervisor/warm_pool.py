@@ -11,10 +11,15 @@ Contract:
   per set of limits (one with the default config; two when the export
   worker may see the GPU and the validator may not), started ahead of
   time, and forks a child from it when an export or a validation starts.
-- A validator is **single-use**: it runs one request and exits, so it has
-  never loaded another model or the user's builder. It may be handed its
-  request while the export is still running (``hand(..., then_go=True)``),
-  and proceeds past the preparation it can do early on :meth:`WarmChild.go`.
+- A validator never loads the user's builder. It may be handed its request
+  while the export is still running (``hand(..., then_go=True)``), and
+  proceeds past the preparation it can do early on :meth:`WarmChild.go`.
+  Started with ``max_exports > 1`` it may validate more exports *of the same
+  graph*: the supervisor keeps it under the model's graph key after a
+  success, as it keeps exporters (below), and it keeps the session of the
+  graph it passed only where reloading that graph would do nothing but
+  restore the variables (:mod:`daemon.children.validator`). Otherwise it is
+  single-use: it runs one request and exits.
 - An exporter started with ``max_exports > 1`` may serve more exports *of
   the same model*: after a successful export it says ``done`` on a pipe of
   its own and waits for the next request instead of exiting; the pool then
@@ -27,9 +32,10 @@ Contract:
   limits no longer match the config, and beyond ``limit`` kept exporters
   (the longest idle goes first). A failed export always ends the process.
 - Memory of idle children is therefore bounded: the zygotes plus at most
-  ``limit`` kept exporters (the supervisor passes its ``concurrency``, the
-  number that can be busy at once anyway); :meth:`WarmPool.rss_bytes`
-  reports it. A forked child shares the zygote's pages until it writes them.
+  ``limit`` kept exporters and as many kept validators (the supervisor
+  passes its ``concurrency``, the number that can be busy at once anyway);
+  :meth:`WarmPool.rss_bytes` reports it. A forked child shares the
+  zygote's pages until it writes them.
 - The child learns each request by one line on stdin (the request path);
   EOF means "exit without work". Limits (nice, I/O class, threads, GPU
   visibility) are fixed when the zygote starts, before TensorFlow is
@@ -105,7 +111,10 @@ class WarmChild:
         """Tell a child handed its request with ``then_go`` to proceed (OSError if it died)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(b"go\n")
-        self.proc.stdin.close()
+        if self.done is None:
+            self.proc.stdin.close()
+        else:
+            self.proc.stdin.flush()
 
     def wait_done(self) -> bool:
         """Block until the handed request is finished; True if the child stays for another.
@@ -172,14 +181,14 @@ class WarmPool:
 
     @staticmethod
     def settings(module: str, limits: Limits, allow_gpu: bool, max_exports: int = 1) -> str:
-        # The validator never sees a GPU (see daemon.children.validator) and is single-use.
+        # The validator never sees a GPU (see daemon.children.validator).
         worker = module == WORKER
         return json.dumps(
             {
                 "parent_pid": os.getpid(),
                 "limits": limits,
                 "allow_gpu": allow_gpu and worker,
-                "max_exports": max_exports if worker else 1,
+                "max_exports": max_exports,
             },
             sort_keys=True,
         )
@@ -280,8 +289,10 @@ class WarmPool:
         previous = self.kept.pop(key, None)
         evicted = [] if previous is None or previous is child else [previous]
         self.kept[key] = child
-        while len(self.kept) > max(0, limit):
-            oldest = min(self.kept, key=lambda k: self.kept[k].idle_since)
+        while len(same := [k for k, c in self.kept.items() if c.module == child.module]) > max(
+            0, limit
+        ):
+            oldest = min(same, key=lambda k: self.kept[k].idle_since)
             evicted.append(self.kept.pop(oldest))
         for c in evicted:
             stop(c)
