@@ -15,7 +15,9 @@ when the object store kept failing. User errors never end in a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,7 +45,7 @@ from daemon.basepath.operations import (
 )
 from daemon.basepath.records import read_rejected
 from daemon.config.builders import check_builders
-from daemon.config.loading import Config, ConfigError, ModelConfig, load_config
+from daemon.config.loading import Config, ConfigError, DaemonConfig, ModelConfig, load_config
 from daemon.objectstore.client import ObjectStoreError
 from daemon.objectstore.clients import ClientMissing
 from daemon.objectstore.url import Location, parse_url, url_scheme
@@ -119,6 +121,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def foreground(d: DaemonConfig) -> DaemonConfig:
+    """``d`` without the caps that keep the daemon's children below a trainer.
+
+    ``ckpt-exporter export`` is someone waiting for a result now: its children
+    run at the caller's priority, with TensorFlow's thread pools across every
+    CPU (``--background`` keeps the config's ``worker_nice``,
+    ``worker_io_class`` and ``worker_threads``).
+    """
+    return dataclasses.replace(
+        d, worker_nice=0, worker_io_class="default", worker_threads=os.cpu_count() or 1
+    )
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from daemon.supervisor import Supervisor
 
@@ -127,6 +142,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if model is None:
         return exitcodes.CONFIG
     args.model = model.name
+    if not args.background:
+        cfg = dataclasses.replace(cfg, daemon=foreground(cfg.daemon))
     logs.configure(args.log_format or cfg.daemon.log_format, cfg.daemon.log_level)
     sup = Supervisor(cfg, logs.get_logger())
     sup.install_signal_handlers()
@@ -558,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_log_format(sp)
     sp.add_argument("--model", help="model name (optional with a single model)")
     sp.add_argument("--checkpoint", help="checkpoint prefix (default: the newest complete one)")
+    sp.add_argument(
+        "--background",
+        action="store_true",
+        help="run the children below other work as the daemon does (worker_nice, "
+        "worker_io_class, worker_threads); by default they use every CPU at your priority",
+    )
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("validate", help="validate a SavedModel the way TF Serving loads it")

@@ -176,3 +176,50 @@ def test_exports_run_under_worker_python_and_start_cold(tmp_path: Path) -> None:
     assert export_starts and not any(e["warm"] for e in export_starts)
     manifest = json.loads((base / "1/assets.extra/ckpt_exporter_manifest.json").read_text())
     assert manifest["builder"]["file"] == str(REPO / "daemon/demo/model.py")
+
+
+RECORDING_BUILDER = """
+import json, os
+from daemon.demo.model import build_model
+
+def build():
+    with open({out!r}, "w") as f:
+        json.dump({{"nice": os.nice(0), "threads": os.environ.get("TF_NUM_INTRAOP_THREADS")}}, f)
+    return build_model()
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("background", [False, True])
+def test_export_by_hand_uses_every_cpu_unless_asked_to_stay_in_the_background(
+    tmp_path: Path, background: bool
+) -> None:
+    import os
+
+    train(tmp_path / "ckpts", 1)
+    code = tmp_path / "code"
+    code.mkdir()
+    seen = tmp_path / "seen.json"
+    (code / "recording.py").write_text(RECORDING_BUILDER.format(out=str(seen)))
+    config = write_config(
+        tmp_path,
+        builder="recording:build",
+        python_path=[str(code)],
+        daemon={"worker_threads": 1},
+    )
+    argv = [sys.executable, "-m", "daemon", "export", "--config", str(config)]
+    r = subprocess.run(
+        argv + (["--background"] if background else []),
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=300,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    limits = json.loads(seen.read_text())
+    base = os.nice(0)
+    if background:
+        assert limits == {"nice": min(19, base + 19), "threads": "1"}
+    else:
+        assert limits == {"nice": base, "threads": str(os.cpu_count())}
