@@ -445,14 +445,14 @@ def _validate(
     s = kept.session if kept is not None else s or _open(placement)
     try:
         meta = _validate_in(s, kept, req, report, checks, placement, ref, samples_by_sig)
+        _weights(req, report, checks, no_outputs)
     except BaseException:
-        s.sess.close()
+        s.sess.close()  # a failure keeps nothing (and ends the process)
         raise
     if runtime.reusable() and _keepable(s, meta):
         _kept = _Kept(s, _graph_bytes(path) or b"", meta)
     else:
         s.sess.close()
-    _weights(req, report, checks, no_outputs)
     report["ok"] = True
 
 
