@@ -174,6 +174,10 @@ def test_exports_run_under_worker_python_and_start_cold(tmp_path: Path) -> None:
     ]
     export_starts = [e for e in started if e["phase"] == "export"]
     assert export_starts and not any(e["warm"] for e in export_starts)
+    # The validator stays in the daemon's environment: forked from the zygote
+    # that `export` starts at once, not importing TensorFlow after the export.
+    validate_starts = [e for e in started if e["phase"] == "validate"]
+    assert validate_starts and all(e["warm"] for e in validate_starts)
     manifest = json.loads((base / "1/assets.extra/ckpt_exporter_manifest.json").read_text())
     assert manifest["builder"]["file"] == str(REPO / "daemon/demo/model.py")
 

@@ -203,6 +203,10 @@ class Supervisor:
         if done:
             return exitcodes.OK, f"{ckpt.name} is already published as version {done[0].version}"
         try:
+            # A zygote now (warm_workers): it imports TensorFlow while the
+            # export starts, and the validator is then forked from it instead
+            # of importing TensorFlow a second time after the export.
+            self.launcher.refill()
             # The operator named this checkpoint: the metric gate does not
             # apply (the command gate, part of the pipeline, still does).
             self.pipeline.start(st, ckpt, {})
@@ -214,6 +218,7 @@ class Supervisor:
         finally:
             if st.job is not None:
                 self.shutdown()
+            self.launcher.close()
         if job is not None and job.published_version is not None:
             return exitcodes.OK, f"{ckpt.name} published as version {job.published_version}"
         return exitcodes.PERMANENT_FAILURE, f"{ckpt.name} was not published (see the log)"
