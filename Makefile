@@ -40,7 +40,7 @@ objectstores: install
 	$(BIN)/python -m pytest -q -m objectstore
 
 # Real third-party stacks, each in an environment of its own as a trainer's
-# would be (about 10 minutes and 4 GB of downloads the first time): Model
+# would be (about 8 minutes and 6 GB of venvs the first time): Model
 # Garden (tf-models-official pins its own TensorFlow; the daemon runs its
 # export worker there through worker_python) and Keras 3 on JAX.
 MG_VENV  ?= .venv-modelgarden
@@ -79,8 +79,9 @@ bench: install
 
 # Lint and the fast tests (about 2 minutes on 2 cores). The heavy suites have
 # targets of their own, which CI runs too: make e2e (real trainers, daemons and
-# signals, about 18 minutes), make faults (about 7 minutes) and make
-# objectstores (about 10 minutes).
+# signals, about 18 minutes), make faults (about 7 minutes), make
+# objectstores (about 9 minutes) and make thirdparty (about 8 minutes with
+# its venvs made from scratch).
 test: lint
 	$(BIN)/python -m pytest -q -m "not e2e and not faults and not objectstore and not thirdparty"
 
