@@ -126,21 +126,27 @@ def land(src: Path, prefix: str, dst: Path, name: str | None = None) -> float:
 # --- the daemon ---------------------------------------------------------------
 
 
+def write_config(ws: Path, models: list[dict[str, Any]], **daemon_keys: Any) -> Path:
+    """``ws/config.toml``: JSON logs, metrics on a free port, these models and daemon keys."""
+    keys = {
+        "metrics_address": "127.0.0.1:0",
+        "log_format": "json",
+        "rescan_interval_seconds": 30,
+        **daemon_keys,
+    }
+    lines = ["[daemon]"] + [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    for m in models:
+        lines += ["", "[[models]]"] + [f"{k} = {json.dumps(v)}" for k, v in m.items()]
+    config = ws / "config.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
 class Daemon:
     """``ckpt-exporter run`` as a subprocess with its JSON log in a file."""
 
     def __init__(self, ws: Path, models: list[dict[str, Any]], **daemon_keys: Any) -> None:
-        keys = {
-            "metrics_address": "127.0.0.1:0",
-            "log_format": "json",
-            "rescan_interval_seconds": 30,
-            **daemon_keys,
-        }
-        lines = ["[daemon]"] + [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
-        for m in models:
-            lines += ["", "[[models]]"] + [f"{k} = {json.dumps(v)}" for k, v in m.items()]
-        self.config = ws / "config.toml"
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config = write_config(ws, models, **daemon_keys)
         self.log_path = ws / "daemon.log"
         self._offset = 0
         self._events: list[dict[str, Any]] = []
@@ -384,11 +390,7 @@ def cli_latency(model: str, src: Path, prefixes: list[str], root: Path) -> dict[
     walls, phases = [], []
     for i, prefix in enumerate(prefixes):
         with workspace(root, f"cli-{model}-{i}") as ws:
-            table = model_table(ws, "m", f"models:{model}")
-            lines = ["[daemon]", 'metrics_address = ""', 'log_format = "json"', "", "[[models]]"]
-            lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
-            config = ws / "config.toml"
-            config.write_text("\n".join(lines) + "\n")
+            config = write_config(ws, [model_table(ws, "m", f"models:{model}")], metrics_address="")
             land(src, prefix, ws / "ckpts" / "m")
             t0 = time.monotonic()
             r = subprocess.run(

@@ -39,6 +39,18 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``ckpt-exporter ARGS...`` (as ``python -m daemon``), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def run_script(script: str, *args: str) -> None:
     """Run a Python snippet with real TensorFlow in a subprocess (``sys.argv[1:]`` = ``args``)."""
     r = subprocess.run(

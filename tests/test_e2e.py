@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, child_env, run_script, train, version_dirs, write_config
+from conftest import Daemon, cli, run_script, train, version_dirs, write_config
 
 from daemon.basepath.catalog import read_metadata
 from daemon.basepath.layout import METADATA_RELPATH, TEMP_PREFIX
@@ -35,17 +33,6 @@ def _published(n: int) -> Any:
 def _temp_dirs(base: Path) -> list[str]:
     return (
         [p.name for p in base.iterdir() if p.name.startswith(TEMP_PREFIX)] if base.exists() else []
-    )
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
     )
 
 

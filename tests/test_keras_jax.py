@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import child_env, version_dirs, write_config
+from conftest import cli, version_dirs, write_config
 
 pytestmark = pytest.mark.thirdparty
 
@@ -73,14 +72,7 @@ def test_keras_files_written_under_jax_are_published_with_jax_golden_outputs(
         golden_outputs=str(tmp_path / "golden.npz"),
         keras={"settle_seconds": 0},
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "daemon", "export", "--config", str(config)],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    r = cli("export", "--config", str(config), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-6000:]
     assert r.stdout.strip() == "model-03.keras published as version 1"
 

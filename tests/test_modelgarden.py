@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Daemon, child_env, version_dirs, write_config
+from conftest import Daemon, cli, version_dirs, write_config
 
 from daemon.basepath.layout import REPORT_RELPATH
 
@@ -192,14 +191,7 @@ def _config(tmp_path: Path, run: Run, **model: Any) -> Path:
 
 
 def _export(config: Path) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "daemon", "export", "--config", str(config)],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    done = cli("export", "--config", str(config), timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr[-6000:]
     return done.stdout.strip()
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import child_env, write_config
+from conftest import cli as run_cli
 
 from daemon.basepath import storage as operations
 from daemon.basepath.catalog import scan_base_path
@@ -123,13 +124,7 @@ def base(tmp_path: Path) -> Path:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*args, timeout=60)
 
 
 # --- rollback ---------------------------------------------------------------

@@ -47,6 +47,13 @@ def _validate(version: Path, golden: Path, tmp_path: Path) -> dict[str, Any]:
     return report
 
 
+def _as_child(monkeypatch: pytest.MonkeyPatch, *, reusable: bool) -> None:
+    """Run the validator here as a fresh child: reusable (forked with max_exports > 1) or not."""
+    reuse = runtime._Reuse(done_fd=-1, max_requests=10) if reusable else None
+    monkeypatch.setattr(runtime, "_reuse", reuse)
+    monkeypatch.setattr(validator, "_kept", None)
+
+
 def test_a_kept_session_restores_each_versions_own_values(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -62,9 +69,8 @@ def test_a_kept_session_restores_each_versions_own_values(
     golden1 = _golden(tmp_path, ckpts / "ckpt-5", "1")
     golden2 = _golden(tmp_path, ckpts / "ckpt-10", "2")
 
-    # A reusable child (as forked with max_exports > 1) keeps the session it passed.
-    monkeypatch.setattr(runtime, "_reuse", runtime._Reuse(done_fd=-1, max_requests=10))
-    monkeypatch.setattr(validator, "_kept", None)
+    # A reusable child keeps the session it passed.
+    _as_child(monkeypatch, reusable=True)
     first = _validate(v1, golden1, tmp_path)
     assert first["ok"] and first["serving_load"]["kept"] is False
     second = _validate(v2, golden2, tmp_path)
@@ -88,8 +94,7 @@ def test_another_graph_is_loaded_from_scratch(
     other = _with_second_signature(tmp_path / "other", ckpts / "ckpt-5")
     assert (v1 / "saved_model.pb").read_bytes() != (other / "saved_model.pb").read_bytes()
     golden = _golden(tmp_path, ckpts / "ckpt-5", "1")
-    monkeypatch.setattr(runtime, "_reuse", runtime._Reuse(done_fd=-1, max_requests=10))
-    monkeypatch.setattr(validator, "_kept", None)
+    _as_child(monkeypatch, reusable=True)
     assert _validate(v1, golden, tmp_path)["serving_load"]["kept"] is False
     report = _validate(other, golden, tmp_path)
     assert report["ok"], report.get("error")
@@ -122,7 +127,6 @@ def test_a_single_use_validator_keeps_nothing(
     train(ckpts, 1)
     v1 = mapped_export(tmp_path / "v1", ckpts / "ckpt-5")
     golden = _golden(tmp_path, ckpts / "ckpt-5", "1")
-    monkeypatch.setattr(runtime, "_reuse", None)
-    monkeypatch.setattr(validator, "_kept", None)
+    _as_child(monkeypatch, reusable=False)
     assert _validate(v1, golden, tmp_path)["ok"]
     assert validator._kept is None

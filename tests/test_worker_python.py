@@ -14,7 +14,7 @@ import venv
 from pathlib import Path
 
 import pytest
-from conftest import child_env, train, version_dirs, write_config
+from conftest import cli, train, version_dirs, write_config
 
 from daemon import protocol
 from daemon.config.builders import check_builders, model_builder_file
@@ -155,14 +155,7 @@ def test_exports_run_under_worker_python_and_start_cold(tmp_path: Path) -> None:
     """The daemon's own venv as worker_python: the bootstrap path, end to end."""
     train(tmp_path / "ckpts", 2)
     config = write_config(tmp_path, worker_python=sys.executable)
-    r = subprocess.run(
-        [sys.executable, "-m", "daemon", "export", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=300,
-        check=False,
-    )
+    r = cli("export", "--config", str(config))
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == "ckpt-10 published as version 1"
     base = tmp_path / "serving" / "m"
@@ -211,15 +204,7 @@ def test_export_by_hand_uses_every_cpu_unless_asked_to_stay_in_the_background(
         python_path=[str(code)],
         daemon={"worker_threads": 1},
     )
-    argv = [sys.executable, "-m", "daemon", "export", "--config", str(config)]
-    r = subprocess.run(
-        argv + (["--background"] if background else []),
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=300,
-        check=False,
-    )
+    r = cli("export", "--config", str(config), *(["--background"] if background else []))
     assert r.returncode == 0, r.stdout + r.stderr
     limits = json.loads(seen.read_text())
     base = os.nice(0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from daemon.config import interpreters
 from daemon.config.builders import builder_file, builder_problem
@@ -25,8 +26,6 @@ from daemon.protocol import InterpreterReport
 
 def report(builder: str, python_path: list[str]) -> InterpreterReport:
     """This interpreter's Python and TensorFlow versions, and where ``builder`` would come from."""
-    from pathlib import Path
-
     out: InterpreterReport = {
         "python": list(sys.version_info[:3]),
         "executable": sys.executable,

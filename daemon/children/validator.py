@@ -339,8 +339,9 @@ def _graph_bytes(path: str) -> bytes | None:
         return None
 
 
-def _take_kept(path: str) -> _Kept | None:
-    """The kept session, if ``path``'s graph is byte for byte the one it holds; else None.
+def _take_kept(graph: bytes | None) -> _Kept | None:
+    """The kept session, if ``graph`` (an export's ``saved_model.pb``) is byte for byte
+    the one it holds; else None.
 
     A kept session that does not fit is closed: one graph in memory at a time.
     """
@@ -348,7 +349,7 @@ def _take_kept(path: str) -> _Kept | None:
     kept, _kept = _kept, None
     if kept is None:
         return None
-    if _graph_bytes(path) == kept.graph:
+    if graph == kept.graph:
         return kept
     kept.session.sess.close()
     return None
@@ -436,8 +437,10 @@ def _validate(
                 f"the exporter recorded no outputs for {path} and it has no weights map "
                 "to check instead",
             )
-    placement = _placement(path, req.get("graph_of"))
-    kept = _take_kept(path)
+    # Read once: it decides the placement, the kept session and what is kept.
+    graph = _graph_bytes(path)
+    placement = _placement(graph, req.get("graph_of"))
+    kept = _take_kept(graph)
     s = preloaded
     if s is not None and (placement != "pruned" or kept is not None):
         s.sess.close()  # the export's graph is not the one imported ahead, or is kept
@@ -450,7 +453,7 @@ def _validate(
         s.sess.close()  # a failure keeps nothing (and ends the process)
         raise
     if runtime.reusable() and _keepable(s, meta):
-        _kept = _Kept(s, _graph_bytes(path) or b"", meta)
+        _kept = _Kept(s, graph or b"", meta)
     else:
         s.sess.close()
     report["ok"] = True
@@ -587,23 +590,18 @@ def _weights(
             )
 
 
-def _placement(path: str, graph_of: str | None) -> Literal["full", "pruned"]:
-    """``"pruned"`` when ``path``'s graph is byte for byte that of ``graph_of``, else ``"full"``.
+def _placement(graph: bytes | None, graph_of: str | None) -> Literal["full", "pruned"]:
+    """``"pruned"`` when ``graph`` (the export's ``saved_model.pb``) is byte for byte that
+    of ``graph_of``, else ``"full"``.
 
     ``graph_of`` is the published version an incremental export took its
     ``saved_model.pb`` from; that version was validated with every op of the
     graph placed, so placing it again proves nothing new. Checked here, not
     taken on trust: anything unreadable or different means a full placement.
     """
-    if not graph_of:
+    if not graph_of or graph is None:
         return "full"
-    try:
-        same = Path(path, "saved_model.pb").read_bytes() == (
-            Path(graph_of, "saved_model.pb").read_bytes()
-        )
-    except OSError:
-        return "full"
-    return "pruned" if same else "full"
+    return "pruned" if _graph_bytes(graph_of) == graph else "full"
 
 
 def _run(sess: Any, sig: Any, feed: dict[str, Any]) -> dict[str, Any]:

@@ -89,7 +89,7 @@ class Launcher:
         if worker_key is not None and python is None:
             warm, retired = self.warm.take_kept(worker_key, settings)
             if retired is not None:
-                self.exporter_retired(*retired)
+                self.retired(*retired)
         reused = warm is not None
         if python is None:
             warm = warm or self.warm.take(module, settings)
@@ -244,7 +244,7 @@ class Launcher:
             return None
         warm, retired = self.warm.take_kept(key, settings)
         if retired is not None:
-            self.exporter_retired(*retired)
+            self.retired(*retired)
         return warm
 
     def keep_validator(self, job: Job) -> None:
@@ -262,7 +262,7 @@ class Launcher:
             warm_stop(c)
             return
         for e in self.warm.keep(c, key, {}, self.ctx.config.daemon.concurrency):
-            self.exporter_retired(e, "evicted")
+            self.retired(e, "evicted")
 
     def keep_exporter(self, job: Job, code_files: dict[str, list[int]]) -> None:
         """Give a reusable export worker that finished its export back to the pool."""
@@ -274,12 +274,12 @@ class Launcher:
             return
         concurrency = self.ctx.config.daemon.concurrency
         for e in self.warm.keep(c, job.worker_key, code_files, concurrency):
-            self.exporter_retired(e, "evicted")
+            self.retired(e, "evicted")
 
     def retire(self, key: str | None, reason: str) -> None:
         """Retire the kept exporters (of ``key``, or all): their code may be stale."""
         for c in self.warm.retire(key):
-            self.exporter_retired(c, reason)
+            self.retired(c, reason)
 
     def refill(self) -> None:
         """Keep a zygote ready to fork workers and validators (``warm_workers``).
@@ -304,10 +304,10 @@ class Launcher:
                 "daemon's user can run: python -c 'import tensorflow'",
             )
         for c in self.warm.expire(d.exporter_idle_seconds):
-            self.exporter_retired(c, "idle")
+            self.retired(c, "idle")
         self.ctx.metrics.warm_children_bytes.set(self.warm.rss_bytes())
 
-    def exporter_retired(self, c: WarmChild, reason: str) -> None:
+    def retired(self, c: WarmChild, reason: str) -> None:
         """Log a kept child's end: ``exporter_retired`` or ``validator_retired``."""
         event = "validator_retired" if c.module == protocol.VALIDATOR else "exporter_retired"
         self.ctx.log.info(event, pid=c.proc.pid, exports=c.exports, reason=reason)

@@ -34,6 +34,7 @@ from daemon.basepath.operations import (
     tree_bytes,
 )
 from daemon.basepath.publish import new_temp_dir, reset_export_dir, staging_dir
+from daemon.config.loading import ModelConfig
 from daemon.durable import write_json_atomic
 from daemon.objectstore.client import CONFIGURATION_KINDS, ObjectStoreError
 from daemon.protocol import (
@@ -135,7 +136,7 @@ class Pipeline:
             self.outcomes.fail(job, "temp_dir_failed", message, permanent=False)
             return
         request = job.export_request = self._export_request(job, job.template)
-        python = str(st.cfg.worker_python) if st.cfg.worker_python else None
+        python = worker_python(st.cfg)
         if python is None:
             job.worker_key = reuse.worker_key(self.ctx.config.daemon, st.cfg.source, request)
         if job.worker_key is not None:
@@ -521,7 +522,7 @@ class Pipeline:
         assert job.export_request is not None
         request = job.export_request.copy()
         request["template"] = None
-        python = str(st.cfg.worker_python) if st.cfg.worker_python else None
+        python = worker_python(st.cfg)
         self.launcher.spawn(job, "export", protocol.WORKER, request, job.worker_key, python)
 
     def _write_report(self, job: Job, result: ValidationOutcome) -> None:
@@ -686,3 +687,8 @@ def _progress_line(log: Any, event: str) -> Callable[[int, int], None]:
 
 def _str_or_none(path: Path | None) -> str | None:
     return None if path is None else str(path)
+
+
+def worker_python(cfg: ModelConfig) -> str | None:
+    """The interpreter that runs ``cfg``'s export worker: its ``worker_python``, or None (ours)."""
+    return str(cfg.worker_python) if cfg.worker_python is not None else None
