@@ -224,9 +224,10 @@ def version_dirs(base: Path) -> dict[int, Path]:
 def mapped_export(out: Path, prefix: Path, code_files: dict[str, list[int]] | None = None) -> Path:
     """The demo model restored from checkpoint ``prefix``, exported to ``out`` with its weights map.
 
-    As the worker does it (restore, Keras export,
-    :func:`daemon.children.incremental.record_weights_map`),
-    in this process.
+    Restored as the worker restores, written by Keras' ``model.export()``
+    (which saves each variable twice, under ``variables`` and
+    ``_all_variables``: 8 in all), mapped by
+    :func:`daemon.children.incremental.record_weights_map`, in this process.
     """
     import tensorflow as tf
 

@@ -262,7 +262,9 @@ def _canonical(built: Built) -> dict[str, Any]:
 
 #: What a reusable exporter keeps between requests: ``key`` (the exporter key),
 #: ``model``, ``endpoint`` (the traced serving function, once a full export
-#: made one) and ``code_files`` (the only entry in a single-use process).
+#: made one), ``root`` (what a Keras model's full export saves with it:
+#: :func:`_keras_saved`) and ``code_files`` (the only entry in a single-use
+#: process).
 _kept: dict[str, Any] = {}
 
 #: At most this many imported files are watched for changes (stat per reuse).
@@ -285,7 +287,7 @@ def model_for(req: ExportRequest) -> tuple[Built, bool]:
     # Recorded even when nothing is kept: an export's weights map names them.
     _kept["code_files"] = _code_files([sys.modules[n] for n in sys.modules.keys() - before])
     if key is not None:
-        _kept.update(key=key, model=built, endpoint=None)
+        _kept.update(key=key, model=built, endpoint=None, root=None)
     return built, False
 
 
@@ -363,15 +365,11 @@ def export_model(obj: Any, req: ExportRequest) -> ModelExport:
     incremental_result = _incremental(obj, req)
     if "template" not in incremental_result:
         if is_keras:
-            archive = keras.export.ExportArchive()
-            archive.track(obj)
-            endpoint = archive.add_endpoint("serving_default", serve, input_signature=specs)
-            archive.write_out(export_dir, verbose=False)
+            endpoint, root = _keras_saved(obj, serve, specs, kept)
         else:
-            endpoint = tf.function(serve, input_signature=specs)
-            tf.saved_model.save(
-                obj, export_dir, signatures={"serving_default": endpoint.get_concrete_function()}
-            )
+            endpoint, root = tf.function(serve, input_signature=specs), obj
+        signatures = {"serving_default": endpoint.get_concrete_function()}
+        tf.saved_model.save(root, export_dir, signatures=signatures)
         if kept:
             _kept["endpoint"] = endpoint
     t_export = time.monotonic()
@@ -433,25 +431,57 @@ def _export_module(built: Built, req: ExportRequest, t0: float) -> ModelExport:
     }
 
 
-def _save_root(built: Built) -> Any:
-    """What ``tf.saved_model.save`` writes for a serving module (made once, kept on ``built``).
+def _keras_saved(model: Any, serve: Any, specs: list[Any], kept: bool) -> tuple[Any, Any]:
+    """A Keras model's serving function, traced, and the object saved with it.
 
-    Not the module itself: a ``tf.Module`` does not see the variables of a
-    Keras 3 model it holds (they are not tf.Variables), and TF Serving's
-    graph-mode loader then finds the signatures reading variables that were
-    never restored ("Could not find variable"). As Keras' own
-    ``ExportArchive`` does, a stand-in module tracks the tf.Variables the
-    signatures read (and the module's lookup tables and assets), so the
-    SavedModel's variables, its ``variables`` here, are exactly those.
+    Traced once: ``tf.saved_model.save(root, signatures=...)`` wraps the
+    concrete function without tracing the model again. Keras' own
+    ``ExportArchive`` (what ``model.export()`` uses) traces it a second time
+    to find the resources it captures, and writes every variable twice
+    (``variables`` and ``_all_variables``): for ResNet-50 here 14.3 s and
+    196 MiB against 5.5 s and 98 MiB, and TF Serving's load restores half
+    the bytes. Kept with a kept model: its next full export reuses both.
     """
     import tensorflow as tf
 
-    if built.root is not None:
-        return built.root
-    assert built.signatures is not None
+    if kept and _kept.get("root") is not None:
+        return _kept["endpoint"], _kept["root"]
+    endpoint = tf.function(serve, input_signature=specs)
+    root = _stand_in([endpoint.get_concrete_function()], model)
+    if kept:
+        _kept.update(endpoint=endpoint, root=root)
+    return endpoint, root
+
+
+def _save_root(built: Built) -> Any:
+    """What ``tf.saved_model.save`` writes for a serving module (made once, kept on ``built``)."""
+    if built.root is None:
+        assert built.signatures is not None
+        functions = [
+            fn if hasattr(fn, "graph") else fn.get_concrete_function()
+            for fn in built.signatures.values()
+        ]
+        built.root = _stand_in(functions, built.served)
+    return built.root
+
+
+def _stand_in(functions: list[Any], owner: Any) -> Any:
+    """A ``tf.Module`` that tracks what the concrete ``functions`` need to be served.
+
+    Not ``owner`` itself: a Keras 3 model's variables are not tf.Variables
+    (nor are those of a ``tf.Module`` holding one), and a SavedModel that
+    tracks the model loads in TF2 yet fails in TF Serving's graph-mode
+    loader ("Could not find variable": the signatures read variables that
+    were never restored). As Keras' ``ExportArchive`` does, the stand-in
+    tracks the tf.Variables the functions read, so the SavedModel's
+    variables are exactly those, and ``owner``'s lookup tables and assets,
+    found by a checkpoint walk (which, unlike a SavedModel walk, traces no
+    tf.function).
+    """
+    import tensorflow as tf
+
     used: dict[int, Any] = {}
-    for fn in built.signatures.values():
-        concrete = fn if hasattr(fn, "graph") else fn.get_concrete_function()
+    for concrete in functions:
         for v in concrete.variables:
             used.setdefault(id(v), v)
     root = tf.Module(name="serving")
@@ -459,9 +489,8 @@ def _save_root(built: Built) -> Any:
     kinds = (tf.saved_model.experimental.TrackableResource, tf.saved_model.Asset)
     try:
         root.resources = [
-            t for t in tf.train.TrackableView(built.served).descendants() if isinstance(t, kinds)
+            t for t in tf.train.TrackableView(owner).descendants() if isinstance(t, kinds)
         ]
     except Exception:  # a trackable this TensorFlow cannot walk: tables, if any, stay untracked
         root.resources = []
-    built.root = root
     return root

@@ -13,11 +13,11 @@ checkpoint format (:mod:`daemon.children.exporters`), which:
 3. exports with a ``serving_default`` signature whose outputs are a dict (or,
    given a ``template`` version of the same model, writes only the new
    weights into its graph: :mod:`daemon.children.incremental`; anything that
-   does not fit falls back to the full export). Keras models go through
-   Keras' ``ExportArchive`` (what ``model.export()`` uses), because a Keras 3
-   model written by ``tf.saved_model.save`` loads in TF2 yet fails in TF
-   Serving's graph-mode loader ("Could not find variable"); ``tf.Module``
-   objects go through ``tf.saved_model.save``;
+   does not fit falls back to the full export). Everything is written by
+   ``tf.saved_model.save``; for a Keras model (or a serving module) the
+   object saved is a stand-in that tracks the tf.Variables the serving
+   function reads, because a Keras 3 model saved as itself loads in TF2 yet
+   fails in TF Serving's graph-mode loader ("Could not find variable");
 4. runs the serving function of the *in-memory* model on deterministic
    inputs and stores inputs and outputs as the reference the validator must
    match.

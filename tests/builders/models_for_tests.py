@@ -53,3 +53,18 @@ def tiny_cnn() -> Any:
     x = keras.layers.Conv2D(2, 3, name="conv")(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, keras.layers.Dense(1, name="score")(x))
+
+
+#: The words ``vocabulary`` knows; any other word is out of vocabulary (index 0).
+WORDS = ["red", "green", "blue"]
+
+
+def vocabulary() -> Any:
+    """Two words in, one score out, through a ``StringLookup`` (a lookup table resource)."""
+    import keras
+
+    inputs = keras.Input(shape=(2,), dtype="string", name="words")
+    x = keras.layers.StringLookup(vocabulary=WORDS, name="lookup")(inputs)
+    x = keras.layers.Embedding(len(WORDS) + 1, 3, name="embedding")(x)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, keras.layers.Dense(1, name="score")(x))
