@@ -839,6 +839,14 @@ RATIO_TARGETS = {
 }
 
 
+#: The training rows' target: a slowdown under this fraction.
+TRAINING_TARGET = 0.05
+
+
+def _below(target: float, value: float) -> str:
+    return f" (target < {100 * target:g} %: {'met' if value < target else 'not met'})"
+
+
 def _target(target: float | None, value: float) -> str:
     if target is None:
         return ""
@@ -922,7 +930,7 @@ def table(results: dict[str, Any]) -> str:
         rows.append(
             (
                 "training step while the daemon exports ResNet-50: slowdown",
-                f"{100 * w['slowdown']:.1f} %",
+                f"{100 * w['slowdown']:.1f} %{_below(TRAINING_TARGET, w['slowdown'])}",
                 f"{w['median_step_seconds'] * 1e3:.1f} ms vs "
                 f"{w['median_step_seconds_idle'] * 1e3:.1f} ms idle; {w['exports']} exports, "
                 f"{statistics.fmean(w['export_seconds']):.1f} s and "
@@ -933,7 +941,7 @@ def table(results: dict[str, Any]) -> str:
             (
                 f"training throughput, one ResNet-50 checkpoint every {c['interval_seconds']:g} s:"
                 " slowdown",
-                f"{100 * c['slowdown']:.1f} %",
+                f"{100 * c['slowdown']:.1f} %{_below(TRAINING_TARGET, c['slowdown'])}",
                 "mean step, against the steps while the daemon is idle",
             )
         )
