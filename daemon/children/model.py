@@ -487,11 +487,12 @@ def _keras_saved(model: Any, serve: Any, specs: list[Any], kept: bool) -> tuple[
     import tensorflow as tf
 
     if kept and _kept.get("root") is not None:
+        # export_model kept the endpoint with the root of the last full export.
         return _kept["endpoint"], _kept["root"]
     endpoint = tf.function(serve, input_signature=specs)
     root = _stand_in([endpoint.get_concrete_function()], model)
     if kept:
-        _kept.update(endpoint=endpoint, root=root)
+        _kept["root"] = root
     return endpoint, root
 
 
